@@ -1,0 +1,159 @@
+"""Config files and command-line overrides.
+
+A config file is a Python file with ``get_config() -> ml_collections.ConfigDict`` (U-ViT's convention). The
+command line is ``--config=configs/x.py [--config.section.key=value ...] [--workdir=DIR]`` (absl's syntax, parsed
+here so that ``python train.py`` and ``accelerate launch train.py`` behave the same). Override values are
+converted to the type already in the config; a key the config does not have is an error that names it.
+"""
+
+from __future__ import annotations
+
+import ast
+import difflib
+import importlib.util
+import json
+from pathlib import Path
+
+import ml_collections
+
+
+# Sections every config has; configs start from ``base_config()`` and change what differs.
+def base_config() -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict(
+        dict(
+            seed=0,
+            model=dict(name="uvit", preset=None),  # the rest splats into the backbone constructor
+            diffusion=dict(kind="vp_sde"),  # vp_sde | sd_discrete | iddpm, plus that kind's settings
+            cond=dict(p_uncond=0.0),  # label dropout for classifier-free guidance; null label from the model
+            data=dict(name="", root="data", image_size=32, random_flip=True, num_workers=4),
+            optim=dict(lr=2e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, warmup_steps=0,
+                       decay_all_params=True),  # False: no decay on norms, biases, embeddings
+            train=dict(
+                steps=1000,
+                batch_size=128,  # global: all processes and accumulation steps together
+                grad_accum_steps=1,
+                mixed_precision="no",  # no | fp16 | bf16 (weights, optimizer and EMA stay fp32)
+                grad_clip=0.0,  # max grad norm; 0 = off
+                ema_decay=0.9999,
+                log_every=50,
+                ckpt_every=5000,
+                keep_checkpoints=0,  # keep only the newest N checkpoints; 0 = keep all
+                sample_every=5000,  # preview grid of EMA samples; 0 = off
+                compile=False,
+            ),
+            sample=dict(
+                sampler="dpm_solver++2m",
+                steps=50,
+                guidance_scale=1.0,  # eps_u + w (eps_c - eps_u); 1 = no guidance (U-ViT's s = w - 1)
+                guidance_channels="all",  # or an int k: guide only the first k channels (DiT's released CFG: 3)
+                per_class=8,  # grid columns for conditional models
+                num_unconditional=64,
+                seed=0,
+            ),
+            eval=dict(metric="", per_class=100, seed=1),  # end-of-run evaluation; "digits_accuracy"
+            wandb=dict(mode="offline", project="transformer-diffusion", name=""),  # online | offline | disabled
+        )
+    )
+
+
+class ConfigError(ValueError):
+    """A config file or override the user has to fix; the message says what and how."""
+
+
+def load_config(path: str | Path) -> ml_collections.ConfigDict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    spec = importlib.util.spec_from_file_location(f"_config_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+        raise ConfigError(f"{path} defines no get_config()")
+    return module.get_config()
+
+
+def _parse_value(text: str, current):
+    if isinstance(current, bool):
+        lowered = text.lower()
+        if lowered not in ("true", "false", "1", "0", "yes", "no"):
+            raise ConfigError(f"expected a boolean, got {text!r}")
+        return lowered in ("true", "1", "yes")
+    if isinstance(current, (int, float)):
+        try:
+            return type(current)(ast.literal_eval(text)) if isinstance(current, float) else int(text)
+        except (ValueError, SyntaxError) as err:
+            raise ConfigError(f"expected a {type(current).__name__}, got {text!r}") from err
+    if isinstance(current, str):
+        return text
+    try:  # None, tuples, lists: Python literals; anything else stays a string
+        value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+    return tuple(value) if isinstance(current, tuple) and isinstance(value, list) else value
+
+
+def apply_override(config: ml_collections.ConfigDict, dotted_key: str, text: str) -> None:
+    node, parts = config, dotted_key.split(".")
+    for depth, part in enumerate(parts):
+        if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+            where = ".".join(parts[:depth]) or "config"
+            known = list(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
+            close = difflib.get_close_matches(part, known, n=3)
+            hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+            raise ConfigError(f"unknown config key '{dotted_key}': {where} has no '{part}'.{hint} "
+                              f"Known keys there: {', '.join(sorted(known))}")
+        if depth < len(parts) - 1:
+            node = node[part]
+    current = node[parts[-1]]
+    if isinstance(current, ml_collections.ConfigDict):
+        raise ConfigError(f"'{dotted_key}' is a section, not a value; set one of its keys")
+    try:
+        node[parts[-1]] = _parse_value(text, current)
+    except ConfigError as err:
+        raise ConfigError(f"bad value for '{dotted_key}': {err}") from None
+
+
+def parse_command_line(argv: list[str], flags: dict[str, str | None] | None = None):
+    """Parse ``--config=FILE``, ``--config.a.b=V`` and the extra ``--name=V`` flags listed in ``flags`` (name ->
+    default). Returns (config, {flag: value}). Accepts ``--flag value`` as well as ``--flag=value``."""
+    flags = dict(flags or {})
+    config_path, overrides, values = None, [], dict(flags)
+    args = list(argv)
+    while args:
+        arg = args.pop(0)
+        if not arg.startswith("--"):
+            raise ConfigError(f"unexpected argument {arg!r}; flags look like --name=value")
+        name, eq, value = arg[2:].partition("=")
+        if not eq:
+            if not args:
+                raise ConfigError(f"flag --{name} needs a value")
+            value = args.pop(0)
+        if name == "config":
+            config_path = value
+        elif name.startswith("config."):
+            overrides.append((name[len("config."):], value))
+        elif name in flags:
+            values[name] = value
+        else:
+            known = ", ".join(["--config", "--config.<key>"] + [f"--{f}" for f in flags])
+            raise ConfigError(f"unknown flag --{name}; known flags: {known}")
+    if config_path is None:
+        raise ConfigError("missing --config=configs/<name>.py")
+    config = load_config(config_path)
+    for key, value in overrides:
+        apply_override(config, key, value)
+    values["config_path"] = config_path
+    return config, values
+
+
+def config_to_json(config: ml_collections.ConfigDict) -> str:
+    return config.to_json(indent=2, sort_keys=True)
+
+
+def config_from_json(text: str) -> ml_collections.ConfigDict:
+    def tuples(obj):  # JSON has no tuples; the configs use them for betas
+        if isinstance(obj, dict):
+            return {k: tuples(v) for k, v in obj.items()}
+        return tuple(obj) if isinstance(obj, list) else obj
+
+    return ml_collections.ConfigDict(tuples(json.loads(text)))

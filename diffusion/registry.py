@@ -1,0 +1,57 @@
+"""From config sections to objects: the one place the shared package reaches the backbones."""
+
+from __future__ import annotations
+
+import importlib
+
+import ml_collections
+from torch import nn
+
+from diffusion.config import ConfigError
+
+BACKBONES = {"uvit": ("uvit", "UViT"), "dit": ("dit", "DiT")}
+
+
+def _backbone_module(name: str):
+    if name not in BACKBONES:
+        raise ConfigError(f"unknown model.name {name!r}; known: {', '.join(BACKBONES)}")
+    module_name, class_name = BACKBONES[name]
+    module = importlib.import_module(module_name)
+    return getattr(module, class_name), module.PRESETS
+
+
+def resolve_model_kwargs(model_cfg) -> tuple[str, dict]:
+    """``{name, preset, **kwargs}`` -> (name, full constructor kwargs): the preset's, then the config's own."""
+    cfg = dict(model_cfg.to_dict() if isinstance(model_cfg, ml_collections.ConfigDict) else model_cfg)
+    name, preset = cfg.pop("name"), cfg.pop("preset", None)
+    _, presets = _backbone_module(name)
+    kwargs = {}
+    if preset:
+        if preset not in presets:
+            raise ConfigError(f"unknown {name} preset {preset!r}; known: {', '.join(presets)}")
+        kwargs.update(presets[preset])
+    kwargs.update({k: v for k, v in cfg.items() if v is not None})
+    return name, kwargs
+
+
+def build_model(model_cfg) -> nn.Module:
+    name, kwargs = resolve_model_kwargs(model_cfg)
+    cls, _ = _backbone_module(name)
+    try:
+        return cls(**kwargs)
+    except TypeError as err:
+        raise ConfigError(f"model section does not fit {cls.__name__}: {err}") from None
+
+
+def build_objective(diffusion_cfg):
+    cfg = dict(diffusion_cfg.to_dict() if isinstance(diffusion_cfg, ml_collections.ConfigDict) else diffusion_cfg)
+    kind = cfg.pop("kind")
+    if kind in ("vp_sde", "sd_discrete"):
+        from diffusion.objectives import build_noise_prediction
+
+        return build_noise_prediction(kind, **cfg)
+    if kind == "iddpm":
+        from diffusion.iddpm import build_iddpm
+
+        return build_iddpm(**cfg)
+    raise ConfigError(f"unknown diffusion.kind {kind!r}; known: vp_sde, sd_discrete, iddpm")
