@@ -20,7 +20,7 @@ def main(argv: list[str]) -> int:
         from diffusion.trainer import train
 
         train(config, workdir)
-    except (ConfigError, DatasetNotFoundError) as err:
+    except (ConfigError, DatasetNotFoundError, FloatingPointError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -14,8 +14,8 @@ def get_config():
     config.diffusion.kind = "vp_sde"
     config.cond.p_uncond = 0.1
     config.data.update(name="digits", image_size=8, random_flip=False, num_workers=0)
-    config.optim.update(lr=1e-3, betas=(0.9, 0.99), weight_decay=0.03, warmup_steps=100)
-    config.train.update(steps=3000, batch_size=64, ema_decay=0.999, log_every=100, ckpt_every=1000,
+    config.optim.update(lr=2e-3, betas=(0.9, 0.99), weight_decay=0.03, warmup_steps=100)
+    config.train.update(steps=3000, batch_size=64, ema_decay=0.999, ema_warmup=True, log_every=100, ckpt_every=1000,
                         sample_every=1000)
     config.sample.update(sampler="dpm_solver++2m", steps=50, guidance_scale=2.0, per_class=10)
     config.eval.metric = "digits_accuracy"

@@ -26,6 +26,8 @@ def base_config() -> ml_collections.ConfigDict:
             diffusion=dict(kind="vp_sde"),  # vp_sde | sd_discrete | iddpm, plus that kind's settings
             cond=dict(p_uncond=0.0),  # label dropout for classifier-free guidance; null label from the model
             data=dict(name="", root="data", image_size=32, random_flip=True, num_workers=4),
+            # Latent diffusion (SD-VAE) is on the roadmap; a config that names an autoencoder is refused until then.
+            autoencoder=dict(pretrained="", scale_factor=0.18215),
             optim=dict(lr=2e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, warmup_steps=0,
                        decay_all_params=True),  # False: no decay on norms, biases, embeddings
             train=dict(
@@ -35,6 +37,7 @@ def base_config() -> ml_collections.ConfigDict:
                 mixed_precision="no",  # no | fp16 | bf16 (weights, optimizer and EMA stay fp32)
                 grad_clip=0.0,  # max grad norm; 0 = off
                 ema_decay=0.9999,
+                ema_warmup=False,  # decay min(ema_decay, (1 + step) / (10 + step)): forgets the init in short runs
                 log_every=50,
                 ckpt_every=5000,
                 keep_checkpoints=0,  # keep only the newest N checkpoints; 0 = keep all
@@ -46,6 +49,7 @@ def base_config() -> ml_collections.ConfigDict:
                 steps=50,
                 guidance_scale=1.0,  # eps_u + w (eps_c - eps_u); 1 = no guidance (U-ViT's s = w - 1)
                 guidance_channels="all",  # or an int k: guide only the first k channels (DiT's released CFG: 3)
+                clip_denoised=False,  # clamp x0 predictions to [-1, 1] (pixel models; latents are never clipped)
                 per_class=8,  # grid columns for conditional models
                 num_unconditional=64,
                 seed=0,
@@ -54,6 +58,19 @@ def base_config() -> ml_collections.ConfigDict:
             wandb=dict(mode="offline", project="transformer-diffusion", name=""),  # online | offline | disabled
         )
     )
+
+
+def dit_paper_recipe(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """DiT's training recipe (Peebles & Xie, Sec. 4): AdamW lr 1e-4 constant, no weight decay, batch 256,
+    EMA 0.9999, improved-DDPM hybrid loss with learned sigma, 10% label dropout; samples with 250 DDPM steps."""
+    config.model.update(name="dit", preset="DiT-XL/2", class_dropout_prob=0.1, learn_sigma=True)
+    config.diffusion = ml_collections.ConfigDict(dict(kind="iddpm", num_steps=1000, beta_schedule="linear",
+                                                      learn_sigma=True))
+    config.cond.p_uncond = 0.1
+    config.optim.update(lr=1e-4, betas=(0.9, 0.999), weight_decay=0.0, warmup_steps=0)
+    config.train.update(batch_size=256, ema_decay=0.9999, grad_clip=0.0)
+    config.sample.update(sampler="ddpm", steps=250, guidance_scale=1.5, guidance_channels="all")
+    return config
 
 
 class ConfigError(ValueError):
@@ -113,9 +130,9 @@ def apply_override(config: ml_collections.ConfigDict, dotted_key: str, text: str
         raise ConfigError(f"bad value for '{dotted_key}': {err}") from None
 
 
-def parse_command_line(argv: list[str], flags: dict[str, str | None] | None = None):
+def parse_command_line(argv: list[str], flags: dict[str, str | None] | None = None, require_config: bool = True):
     """Parse ``--config=FILE``, ``--config.a.b=V`` and the extra ``--name=V`` flags listed in ``flags`` (name ->
-    default). Returns (config, {flag: value}). Accepts ``--flag value`` as well as ``--flag=value``."""
+    default). Returns (config or None, {flag: value}). Accepts ``--flag value`` as well as ``--flag=value``."""
     flags = dict(flags or {})
     config_path, overrides, values = None, [], dict(flags)
     args = list(argv)
@@ -137,12 +154,14 @@ def parse_command_line(argv: list[str], flags: dict[str, str | None] | None = No
         else:
             known = ", ".join(["--config", "--config.<key>"] + [f"--{f}" for f in flags])
             raise ConfigError(f"unknown flag --{name}; known flags: {known}")
+    values["config_path"] = config_path
     if config_path is None:
-        raise ConfigError("missing --config=configs/<name>.py")
+        if require_config or overrides:
+            raise ConfigError("missing --config=configs/<name>.py")
+        return None, values
     config = load_config(config_path)
     for key, value in overrides:
         apply_override(config, key, value)
-    values["config_path"] = config_path
     return config, values
 
 
@@ -151,9 +170,17 @@ def config_to_json(config: ml_collections.ConfigDict) -> str:
 
 
 def config_from_json(text: str) -> ml_collections.ConfigDict:
+    """A saved config, with keys added to ``base_config()`` since it was written filled in from the defaults."""
     def tuples(obj):  # JSON has no tuples; the configs use them for betas
         if isinstance(obj, dict):
             return {k: tuples(v) for k, v in obj.items()}
         return tuple(obj) if isinstance(obj, list) else obj
 
-    return ml_collections.ConfigDict(tuples(json.loads(text)))
+    def merge(defaults: dict, saved: dict) -> dict:
+        out = dict(defaults)
+        for key, value in saved.items():
+            both_dicts = isinstance(value, dict) and isinstance(defaults.get(key), dict)
+            out[key] = merge(defaults[key], value) if both_dicts and key != "diffusion" else value
+        return out
+
+    return ml_collections.ConfigDict(merge(base_config().to_dict(), tuples(json.loads(text))))

@@ -113,6 +113,7 @@ class _AsDict(Dataset):
     def __init__(self, base: Dataset, labelled: bool) -> None:
         self.base = base
         self.labelled = labelled
+        self.classes = list(getattr(base, "classes", [])) if labelled else []
 
     def __len__(self) -> int:
         return len(self.base)  # type: ignore[arg-type]
@@ -131,6 +132,7 @@ class DigitsDataset(Dataset):
         digits = load_digits()
         self.x = torch.from_numpy(digits.images / 16.0 * 2.0 - 1.0).float().unsqueeze(1)
         self.y = torch.from_numpy(digits.target).long()
+        self.classes = [str(c) for c in digits.target_names]
         self.random_flip = random_flip
 
     def __len__(self) -> int:

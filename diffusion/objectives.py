@@ -109,11 +109,12 @@ class NoisePredictionObjective:
     @torch.no_grad()
     def sample(self, model, noise: torch.Tensor, cond: dict, *, null_cond: dict | None = None,
                guidance_scale: float = 1.0, guidance_channels: str | int = "all", steps: int = 50,
-               sampler: str = "dpm_solver++2m", t_end: float = 1e-3, progress: bool = False,
-               generator: torch.Generator | None = None) -> torch.Tensor:
+               sampler: str = "dpm_solver++2m", t_end: float = 1e-3, clip_denoised: bool = False,
+               progress: bool = False, generator: torch.Generator | None = None) -> torch.Tensor:
         """Deterministic sampler over a time-uniform grid from t = 1 to ``t_end``; ``steps`` network evaluations
         (twice the batch with guidance). ``"ddim"`` is first order; ``"dpm_solver++2m"`` (Lu et al. 2022,
-        multistep, data prediction) second order. The full DPM-Solver suite lives in its own module."""
+        multistep, data prediction) second order. ``clip_denoised`` clamps each x0 prediction to [-1, 1].
+        Deterministic: ``generator`` is accepted for a uniform interface and unused."""
         if sampler not in ("ddim", "dpm_solver++2m"):
             raise ValueError(f"unknown sampler {sampler!r} for this objective; use 'ddim' or 'dpm_solver++2m'")
         net = guided_model(model, cond, null_cond, guidance_scale, noise.shape[1], guidance_channels)
@@ -126,6 +127,8 @@ class NoisePredictionObjective:
             t_in = (self.time_input_scale * ts[i]).expand(x.shape[0])
             eps = net(x, t_in)[:, : x.shape[1]].float()
             x0 = (x - sigma[i] * eps) / alpha[i]
+            if clip_denoised:
+                x0 = x0.clamp(-1, 1)
             h = lam[i + 1] - lam[i]
             d = x0
             if sampler == "dpm_solver++2m" and x0_prev is not None:

@@ -27,7 +27,8 @@ def generate(model, objective, sample_cfg, image_shape, *, labels: torch.Tensor 
              seed: int = 0, device="cpu", progress: bool = False) -> torch.Tensor:
     """Samples in [-1, 1] (unclipped model space) for ``labels`` (class-conditional) or ``num`` unconditional ones.
 
-    Initial noise is drawn on the CPU from ``seed`` so the same seed gives the same samples on any device.
+    Initial noise (and a stochastic sampler's draws) come from a CPU generator seeded with ``seed``, so the same
+    seed gives the same samples on any device.
     """
     was_training = model.training
     model.eval()
@@ -42,7 +43,8 @@ def generate(model, objective, sample_cfg, image_shape, *, labels: torch.Tensor 
             null_cond = {"y": torch.full_like(labels, model.null_label)}
     out = objective.sample(model, noise, cond, null_cond=null_cond, guidance_scale=sample_cfg.guidance_scale,
                            guidance_channels=sample_cfg.guidance_channels, steps=sample_cfg.steps,
-                           sampler=sample_cfg.sampler, progress=progress)
+                           sampler=sample_cfg.sampler, clip_denoised=sample_cfg.clip_denoised,
+                           generator=generator, progress=progress)
     model.train(was_training)
     return out.float()
 

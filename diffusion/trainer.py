@@ -63,6 +63,11 @@ def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> No
         eb.copy_(b)
 
 
+def ema_decay_at(step: int, decay: float, warmup: bool) -> float:
+    """Plain decay as both originals; with warm-up the average forgets the random init within a short run."""
+    return min(decay, (1 + step) / (10 + step)) if warmup else decay
+
+
 def drop_labels(y: torch.Tensor, p_uncond: float, null_label: int | None) -> torch.Tensor:
     """Classifier-free guidance training: replace each label by the null label with probability p_uncond."""
     if p_uncond <= 0:
@@ -135,12 +140,16 @@ def train(config, workdir: str | Path) -> Path:
         raise ConfigError(f"train.batch_size={tc.batch_size} must be divisible by processes x grad_accum_steps "
                           f"= {world} x {tc.grad_accum_steps}")
     micro_batch = tc.batch_size // per_step
+    if config.autoencoder.pretrained:
+        raise ConfigError("latent diffusion (autoencoder.pretrained) is not implemented yet; "
+                          "train in pixel space or leave autoencoder.pretrained empty")
     if config.eval.metric not in EVAL_METRICS:
         raise ConfigError(f"unknown eval.metric {config.eval.metric!r}; known: {', '.join(EVAL_METRICS[1:])}")
 
     # -- data, model, objective ----------------------------------------------------------------------------
     dataset = build_dataset(config.data, train=True)
     image_shape = tuple(dataset[0]["x"].shape)
+    torch.manual_seed(config.seed)  # identical initial weights on every rank and every launch
     net = build_model(config.model)
     model_name, model_kwargs = resolve_model_kwargs(config.model)
     objective = build_objective(config.diffusion)
@@ -243,7 +252,7 @@ def train(config, workdir: str | Path) -> Path:
             accelerator.clip_grad_norm_(model.parameters(), tc.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        update_ema(ema, net, tc.ema_decay)
+        update_ema(ema, net, ema_decay_at(step, tc.ema_decay, tc.ema_warmup))
         step += 1
         window_steps += 1
         bar.update(1)

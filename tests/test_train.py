@@ -1,0 +1,144 @@
+"""The training loop end to end on the bundled digits: learning, checkpoints, exact resume, sampling, errors."""
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from diffusion.checkpoint import checkpoint_dirs, load_train_state
+from diffusion.config import parse_command_line
+from diffusion.trainer import train
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = ["--config.model.embed_dim=32", "--config.model.depth=2", "--config.model.num_heads=2",
+        "--config.wandb.mode=disabled", "--config.train.sample_every=0", "--config.eval.metric=",
+        "--config.sample.steps=4", "--config.sample.per_class=2", "--config.train.batch_size=32"]
+
+
+def tiny_config(*overrides, config="configs/digits_uvit.py"):
+    cfg, _ = parse_command_line([f"--config={REPO / config}", *TINY, *overrides])
+    return cfg
+
+
+def logged_losses(workdir: Path) -> list[float]:
+    return [float(m) for m in re.findall(r"loss ([0-9.]+)", (workdir / "log.txt").read_text())]
+
+
+def test_loss_decreases_and_checkpoint_is_self_describing(tmp_path):
+    final = train(tiny_config("--config.train.steps=120", "--config.train.log_every=20",
+                              "--config.train.ckpt_every=60"), tmp_path)
+    losses = logged_losses(tmp_path)
+    assert len(losses) == 6 and losses[-1] < 0.7 * losses[0], losses
+    assert [p.name for p in checkpoint_dirs(tmp_path)] == ["step_00000060", "step_00000120"]
+    assert final == tmp_path / "checkpoints" / "step_00000120"
+    assert {p.name for p in final.iterdir()} >= {"model.safetensors", "ema.safetensors", "config.json", "meta.json",
+                                                  "train_state.pt"}
+    meta = json.loads((final / "meta.json").read_text())
+    assert meta["step"] == 120 and meta["model_name"] == "uvit" and meta["image_shape"] == [1, 8, 8]
+    assert meta["model_kwargs"]["embed_dim"] == 32 and meta["class_names"] == [str(i) for i in range(10)]
+    state = load_train_state(final)  # weights_only=True
+    assert state["step"] == 120 and state["optimizer"]["state"][0]["step"] == 120
+    ema, raw = load_file(final / "ema.safetensors"), load_file(final / "model.safetensors")
+    assert all(v.dtype == torch.float32 for v in ema.values())
+    assert not torch.equal(ema["decoder_pred.weight"], raw["decoder_pred.weight"])  # EMA lags the raw weights
+    assert (tmp_path / "samples" / "step_00000120.png").is_file()
+
+
+def test_resume_continues_exactly(tmp_path):
+    """A run stopped at step 10 and restarted with the same command ends bit-identical to an unbroken run."""
+    common = ["--config.train.ckpt_every=10", "--config.train.log_every=5"]
+    train(tiny_config("--config.train.steps=20", *common), tmp_path / "straight")
+    train(tiny_config("--config.train.steps=10", *common), tmp_path / "resumed")
+    assert "starting from scratch" in (tmp_path / "resumed" / "log.txt").read_text()
+    train(tiny_config("--config.train.steps=20", *common), tmp_path / "resumed")
+    assert "resuming from" in (tmp_path / "resumed" / "log.txt").read_text()
+    a = tmp_path / "straight" / "checkpoints" / "step_00000020"
+    b = tmp_path / "resumed" / "checkpoints" / "step_00000020"
+    for name in ("model.safetensors", "ema.safetensors"):
+        sa, sb = load_file(a / name), load_file(b / name)
+        assert all(torch.equal(sa[k], sb[k]) for k in sa), name
+    oa, ob = load_train_state(a)["optimizer"], load_train_state(b)["optimizer"]
+    assert ob["state"][0]["step"] == 20
+    assert all(torch.equal(oa["state"][i]["exp_avg_sq"], ob["state"][i]["exp_avg_sq"]) for i in oa["state"])
+
+
+def test_resume_refuses_a_different_model(tmp_path):
+    train(tiny_config("--config.train.steps=2", "--config.train.ckpt_every=2"), tmp_path)
+    with pytest.raises(ValueError, match="different model"):
+        train(tiny_config("--config.train.steps=4", "--config.model.embed_dim=64"), tmp_path)
+
+
+def test_gradient_accumulation_matches_big_batch(tmp_path):
+    base = ["--config.train.steps=3", "--config.train.ckpt_every=3", "--config.optim.warmup_steps=0"]
+    train(tiny_config(*base), tmp_path / "one")
+    train(tiny_config(*base, "--config.train.grad_accum_steps=4"), tmp_path / "four")
+    a = load_file(tmp_path / "one" / "checkpoints" / "step_00000003" / "model.safetensors")
+    b = load_file(tmp_path / "four" / "checkpoints" / "step_00000003" / "model.safetensors")
+    # Same data, but the noise/time draws are split differently across micro-batches: close, not equal.
+    diff = max((a[k] - b[k]).abs().max().item() for k in a)
+    assert 0 < diff < 5e-2
+
+
+def test_sample_py_writes_labelled_grid(tmp_path):
+    train(tiny_config("--config.train.steps=5", "--config.train.ckpt_every=5"), tmp_path)
+    out = tmp_path / "grid.png"
+    cmd = [sys.executable, "sample.py", "--ckpt", str(tmp_path), "--out", str(out), "--labels", "3,1,4",
+           "--per_class", "5", "--steps", "3", "--seed", "7"]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    image = Image.open(out)
+    cell = 48 + 2  # 8x8 digits upscaled to 48 px, 2 px padding
+    assert image.size[1] == 3 * cell + 2 and image.size[0] > 5 * cell  # 3 rows, 5 columns + label margin
+    first = out.read_bytes()
+    subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120, check=True)
+    assert out.read_bytes() == first  # same seed, same grid
+    bad = subprocess.run(cmd[:6] + ["--labels", "12"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "out of range" in bad.stderr
+
+
+def test_missing_dataset_is_one_clear_message(tmp_path):
+    proc = subprocess.run([sys.executable, "train.py", "--config=configs/cifar10_uvit_s2.py",
+                           f"--config.data.root={tmp_path / 'nowhere'}", "--config.train.mixed_precision=no",
+                           "--config.wandb.mode=disabled", f"--workdir={tmp_path / 'run'}"],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr and str(tmp_path / "nowhere") in proc.stderr
+    assert "download" in proc.stderr
+
+
+def test_nan_loss_stops_with_a_clear_error(tmp_path):
+    cfg = tiny_config("--config.train.steps=50", "--config.train.log_every=5", "--config.optim.lr=1e30",
+                      "--config.optim.warmup_steps=0")
+    with pytest.raises(FloatingPointError, match="loss is nan"):
+        train(cfg, tmp_path)
+    assert checkpoint_dirs(tmp_path) == []
+
+
+def test_decay_groups():
+    from diffusion.trainer import param_groups
+    from uvit import UViT
+
+    model = UViT(img_size=8, patch_size=2, in_chans=1, embed_dim=16, depth=2, num_heads=2, num_classes=3)
+    assert len(param_groups(model, 0.03, decay_all=True)) == 1
+    decay, no_decay = param_groups(model, 0.03, decay_all=False)
+    names = {id(p): n for n, p in model.named_parameters()}
+    skipped = {names[id(p)] for p in no_decay["params"]}
+    assert {"pos_embed", "label_emb.weight", "norm.weight", "norm.bias", "decoder_pred.bias"} <= skipped
+    assert "decoder_pred.weight" in {names[id(p)] for p in decay["params"]}
+
+
+def test_short_quickstart_draws_the_requested_digits(tmp_path):
+    """The quickstart config, shortened to 1,200 steps: an independent classifier fit on the real digits must
+    recognise the requested class far above chance (10%); measured 58% here, the full 3,000-step run ~99%."""
+    cfg, _ = parse_command_line([f"--config={REPO / 'configs/digits_uvit.py'}", "--config.train.steps=1200",
+                                 "--config.train.sample_every=0", "--config.train.ckpt_every=1200",
+                                 "--config.wandb.mode=disabled", "--config.eval.per_class=30"])
+    final = train(cfg, tmp_path)
+    accuracy = json.loads((final / "eval.json").read_text())["digits_accuracy"]
+    assert accuracy > 0.3, accuracy
