@@ -12,7 +12,7 @@ def get_config():
                         num_heads=4, mlp_ratio=4.0, num_classes=10, block_type="adaln_zero")
     config.data.update(name="digits", image_size=8, random_flip=False, num_workers=0)
     # Small-data, short-run changes to the paper recipe: higher LR with warm-up, EMA that forgets its init.
-    config.optim.update(lr=1e-3, betas=(0.9, 0.99), warmup_steps=100)
+    config.optim.update(lr=2e-3, betas=(0.9, 0.99), warmup_steps=100)
     config.train.update(steps=3000, batch_size=64, ema_decay=0.999, ema_warmup=True, log_every=100,
                         ckpt_every=1000, sample_every=1000)
     config.sample.update(sampler="ddpm", steps=100, guidance_scale=2.0, per_class=10, clip_denoised=True)

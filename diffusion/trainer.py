@@ -12,8 +12,10 @@ import copy
 import json
 import logging
 import math
+import os
 import sys
 import time
+import uuid
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -100,7 +102,7 @@ class WandbLogger:
         import wandb
 
         id_file = workdir / "wandb_id.txt"
-        run_id = id_file.read_text().strip() if id_file.exists() else wandb.util.generate_id()
+        run_id = id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:8]
         id_file.write_text(run_id)
         self.run = wandb.init(project=config.wandb.project, name=config.wandb.name or workdir.name, id=run_id,
                               resume="allow", dir=str(workdir), mode=config.wandb.mode, config=config.to_dict())
@@ -128,7 +130,10 @@ class WandbLogger:
 def train(config, workdir: str | Path) -> Path:
     """Train from ``config`` in ``workdir``, resuming from its newest checkpoint. Returns the final checkpoint."""
     tc, oc = config.train, config.optim
-    accelerator = Accelerator(mixed_precision=tc.mixed_precision, dynamo_backend="inductor" if tc.compile else None)
+    # A multi-process launch (torchrun / accelerate launch) on a machine without CUDA: DDP over gloo on the CPU.
+    cpu_ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+    accelerator = Accelerator(mixed_precision=tc.mixed_precision, cpu=cpu_ddp,
+                              dynamo_backend="inductor" if tc.compile else None)
     rank, world = accelerator.process_index, accelerator.num_processes
     is_main = accelerator.is_main_process
     workdir = Path(workdir)

@@ -4,7 +4,6 @@ models, the four conditioning designs, guidance."""
 from __future__ import annotations
 
 import functools
-from pathlib import Path
 
 import pytest
 import torch
@@ -12,8 +11,7 @@ import torch
 from diffusion.guidance import guided_model
 from diffusion.iddpm import build_iddpm
 from dit import BLOCK_TYPES, PRESETS, DiT, count_flops, count_params
-
-FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures"
+from tests.conftest import load_fixture, rel_err
 
 # SPEC section 2 / paper Table 4: GFLOPs (multiply-accumulates) at 256x256, printed to two decimals.
 PAPER_GFLOPS = {
@@ -28,17 +26,6 @@ PAPER_ABLATION_GFLOPS = {"in_context": 119.4, "cross_attn": 137.6, "adaln": 118.
 
 TINY = dict(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=2, num_heads=2, num_classes=4)
 
-
-def load_fixture(name: str) -> dict:
-    path = FIXTURES / f"{name}.pt"
-    if not path.is_file():
-        pytest.fail(f"parity fixture {path} is missing; the tests expect the shared fixtures directory "
-                    f"(shared/fixtures/) beside the repository checkout")
-    return torch.load(path, weights_only=True)
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).abs().max() / b.abs().max()).item()
 
 
 @functools.cache

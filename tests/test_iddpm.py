@@ -4,7 +4,6 @@ the hybrid loss, and the project-wide ``sample`` interface."""
 from __future__ import annotations
 
 import functools
-from pathlib import Path
 
 import pytest
 import torch
@@ -12,21 +11,10 @@ import torch
 from diffusion.guidance import guided_model
 from diffusion.iddpm import GaussianDiffusion, betas_for_schedule, build_iddpm, space_timesteps
 from dit import DiT
+from tests.conftest import load_fixture, rel_err
 
-FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures"
 TOL = 1e-5  # max|a - b| / max|b|, as the fixtures README suggests
 
-
-def load_fixture(name: str) -> dict:
-    path = FIXTURES / f"{name}.pt"
-    if not path.is_file():
-        pytest.fail(f"parity fixture {path} is missing; the tests expect the shared fixtures directory "
-                    f"(shared/fixtures/) beside the repository checkout")
-    return torch.load(path, weights_only=True)
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).abs().max() / b.abs().max()).item()
 
 
 @functools.cache

@@ -142,3 +142,37 @@ def test_short_quickstart_draws_the_requested_digits(tmp_path):
     final = train(cfg, tmp_path)
     accuracy = json.loads((final / "eval.json").read_text())["digits_accuracy"]
     assert accuracy > 0.3, accuracy
+
+
+def test_bf16_autocast_with_clipping_keeps_fp32_master_weights(tmp_path):
+    final = train(tiny_config("--config.train.steps=20", "--config.train.ckpt_every=20", "--config.train.log_every=5",
+                              "--config.train.mixed_precision=bf16", "--config.train.grad_clip=1.0"), tmp_path)
+    losses = logged_losses(tmp_path)
+    assert all(0 < v < 2 for v in losses)
+    for name in ("model.safetensors", "ema.safetensors"):
+        assert all(v.dtype == torch.float32 for v in load_file(final / name).values())
+
+
+def test_wandb_offline_needs_no_account(tmp_path, monkeypatch):
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    train(tiny_config("--config.train.steps=2", "--config.train.ckpt_every=2", "--config.wandb.mode=offline"),
+          tmp_path)
+    runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and any(runs[0].glob("*.wandb"))
+    assert (tmp_path / "wandb_id.txt").read_text().strip() in runs[0].name
+
+
+def test_two_process_ddp_on_cpu(tmp_path):
+    """accelerate launch with 2 processes on a CPU-only machine (DDP over gloo): the global batch is split and
+    only rank 0 writes checkpoints."""
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes=2", "--num_machines=1",
+           "--mixed_precision=no", "--dynamo_backend=no", "train.py", "--config=configs/digits_uvit.py", *TINY,
+           "--config.train.steps=6", "--config.train.ckpt_every=3", "--config.train.log_every=3",
+           f"--workdir={tmp_path}"]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    log = (tmp_path / "log.txt").read_text()
+    assert "2 process(es), micro-batch 16 x 1 accum" in log
+    assert [p.name for p in checkpoint_dirs(tmp_path)] == ["step_00000003", "step_00000006"]
+    assert load_train_state(checkpoint_dirs(tmp_path)[-1])["step"] == 6
