@@ -163,8 +163,8 @@ def train(config, workdir: str | Path) -> Path:
     if conditional and "y" not in dataset[0]:
         raise ConfigError(f"the model is class-conditional but dataset {config.data.name!r} has no labels")
     if config.cond.p_uncond > 0 and null_label is None:
-        raise ConfigError("cond.p_uncond > 0 needs a model with a null label (U-ViT: num_classes = classes + 1; "
-                          "DiT: class_dropout_prob > 0)")
+        raise ConfigError("cond.p_uncond > 0 needs a model with a null label (U-ViT: num_classes = classes + 1 "
+                          "and null_label = classes; DiT: class_dropout_prob > 0)")
     class_names = [str(c) for c in getattr(dataset, "classes", [])] or None
     meta = {"model_name": model_name, "model_kwargs": model_kwargs, "image_shape": list(image_shape),
             "class_names": class_names, "torch": torch.__version__}
