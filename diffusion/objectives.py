@@ -47,9 +47,21 @@ class DiscreteVPSchedule:
         self.cum_alphas = torch.cat([torch.ones(1, dtype=torch.float64), torch.cumprod(1 - betas.double(), 0)])
         self._t = torch.linspace(0.0, 1.0, self.num_steps + 1, dtype=torch.float64)[1:]
         self._log_alpha = 0.5 * torch.log(self.cum_alphas[1:])
+        self._on_device: dict = {}
+
+    def tables(self, device) -> dict[str, torch.Tensor]:
+        """float32 copies on ``device``, made once: no host-to-device copy in the training or sampling loop."""
+        device = torch.device(device)
+        if device not in self._on_device:
+            self._on_device[device] = {
+                "t": self._t.to(device, torch.float32), "log_alpha": self._log_alpha.to(device, torch.float32),
+                "sqrt_cum": self.cum_alphas.sqrt().to(device, torch.float32),
+                "sqrt_one_minus_cum": (1 - self.cum_alphas).sqrt().to(device, torch.float32)}
+        return self._on_device[device]
 
     def log_alpha(self, t: torch.Tensor) -> torch.Tensor:
-        grid_t, grid_la = self._t.to(t.device, torch.float32), self._log_alpha.to(t.device, torch.float32)
+        tables = self.tables(t.device)
+        grid_t, grid_la = tables["t"], tables["log_alpha"]
         # piecewise-linear interpolation, extrapolating the end segments
         idx = torch.searchsorted(grid_t, t.clamp(grid_t[0], grid_t[-1])).clamp(1, len(grid_t) - 1)
         t0, t1 = grid_t[idx - 1], grid_t[idx]
@@ -79,8 +91,8 @@ class NoisePredictionObjective:
     def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """x_t = alpha_t x0 + sigma_t eps; ``t`` is continuous time, or the integer n for discrete training."""
         if self.discrete_training:
-            cum = self.schedule.cum_alphas.to(x0.device)[t]
-            alpha, sigma = cum.sqrt().float(), (1 - cum).sqrt().float()
+            tables = self.schedule.tables(x0.device)
+            alpha, sigma = tables["sqrt_cum"][t], tables["sqrt_one_minus_cum"][t]
         else:
             log_alpha = self.schedule.log_alpha(t.float())
             alpha, sigma = log_alpha.exp(), (1 - (2 * log_alpha).exp()).sqrt()
