@@ -180,6 +180,7 @@ def config_from_json(text: str) -> ml_collections.ConfigDict:
         out = dict(defaults)
         for key, value in saved.items():
             both_dicts = isinstance(value, dict) and isinstance(defaults.get(key), dict)
+            # diffusion sections hold kind-specific keys: a default for one kind must not leak into another
             out[key] = merge(defaults[key], value) if both_dicts and key != "diffusion" else value
         return out
 
