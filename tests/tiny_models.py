@@ -1,0 +1,142 @@
+"""Tiny, randomly initialised models of the real library classes, saved to disk the way released weights are.
+
+No network here, so tests load these through exactly the code paths real weights take: a diffusers
+``AutoencoderKL`` folder (like ``stabilityai/sd-vae-ft-ema``), the same weights as a U-ViT-style ``.pth`` in the
+original latent-diffusion key layout, and a transformers CLIP text model + byte-level BPE tokenizer folder (like
+``openai/clip-vit-large-patch14``). Each builds in well under a second.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import torch
+
+# ----------------------------------------------------------------------------------------------------------------
+# Autoencoder
+# ----------------------------------------------------------------------------------------------------------------
+# Same block structure as the SD KL-f8 VAE (4 levels: downsample 8, 4 latent channels, mid attention), tiny widths.
+# Unequal widths so that the resnet shortcut convs (``nin_shortcut``) exist and their key mapping gets tested.
+TINY_VAE_CONFIG = dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16, 16, 16),
+                       down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                       layers_per_block=1, norm_num_groups=4, sample_size=32)
+
+
+def make_tiny_autoencoder(folder, seed: int = 0) -> Path:
+    """A seeded tiny ``AutoencoderKL`` saved with ``save_pretrained(folder)``; returns the folder."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(**TINY_VAE_CONFIG)
+    with torch.no_grad():  # default init gives near-constant outputs; spread the weights so every layer matters
+        for p in vae.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    vae.save_pretrained(folder)
+    return Path(folder)
+
+
+def _diffusers_to_ldm_key(key: str, num_levels: int) -> str:
+    """One diffusers ``AutoencoderKL`` key -> the latent-diffusion key (the inverse of diffusers'
+    ``convert_ldm_vae_checkpoint``, which the package ships only in the LDM -> diffusers direction)."""
+    key = re.sub(r"^(encoder|decoder)\.conv_norm_out\.", r"\1.norm_out.", key)
+    key = re.sub(r"^encoder\.down_blocks\.(\d+)\.resnets\.", r"encoder.down.\1.block.", key)
+    key = re.sub(r"^encoder\.down_blocks\.(\d+)\.downsamplers\.0\.", r"encoder.down.\1.downsample.", key)
+    # Decoder up blocks are numbered from the bottom in LDM and from the top in diffusers.
+    key = re.sub(r"^decoder\.up_blocks\.(\d+)\.resnets\.",
+                 lambda m: f"decoder.up.{num_levels - 1 - int(m[1])}.block.", key)
+    key = re.sub(r"^decoder\.up_blocks\.(\d+)\.upsamplers\.0\.",
+                 lambda m: f"decoder.up.{num_levels - 1 - int(m[1])}.upsample.", key)
+    key = re.sub(r"\.mid_block\.resnets\.(\d+)\.", lambda m: f".mid.block_{int(m[1]) + 1}.", key)
+    key = key.replace(".conv_shortcut.", ".nin_shortcut.")
+    attention = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
+    for new, old in attention.items():
+        key = key.replace(f".mid_block.attentions.0.{new}.", f".mid.attn_1.{old}.")
+    return key
+
+
+def ldm_state_dict(folder) -> dict[str, torch.Tensor]:
+    """The weights of a diffusers ``AutoencoderKL`` folder in the original latent-diffusion layout, where the mid
+    attention's q/k/v/proj_out are 1x1 convolutions."""
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL.from_pretrained(folder)
+    num_levels = len(vae.config.block_out_channels)
+    state = {}
+    for key, tensor in vae.state_dict().items():
+        ldm_key = _diffusers_to_ldm_key(key, num_levels)
+        if ".mid.attn_1." in ldm_key and ldm_key.endswith("weight") and tensor.ndim == 2:
+            tensor = tensor[:, :, None, None]
+        state[ldm_key] = tensor.clone()
+    return state
+
+
+def write_ldm_single_file(folder, path, prefix: str = "") -> Path:
+    """Write the weights of ``folder`` as one original-format file: a plain state_dict ``.pth`` like U-ViT's
+    ``autoencoder_kl.pth``; with ``prefix="first_stage_model."`` a Stable Diffusion style full checkpoint
+    (``{"state_dict": {...}, "global_step": ...}`` holding other models' keys too). ``.safetensors`` paths get a flat
+    file."""
+    state = {prefix + k: v for k, v in ldm_state_dict(folder).items()}
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        from safetensors.torch import save_file
+
+        save_file({k: v.contiguous() for k, v in state.items()}, path)
+    elif prefix:
+        state["model.diffusion_model.input_blocks.0.0.weight"] = torch.zeros(2, 4, 3, 3)  # the UNet it ships with
+        torch.save({"state_dict": state, "global_step": 1}, path)
+    else:
+        torch.save(state, path)
+    return path
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# CLIP text encoder
+# ----------------------------------------------------------------------------------------------------------------
+BOS, EOS = "<|startoftext|>", "<|endoftext|>"
+TINY_MERGES = [("t", "h"), ("th", "e</w>"), ("a", "n"), ("an", "d</w>"), ("c", "a"), ("ca", "t</w>"), ("d", "o"),
+               ("do", "g</w>")]
+
+
+def _byte_symbols() -> list[str]:
+    """GPT-2/CLIP's reversible byte -> printable unicode table, in CLIP's vocabulary order."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
+        list(range(ord("®"), ord("ÿ") + 1))
+    codes, extra = list(printable), 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            codes.append(256 + extra)
+            extra += 1
+    return [chr(c) for c in codes]
+
+
+def tiny_clip_vocab() -> tuple[dict[str, int], list[str]]:
+    """CLIP's vocabulary layout on a small scale: 256 byte symbols, the same with ``</w>``, merge results, specials."""
+    symbols = _byte_symbols()
+    tokens = symbols + [s + "</w>" for s in symbols] + ["".join(pair) for pair in TINY_MERGES] + [BOS, EOS]
+    vocab = {token: i for i, token in enumerate(tokens)}
+    return vocab, [" ".join(pair) for pair in TINY_MERGES]
+
+
+def make_tiny_clip(folder, seed: int = 0, hidden_size: int = 32) -> Path:
+    """A seeded tiny ``CLIPTextModel`` and a working ``CLIPTokenizer`` (real byte-level BPE files), saved with
+    ``save_pretrained(folder)``; returns the folder."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab, merges = tiny_clip_vocab()
+    (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+    tokenizer = CLIPTokenizer(vocab=str(folder / "vocab.json"), merges=str(folder / "merges.txt"))
+    tokenizer.model_max_length = 77
+    tokenizer.save_pretrained(folder)
+
+    torch.manual_seed(seed)
+    config = CLIPTextConfig(vocab_size=len(vocab), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+                            num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=77,
+                            bos_token_id=vocab[BOS], eos_token_id=vocab[EOS], pad_token_id=vocab[EOS])
+    CLIPTextModel(config).save_pretrained(folder)
+    return folder
