@@ -12,5 +12,6 @@ def get_config():
     config.optim.update(lr=2e-4, betas=(0.99, 0.999), weight_decay=0.03, warmup_steps=2500)
     config.train.update(steps=500_000, batch_size=128, mixed_precision="fp16", ema_decay=0.9999, log_every=100,
                         ckpt_every=50_000, sample_every=5_000)
-    config.sample.update(sampler="dpm_solver++2m", steps=50, num_unconditional=64)
+    config.sample.update(sampler="euler_maruyama", steps=1000, t_end=1e-3, num_unconditional=64)
+    config.preview.update(sampler="dpm_solver", steps=50)  # previews: 50 evaluations
     return config

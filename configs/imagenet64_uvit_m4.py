@@ -12,5 +12,7 @@ def get_config():
     config.optim.update(lr=3e-4, betas=(0.99, 0.99), weight_decay=0.03, warmup_steps=5000)
     config.train.update(steps=300_000, batch_size=1024, mixed_precision="fp16", ema_decay=0.9999, log_every=100,
                         ckpt_every=50_000, sample_every=5_000)
-    config.sample.update(sampler="dpm_solver++2m", steps=50, per_class=8)
+    config.sample.update(sampler="dpm_solver", steps=50, order=3, t_end=1e-4, skip_type="logSNR",
+                         labels="train_freq", per_class=8)
+    config.preview.update(steps=25)
     return config

@@ -24,10 +24,18 @@ def base_config() -> ml_collections.ConfigDict:
             seed=0,
             model=dict(name="uvit", preset=None),  # the rest splats into the backbone constructor
             diffusion=dict(kind="vp_sde"),  # vp_sde | sd_discrete | iddpm, plus that kind's settings
-            cond=dict(p_uncond=0.0),  # label dropout for classifier-free guidance; null label from the model
-            data=dict(name="", root="data", image_size=32, random_flip=True, num_workers=4),
-            # Latent diffusion (SD-VAE) is on the roadmap; a config that names an autoencoder is refused until then.
-            autoencoder=dict(pretrained="", scale_factor=0.18215),
+            # Label / caption dropout for classifier-free guidance (null label or null context from the model/data).
+            # None: DiT's model.class_dropout_prob, else 0. A DiT config where both are set must agree.
+            cond=dict(p_uncond=None),
+            data=dict(name="", root="data", image_size=32, random_flip=True, num_workers=4, download=False,
+                      split="", verify_checksums=True),  # split: "" = the dataset's training split
+            # Latent diffusion: the Stable Diffusion KL-f8 autoencoder (diffusers AutoencoderKL). ``pretrained``: a hub
+            # id, a local diffusers folder, or a single original-format file (.pth/.ckpt/.safetensors) whose
+            # architecture comes from ``single_file_config`` (a diffusers folder or hub id). Empty: pixel space.
+            autoencoder=dict(pretrained="", single_file_config="", scale_factor=0.18215, dtype="fp32",
+                             chunk_size=16),  # dtype: fp32 | fp16 | bf16; decode/encode this many images at a time
+            # CLIP text encoder (transformers) for text-to-image prompts: a hub id or a local folder.
+            text_encoder=dict(pretrained="", max_length=77),
             optim=dict(lr=2e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, warmup_steps=0,
                        decay_all_params=True),  # False: no decay on norms, biases, embeddings
             train=dict(
@@ -43,17 +51,26 @@ def base_config() -> ml_collections.ConfigDict:
                 keep_checkpoints=0,  # keep only the newest N checkpoints; 0 = keep all
                 sample_every=5000,  # preview grid of EMA samples; 0 = off
                 compile=False,
+                tf32=False,  # TF32 matmuls and convolutions on NVIDIA GPUs (DiT's recipe); no effect on CPU
             ),
+            # The evaluation sampler: what sample.py uses by default and what stands behind the paper number.
             sample=dict(
-                sampler="dpm_solver++2m",
-                steps=50,
+                sampler="dpm_solver++2m",  # see diffusion.samplers: dpm_solver, dpm_solver++, dpm_solver++2m, ddim,
+                steps=50,  # euler_maruyama, euler_ode (VP objectives); ddpm, ddim (iddpm). steps = network evals
+                order=3,  # singlestep DPM-Solver: the highest order of the "fast" order sequence
+                t_end=None,  # last time of continuous-time samplers; None = the sampler's paper default
+                skip_type=None,  # time grid of DPM-Solver: logSNR | time_uniform; None = the paper default
+                eta=0.0,  # DDIM stochasticity
                 guidance_scale=1.0,  # eps_u + w (eps_c - eps_u); 1 = no guidance (U-ViT's s = w - 1)
-                guidance_channels="all",  # or an int k: guide only the first k channels (DiT's released CFG: 3)
+                guidance_channels="all",  # or "k": guide only the first k channels (DiT's released CFG: "3")
                 clip_denoised=False,  # clamp x0 predictions to [-1, 1] (pixel models; latents are never clipped)
+                labels="uniform",  # evaluation labels: uniform (DiT) | balanced | train_freq (U-ViT ImageNet 64)
                 per_class=8,  # grid columns for conditional models
                 num_unconditional=64,
                 seed=0,
             ),
+            # Training previews may use a cheaper sampler; empty / 0 values fall back to ``sample``.
+            preview=dict(sampler="", steps=0),
             eval=dict(metric="", per_class=100, seed=1),  # end-of-run evaluation; "digits_accuracy"
             wandb=dict(mode="offline", project="transformer-diffusion", name=""),  # online | offline | disabled
         )
@@ -62,14 +79,60 @@ def base_config() -> ml_collections.ConfigDict:
 
 def dit_paper_recipe(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """DiT's training recipe (Peebles & Xie, Sec. 4): AdamW lr 1e-4 constant, no weight decay, batch 256,
-    EMA 0.9999, improved-DDPM hybrid loss with learned sigma, 10% label dropout; samples with 250 DDPM steps."""
+    EMA 0.9999, improved-DDPM hybrid loss with learned sigma, 10% label dropout (``model.class_dropout_prob``, the
+    one source of the rate: ``cond.p_uncond`` stays None), fp32 with TF32 matmuls; 250-step DDPM sampling."""
     config.model.update(name="dit", preset="DiT-XL/2", class_dropout_prob=0.1, learn_sigma=True)
     config.diffusion = ml_collections.ConfigDict(dict(kind="iddpm", num_steps=1000, beta_schedule="linear",
                                                       learn_sigma=True))
-    config.cond.p_uncond = 0.1
     config.optim.update(lr=1e-4, betas=(0.9, 0.999), weight_decay=0.0, warmup_steps=0)
-    config.train.update(batch_size=256, ema_decay=0.9999, grad_clip=0.0)
+    config.train.update(batch_size=256, ema_decay=0.9999, grad_clip=0.0, mixed_precision="no", tf32=True)
     config.sample.update(sampler="ddpm", steps=250, guidance_scale=1.5, guidance_channels="all")
+    return config
+
+
+def uvit_latent_recipe(config: ml_collections.ConfigDict, resolution: int, preset: str, kind: str, autoencoder: str,
+                       guidance_s: float) -> ml_collections.ConfigDict:
+    """U-ViT's ImageNet 256/512 recipe on cached SD-VAE latents (SPEC.md section 1): batch 1024, AdamW 2e-4 with
+    betas (0.99, 0.99) and weight decay 0.03, 5K warm-up steps, EMA 0.9999, fp16. The continuous-time L models
+    train with 15% label dropout and sample with DPM-Solver (noise prediction, logSNR grid, t 1 -> 1e-4); the
+    discrete-time H models with 10% and DPM-Solver++ (time-uniform grid, 1 -> 1e-3); both 50 evaluations.
+    Guidance: U-ViT's ``s`` is ``w - 1`` in this project's ``eps_u + w (eps_c - eps_u)``."""
+    config.seed = 1234
+    config.model.update(name="uvit", preset=preset)
+    config.diffusion.kind = kind
+    config.cond.p_uncond = 0.15 if kind == "vp_sde" else 0.1
+    config.data.update(name="latents", root=f"data/imagenet{resolution}_latents", image_size=resolution,
+                       random_flip=True, num_workers=8)
+    config.autoencoder.update(pretrained=autoencoder, scale_factor=0.18215)
+    config.optim.update(lr=2e-4, betas=(0.99, 0.99), weight_decay=0.03, warmup_steps=5000)
+    config.train.update(steps=300_000 if kind == "vp_sde" else 500_000, batch_size=1024, mixed_precision="fp16",
+                        ema_decay=0.9999, log_every=100, ckpt_every=50_000, sample_every=5_000)
+    sampler = dict(sampler="dpm_solver", t_end=1e-4, skip_type="logSNR") if kind == "vp_sde" else dict(
+        sampler="dpm_solver++", t_end=1e-3, skip_type="time_uniform")
+    config.sample.update(**sampler, steps=50, order=3, guidance_scale=1.0 + guidance_s, labels="uniform",
+                         per_class=4)
+    config.preview.update(steps=25)
+    return config
+
+
+def uvit_t2i_recipe(config: ml_collections.ConfigDict, preset: str) -> ml_collections.ConfigDict:
+    """U-ViT's MS-COCO recipe (SPEC.md section 1): cached image moments + CLIP ViT-L/14 caption tokens, discrete
+    schedule, 10% caption dropout to the empty caption's encoding, batch 256, AdamW 2e-4 betas (0.9, 0.9) wd 0.03,
+    5K warm-up, 1M steps, EMA 0.9999, fp16; DPM-Solver++ 50 evaluations with s = 1 (w = 2); scale 0.23010."""
+    config.seed = 1234
+    config.model.update(name="uvit", preset=preset)
+    config.diffusion.kind = "sd_discrete"
+    config.cond.p_uncond = 0.1
+    config.data.update(name="coco_latents", root="data/mscoco256_features/train", image_size=256, random_flip=False,
+                       num_workers=8)
+    config.autoencoder.update(pretrained="assets/stable-diffusion/autoencoder_kl_ema.pth", scale_factor=0.23010)
+    config.text_encoder.update(pretrained="openai/clip-vit-large-patch14", max_length=77)
+    config.optim.update(lr=2e-4, betas=(0.9, 0.9), weight_decay=0.03, warmup_steps=5000)
+    config.train.update(steps=1_000_000, batch_size=256, mixed_precision="fp16", ema_decay=0.9999, log_every=100,
+                        ckpt_every=50_000, sample_every=5_000)
+    config.sample.update(sampler="dpm_solver++", steps=50, order=3, t_end=1e-3, skip_type="time_uniform",
+                         guidance_scale=2.0, per_class=4)
+    config.preview.update(steps=25)
     return config
 
 
@@ -109,8 +172,20 @@ def _parse_value(text: str, current):
     return tuple(value) if isinstance(current, tuple) and isinstance(value, list) else value
 
 
+def _backbone_keyword(config: ml_collections.ConfigDict, parts: list[str]) -> bool:
+    """``model.<kwarg>`` for any constructor keyword of the configured backbone (presets fill in the rest)."""
+    if len(parts) != 2 or parts[0] != "model" or "model" not in config:
+        return False
+    from diffusion.registry import constructor_keywords  # the registry imports this module
+
+    return parts[1] in constructor_keywords(config.model.get("name", ""))
+
+
 def apply_override(config: ml_collections.ConfigDict, dotted_key: str, text: str) -> None:
     node, parts = config, dotted_key.split(".")
+    if _backbone_keyword(config, parts) and parts[1] not in config.model:
+        config.model[parts[1]] = _parse_value(text, None)
+        return
     for depth, part in enumerate(parts):
         if not isinstance(node, ml_collections.ConfigDict) or part not in node:
             where = ".".join(parts[:depth]) or "config"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import inspect
 
 import ml_collections
 from torch import nn
@@ -18,6 +19,14 @@ def _backbone_module(name: str):
     module_name, class_name = BACKBONES[name]
     module = importlib.import_module(module_name)
     return getattr(module, class_name), module.PRESETS
+
+
+def constructor_keywords(name: str) -> set[str]:
+    """Keyword arguments the backbone ``name`` accepts (empty for an unknown name)."""
+    if name not in BACKBONES:
+        return set()
+    cls, _ = _backbone_module(name)
+    return set(inspect.signature(cls.__init__).parameters) - {"self"}
 
 
 def resolve_model_kwargs(model_cfg) -> tuple[str, dict]:
@@ -41,6 +50,21 @@ def build_model(model_cfg) -> nn.Module:
         return cls(**kwargs)
     except TypeError as err:
         raise ConfigError(f"model section does not fit {cls.__name__}: {err}") from None
+
+
+def label_dropout(config, model_name: str, model_kwargs: dict) -> float:
+    """The one label-dropout rate: ``cond.p_uncond``, or DiT's ``class_dropout_prob`` (which also sizes its label
+    table); a DiT config that sets both to different values is refused rather than silently using one."""
+    p = config.cond.p_uncond
+    if model_name != "dit":
+        return float(p or 0.0)
+    cls, _ = _backbone_module(model_name)
+    model_p = model_kwargs.get("class_dropout_prob", inspect.signature(cls).parameters["class_dropout_prob"].default)
+    if p is not None and float(p) != float(model_p):
+        raise ConfigError(f"cond.p_uncond={p} disagrees with model.class_dropout_prob={model_p}; DiT's rate is "
+                          f"model.class_dropout_prob (it also adds the null row): set that one, leave cond.p_uncond "
+                          f"unset (None)")
+    return float(model_p)
 
 
 def build_objective(diffusion_cfg):

@@ -62,3 +62,64 @@ def test_every_config_loads_builds_and_round_trips(path):
     with torch.device("meta"):
         build_model(config.model)
     build_objective(config.diffusion)
+
+
+# The sampler behind each paper number (SPEC.md sections 1-2), as each paper config's evaluation default.
+# (sampler, steps/NFE, t_end, skip_type, guidance w, guidance channels, diffusion kind, label dropout)
+PAPER_SAMPLING = {
+    "cifar10_uvit_s2": ("euler_maruyama", 1000, 1e-3, None, 1.0, "all", "vp_sde", 0.0),
+    "celeba64_uvit_s4": ("euler_maruyama", 1000, 1e-3, None, 1.0, "all", "vp_sde", 0.0),
+    "imagenet64_uvit_m4": ("dpm_solver", 50, 1e-4, "logSNR", 1.0, "all", "vp_sde", 0.0),
+    "imagenet64_uvit_l4": ("dpm_solver", 50, 1e-4, "logSNR", 1.0, "all", "vp_sde", 0.0),
+    "imagenet256_uvit_l2": ("dpm_solver", 50, 1e-4, "logSNR", 1.4, "all", "vp_sde", 0.15),
+    "imagenet256_uvit_h2": ("dpm_solver++", 50, 1e-3, "time_uniform", 1.4, "all", "sd_discrete", 0.1),
+    "imagenet512_uvit_l4": ("dpm_solver", 50, 1e-4, "logSNR", 1.7, "all", "vp_sde", 0.15),
+    "imagenet512_uvit_h4": ("dpm_solver++", 50, 1e-3, "time_uniform", 1.7, "all", "sd_discrete", 0.1),
+    "mscoco_uvit_s2": ("dpm_solver++", 50, 1e-3, "time_uniform", 2.0, "all", "sd_discrete", 0.1),
+    "mscoco_uvit_s2_deep": ("dpm_solver++", 50, 1e-3, "time_uniform", 2.0, "all", "sd_discrete", 0.1),
+    "imagenet256_dit_xl2": ("ddpm", 250, None, None, 1.5, "3", "iddpm", 0.1),
+    "imagenet512_dit_xl2": ("ddpm", 250, None, None, 1.5, "3", "iddpm", 0.1),
+}
+
+
+@pytest.mark.parametrize("name", sorted(PAPER_SAMPLING))
+def test_paper_configs_default_to_the_paper_sampler(name):
+    from diffusion.registry import label_dropout, resolve_model_kwargs
+
+    config, _ = parse_command_line([f"--config={REPO / 'configs' / name}.py"])
+    s = config.sample
+    assert (s.sampler, s.steps, s.t_end, s.skip_type, s.guidance_scale, s.guidance_channels, config.diffusion.kind,
+            label_dropout(config, *resolve_model_kwargs(config.model))) == PAPER_SAMPLING[name]
+    latent = name.startswith(("imagenet256", "imagenet512", "mscoco"))
+    assert bool(config.autoencoder.pretrained) == latent
+    assert config.autoencoder.scale_factor == (0.23010 if name.startswith("mscoco") else 0.18215)
+
+
+def test_dit_recipe_in_full():
+    config, _ = parse_command_line([f"--config={REPO / 'configs/imagenet256_dit_xl2.py'}"])
+    assert (config.train.steps, config.train.batch_size, config.train.ckpt_every, config.train.log_every) == (
+        7_000_000, 256, 50_000, 100)
+    assert config.train.mixed_precision == "no" and config.train.tf32
+    assert (config.optim.lr, config.optim.weight_decay, config.optim.warmup_steps) == (1e-4, 0.0, 0)
+
+
+def test_dit_label_dropout_has_one_source_of_truth():
+    from diffusion.registry import label_dropout, resolve_model_kwargs
+
+    config, _ = parse_command_line(["--config=configs/digits_dit.py", "--config.model.class_dropout_prob=0.2"])
+    assert label_dropout(config, *resolve_model_kwargs(config.model)) == 0.2
+    config, _ = parse_command_line(["--config=configs/digits_dit.py", "--config.cond.p_uncond=0.3"])
+    with pytest.raises(ConfigError, match="disagrees with model.class_dropout_prob"):
+        label_dropout(config, *resolve_model_kwargs(config.model))
+
+
+def test_model_keys_override_presets():
+    """Any constructor keyword of the backbone can be set on a preset config; explicit keys win over the preset."""
+    from diffusion.registry import resolve_model_kwargs
+
+    config, _ = parse_command_line(["--config=configs/cifar10_uvit_s2.py", "--config.model.embed_dim=64",
+                                    "--config.model.depth=2", "--config.model.skip_mode=add"])
+    _, kwargs = resolve_model_kwargs(config.model)
+    assert (kwargs["embed_dim"], kwargs["depth"], kwargs["skip_mode"], kwargs["num_heads"]) == (64, 2, "add", 8)
+    with pytest.raises(ConfigError, match="model.embed_dimm"):
+        apply_override(config, "model.embed_dimm", "3")

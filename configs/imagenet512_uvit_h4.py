@@ -1,0 +1,14 @@
+"""ImageNet 512x512 (64x64x4 SD-VAE latents), U-ViT-H/4 on the discrete "stable diffusion" schedule (U-ViT paper:
+FID 4.05 with guidance s = 0.7, i.e. w = 1.7, DPM-Solver++ 50 evaluations), EMA-finetuned decoder.
+
+    accelerate launch scripts/extract_latents.py --data data/imagenet/train --out data/imagenet512_latents \\
+        --resolution 512 --autoencoder assets/stable-diffusion/autoencoder_kl_ema.pth
+    accelerate launch --multi_gpu --num_processes 8 train.py --config=configs/imagenet512_uvit_h4.py
+"""
+
+from diffusion.config import base_config, uvit_latent_recipe
+
+
+def get_config():
+    return uvit_latent_recipe(base_config(), 512, "U-ViT-H/4-512", "sd_discrete",
+                              autoencoder="assets/stable-diffusion/autoencoder_kl_ema.pth", guidance_s=0.7)
