@@ -95,8 +95,9 @@ def _load_folder_or_hub(pretrained: str, dtype: torch.dtype):
     subfolder = "vae" if folder.is_dir() and not (folder / "config.json").is_file() and (folder / "vae").is_dir() \
         else None
     try:
+        dtype_kwargs = {} if dtype == torch.float32 else {"torch_dtype": dtype}
         return AutoencoderKL.from_pretrained(str(folder) if folder.is_dir() else pretrained, subfolder=subfolder,
-                                             torch_dtype=dtype)
+                                             **dtype_kwargs)
     except OSError as error:  # diffusers/huggingface_hub report missing files and no network as OSError
         where = "local folder" if folder.is_dir() else "Hugging Face Hub id"
         raise WeightsNotFoundError(f"could not load the autoencoder from the {where} {pretrained!r} "
@@ -104,29 +105,41 @@ def _load_folder_or_hub(pretrained: str, dtype: torch.dtype):
 
 
 def _load_single_file(path: Path, single_file_config: str, dtype: torch.dtype):
-    """Original latent-diffusion layout -> diffusers, by diffusers' own converter. The architecture comes from
-    ``single_file_config`` (a diffusers folder or hub id, or an LDM ``.yaml``); empty means SD's KL-f8."""
+    """Original latent-diffusion layout -> diffusers, by diffusers' own reader and converter. The architecture comes
+    from ``single_file_config`` (a diffusers folder or hub id, or an LDM ``.yaml``); empty means SD's KL-f8."""
     from diffusers import AutoencoderKL
+    from diffusers.loaders.single_file_utils import SingleFileComponentError, load_single_file_checkpoint
 
+    try:  # read first, so that a bad file and an unreachable architecture get different messages
+        checkpoint = load_single_file_checkpoint(str(path))
+    except OSError as error:
+        cause = error.__context__ or error
+        raise ValueError(f"could not read the autoencoder file {str(path)!r} ({_error_summary(cause)}). "
+                         ".pth/.pt/.ckpt files are read with torch.load(weights_only=True): a checkpoint that pickles "
+                         "other objects must be re-saved as a plain state_dict (or .safetensors).") from None
     if not single_file_config:
         arch = {"original_config": SD_KL_F8_ORIGINAL_CONFIG}
     elif single_file_config.endswith((".yaml", ".yml")):
         arch = {"original_config": single_file_config}
     else:
         arch = {"config": single_file_config}
+    arch_name = single_file_config or "the SD KL-f8 autoencoder (built in)"
+    # torch_dtype only when it changes something: diffusers warns on every cast of a loaded model.
+    dtype_kwargs = {} if dtype == torch.float32 else {"torch_dtype": dtype}
     try:
-        vae = AutoencoderKL.from_single_file(str(path), torch_dtype=dtype, **arch)
+        vae = AutoencoderKL.from_single_file(checkpoint, **arch, **dtype_kwargs)
     except OSError as error:
-        raise WeightsNotFoundError(f"could not load the autoencoder file {str(path)!r} with architecture "
-                                   f"{single_file_config or 'SD KL-f8 (built in)'!r} ({_error_summary(error)}).\n"
-                                   "single_file_config must be a local diffusers folder (with config.json), a hub id "
-                                   "reachable from here, or an LDM .yaml; leave it empty for the SD VAE.") from None
-    missing = [name for name, tensor in vae.state_dict().items() if tensor.is_meta]
-    if missing:  # diffusers leaves weights absent from the file on the meta device instead of failing
-        raise ValueError(f"{path} is not a complete autoencoder in the latent-diffusion key layout for this "
-                         f"architecture: {len(missing)} weights missing (e.g. {missing[:3]}); expected keys like "
-                         "encoder.down.0.block.0.norm1.weight, quant_conv.weight, post_quant_conv.weight, decoder.* "
-                         "(optionally under first_stage_model.)")
+        raise WeightsNotFoundError(f"could not load the architecture {arch_name!r} for {str(path)!r} "
+                                   f"({_error_summary(error)}). single_file_config must be a local diffusers folder "
+                                   "(with config.json), an LDM .yaml, or a hub id reachable from here; leave it empty "
+                                   "for the SD VAE.") from None
+    except NotImplementedError:  # diffusers leaves weights the file lacks on the meta device, then fails to move them
+        raise ValueError(f"{path} is not a complete autoencoder for {arch_name}: some weights are missing. Expected "
+                         "the latent-diffusion key layout: encoder.down.0.block.0.norm1.weight, ..., quant_conv.*, "
+                         "post_quant_conv.*, decoder.* (optionally under first_stage_model.)") from None
+    except (ValueError, SingleFileComponentError) as error:
+        raise ValueError(f"{path} does not hold autoencoder weights for {arch_name} in the latent-diffusion key "
+                         f"layout ({_error_summary(error)})") from None
     return vae
 
 
@@ -141,8 +154,8 @@ def load_autoencoder_kl(pretrained: str, single_file_config: str = "", dtype: st
         return _load_single_file(path, single_file_config, dtype)
     if path.is_dir() or looks_like_hub_id(pretrained):
         return _load_folder_or_hub(pretrained, dtype)
-    raise WeightsNotFoundError(f"autoencoder weights not found: {pretrained!r} is neither a file, a folder, nor a "
-                               f"Hugging Face Hub id.\n{HOW_TO_GET_VAE}")
+    raise WeightsNotFoundError(f"autoencoder weights not found: no file or folder {pretrained!r} (and it is not a "
+                               f"Hugging Face Hub id).\n{HOW_TO_GET_VAE}")
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -29,8 +29,8 @@ def _load_clip(pretrained: str, dtype: torch.dtype):
 
     path = Path(pretrained).expanduser()
     if not path.is_dir() and not looks_like_hub_id(pretrained):
-        raise WeightsNotFoundError(f"CLIP text encoder not found: {pretrained!r} is neither a folder nor a Hugging "
-                                   f"Face Hub id.\n{HOW_TO_GET_CLIP}")
+        raise WeightsNotFoundError(f"CLIP text encoder not found: no folder {pretrained!r} (and it is not a Hugging "
+                                   f"Face Hub id).\n{HOW_TO_GET_CLIP}")
     source = str(path) if path.is_dir() else pretrained
     try:
         tokenizer = CLIPTokenizer.from_pretrained(source)
