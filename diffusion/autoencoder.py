@@ -117,12 +117,17 @@ def _load_single_file(path: Path, single_file_config: str, dtype: torch.dtype):
         raise ValueError(f"could not read the autoencoder file {str(path)!r} ({_error_summary(cause)}). "
                          ".pth/.pt/.ckpt files are read with torch.load(weights_only=True): a checkpoint that pickles "
                          "other objects must be re-saved as a plain state_dict (or .safetensors).") from None
+    config_dir = Path(single_file_config).expanduser()
     if not single_file_config:
         arch = {"original_config": SD_KL_F8_ORIGINAL_CONFIG}
     elif single_file_config.endswith((".yaml", ".yml")):
         arch = {"original_config": single_file_config}
+    elif config_dir.is_dir() or looks_like_hub_id(single_file_config):
+        arch = {"config": str(config_dir) if config_dir.is_dir() else single_file_config}
     else:
-        arch = {"config": single_file_config}
+        raise WeightsNotFoundError(f"single_file_config {single_file_config!r} (the architecture for {str(path)!r}) "
+                                   "is neither a folder, an LDM .yaml, nor a Hugging Face Hub id; leave it empty for "
+                                   "the SD VAE.")
     arch_name = single_file_config or "the SD KL-f8 autoencoder (built in)"
     # torch_dtype only when it changes something: diffusers warns on every cast of a loaded model.
     dtype_kwargs = {} if dtype == torch.float32 else {"torch_dtype": dtype}

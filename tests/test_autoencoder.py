@@ -94,6 +94,12 @@ def test_incomplete_or_foreign_single_file_is_refused(tmp_path, vae_dir):
         Autoencoder.load(str(tmp_path / "DiT-XL-2-256x256.pt"), scale_factor=1.0, single_file_config=str(vae_dir))
 
 
+def test_missing_single_file_config_folder(tmp_path, vae_dir):
+    path = write_ldm_single_file(vae_dir, tmp_path / "autoencoder_kl.pth")
+    with pytest.raises(WeightsNotFoundError, match=r"single_file_config 'assets/no/such-vae'.*autoencoder_kl\.pth"):
+        Autoencoder.load(str(path), scale_factor=0.18215, single_file_config="assets/no/such-vae")
+
+
 def test_single_file_is_read_without_unpickling_objects(tmp_path, vae_dir):
     """Original files are read with weights_only=True: a checkpoint that pickles a Namespace is refused clearly."""
     torch.save({"state_dict": ldm_state_dict(vae_dir), "args": argparse.Namespace(lr=1.0)}, tmp_path / "train.ckpt")
