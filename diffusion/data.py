@@ -1,9 +1,13 @@
-"""Pixel-space datasets, a resumable distributed index stream and a digits sample classifier.
+"""Pixel-space datasets, MS-COCO captions, a resumable distributed index stream and a digits sample classifier.
 
 Every dataset built by :func:`build_dataset` yields dicts:
 
     {"x": float32 tensor (C, H, W) in [-1, 1]}                      unlabelled (celeba64)
     {"x": float32 tensor (C, H, W) in [-1, 1], "y": int64 scalar}   labelled (digits, cifar10, imagenet)
+    {"x": float32 scaled latent (C, h, w), "y": int64 scalar}       cached ImageNet latents ("latents")
+    {"x": float32 scaled latent (C, h, w), "context": (77, hidden)} cached MS-COCO features ("coco_latents")
+
+The two cached-feature datasets live in :mod:`diffusion.latents` (which also extracts them); see there.
 
 Labelled datasets always carry ``"y"``; the model config decides whether it is used. A random horizontal flip is
 applied only when ``train`` and ``cfg.random_flip`` (default True). Data are read in their usual on-disk formats
@@ -13,7 +17,9 @@ for and how to provide it.
 
 from __future__ import annotations
 
+import json
 import os
+from collections import defaultdict
 from collections.abc import Callable, Iterator, Sequence
 from functools import partial
 from pathlib import Path
@@ -29,7 +35,10 @@ from torch.utils.data import Dataset, Sampler
 from torchvision.datasets.folder import pil_loader
 from torchvision.datasets.utils import check_integrity
 
-DATASET_NAMES = ("digits", "cifar10", "celeba64", "imagenet")
+from diffusion.config import ConfigError
+
+DATASET_NAMES = ("digits", "cifar10", "celeba64", "imagenet", "latents", "coco_latents")
+COCO_SPLITS = ("train", "val")
 
 CELEBA_CROP = (57, 25, 128)  # top, left, side of the original U-ViT face crop of the aligned 178x218 images
 CELEBA_TEXT_FILES = (
@@ -95,6 +104,16 @@ def _celeba_crop(pil_image: Image.Image, image_size: int) -> Image.Image:
     return face.resize((image_size, image_size), resample=Image.Resampling.BILINEAR)
 
 
+def center_square_lanczos(pil_image: Image.Image, image_size: int) -> np.ndarray:
+    """U-ViT's MS-COCO preparation: the central square (side = the short side), Lanczos-resized to image_size.
+    Returns a uint8 (res, res, 3) array."""
+    width, height = pil_image.size
+    side = min(width, height)
+    left, top = (width - side) // 2, (height - side) // 2
+    square = pil_image.convert("RGB").crop((left, top, left + side, top + side))
+    return np.array(square.resize((image_size, image_size), resample=Image.Resampling.LANCZOS))
+
+
 def _load_rgb(path: str) -> Image.Image:
     """ImageFolder loader whose errors name the offending file."""
     try:
@@ -143,6 +162,55 @@ class DigitsDataset(Dataset):
         if self.random_flip and torch.rand(()) < 0.5:
             x = x.flip(-1)
         return {"x": x, "y": self.y[index]}
+
+
+class CocoCaptions(Dataset):
+    """MS-COCO 2014 images with all their captions (5-7 each), in increasing image-id order.
+
+    Reads ``ROOT/{split}2014/<file_name>`` and ``ROOT/annotations/captions_{split}2014.json`` (the official
+    captions file: ``images`` with ``id``/``file_name``, ``annotations`` with ``image_id``/``id``/``caption``).
+    Images without a caption are left out; an image's captions keep their annotation-id order. Item i is
+    ``{"x": float32 (3, res, res) in [-1, 1], "captions": list[str]}`` (centre square, Lanczos); the caption lists
+    have different lengths, so batch items with a ``collate_fn`` that keeps them as lists. Text-to-image training
+    reads the cached features of these images instead (``coco_latents``, :mod:`diffusion.latents`).
+    """
+
+    def __init__(self, root: str | os.PathLike, split: str = "train", image_size: int = 256) -> None:
+        if split not in COCO_SPLITS:
+            raise ValueError(f"MS-COCO split must be one of {', '.join(COCO_SPLITS)}, got {split!r}")
+        root = Path(root)
+        self.folder = root / f"{split}2014"
+        annotations = root / "annotations" / f"captions_{split}2014.json"
+        missing = [str(path) for path in (self.folder, annotations) if not path.exists()]
+        if missing:
+            raise DatasetNotFoundError(
+                f"MS-COCO not found: {' and '.join(missing)} missing. Expected the official 2014 release under "
+                f"{root}: {split}2014/ (COCO_{split}2014_*.jpg) and annotations/captions_{split}2014.json "
+                f"(from annotations_trainval2014.zip)."
+            )
+        with open(annotations, encoding="utf-8") as f:
+            coco = json.load(f)
+        captions: dict[int, list[tuple[int, str]]] = defaultdict(list)
+        for ann in coco["annotations"]:
+            captions[ann["image_id"]].append((ann["id"], ann["caption"]))
+        images = sorted((im for im in coco["images"] if captions[im["id"]]), key=lambda im: im["id"])
+        self.image_ids = [int(im["id"]) for im in images]
+        self.file_names = [str(im["file_name"]) for im in images]
+        self.captions = [[text for _, text in sorted(captions[im["id"]])] for im in images]
+        self.image_size = image_size
+
+    def __len__(self) -> int:
+        return len(self.image_ids)
+
+    def path(self, index: int) -> Path:
+        return self.folder / self.file_names[index]
+
+    def load_image(self, index: int) -> np.ndarray:
+        """The prepared uint8 (res, res, 3) image; an unreadable file raises OSError naming it."""
+        return center_square_lanczos(_load_rgb(os.fspath(self.path(index))), self.image_size)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return {"x": _to_tensor(self.load_image(index)), "captions": list(self.captions[index])}
 
 
 class _CIFAR10(torchvision.datasets.CIFAR10):
@@ -243,20 +311,61 @@ def _build_digits(cfg: Any, train: bool, flip: bool) -> Dataset:
     return DigitsDataset(random_flip=flip)
 
 
-_BUILDERS: dict[str, Callable[[Any, bool, bool], Dataset]] = {
+def _cached_feature_checks(cfg: Any, autoencoder_cfg: Any, text_encoder_cfg: Any) -> dict[str, Any]:
+    """What a cached-feature folder must match: the config's pixel resolution, autoencoder and (COCO) text encoder.
+
+    Without an ``autoencoder_cfg`` only the resolution is checked; with one, an empty ``pretrained`` is an error,
+    since sampling would then decode these latents with no autoencoder at all.
+    """
+    checks: dict[str, Any] = {"expect_resolution": int(cfg.image_size),
+                              "verify_checksums": bool(cfg.get("verify_checksums", False))}
+    if autoencoder_cfg is not None:
+        if not autoencoder_cfg.get("pretrained"):
+            raise ConfigError(f"data.name={cfg.name!r} trains on cached autoencoder latents, but "
+                              f"autoencoder.pretrained is empty; set --config.autoencoder.pretrained to the "
+                              f"autoencoder named in {Path(cfg.root) / 'manifest.json'}")
+        checks.update(expect_autoencoder=autoencoder_cfg.pretrained, scale_factor=autoencoder_cfg.scale_factor)
+    if cfg.name == "coco_latents" and text_encoder_cfg is not None and text_encoder_cfg.get("pretrained"):
+        checks["expect_text_encoder"] = text_encoder_cfg.pretrained
+    return checks
+
+
+def _build_latents(cfg: Any, train: bool, flip: bool, checks: dict[str, Any]) -> Dataset:
+    from diffusion.latents import LatentDataset  # diffusion.latents imports this module
+
+    return LatentDataset(cfg.root, random_flip=flip, **checks)
+
+
+def _build_coco_latents(cfg: Any, train: bool, flip: bool, checks: dict[str, Any]) -> Dataset:
+    from diffusion.latents import CocoFeatureDataset  # diffusion.latents imports this module
+
+    return CocoFeatureDataset(cfg.root, **checks)  # no flips: captions may say "left" or "right"
+
+
+_BUILDERS: dict[str, Callable[..., Dataset]] = {
     "digits": _build_digits,
     "cifar10": _build_cifar10,
     "celeba64": _build_celeba64,
     "imagenet": _build_imagenet,
+    "latents": _build_latents,
+    "coco_latents": _build_coco_latents,
 }
+_CACHED_FEATURES = ("latents", "coco_latents")
 
 
-def build_dataset(cfg: Any, train: bool = True) -> Dataset:
+def build_dataset(cfg: Any, train: bool = True, *, autoencoder_cfg: Any = None, text_encoder_cfg: Any = None
+                  ) -> Dataset:
     """The dataset named by ``cfg.name`` (one of :data:`DATASET_NAMES`), yielding dicts as in the module docstring.
 
     ``cfg`` needs attribute access and ``.get``: ``name``; ``root`` (all but digits); ``image_size`` (imagenet,
     celeba64 -- default 64); optional ``random_flip`` (True), ``download`` (False), ``verify_checksums`` (True) and
     ``split`` (celeba64: train/valid/test/all; imagenet: the sub-folder of root).
+
+    Cached features (``latents``, ``coco_latents``): ``root`` is the extraction folder, ``image_size`` the PIXEL
+    resolution the images were encoded at (checked against its manifest), ``verify_checksums`` (default False here:
+    file sizes only) hashes every shard at open. ``autoencoder_cfg`` (the config's ``autoencoder`` section) must
+    name the autoencoder that made the latents, and its ``scale_factor`` scales them; ``text_encoder_cfg`` (the
+    ``text_encoder`` section), when given with a ``pretrained``, must name the one that encoded the captions.
     """
     if cfg.name not in _BUILDERS:
         raise ValueError(f"unknown dataset {cfg.name!r}; known: {', '.join(DATASET_NAMES)}")
@@ -264,6 +373,8 @@ def build_dataset(cfg: Any, train: bool = True) -> Dataset:
     if native is not None and cfg.get("image_size", native) != native:
         raise ValueError(f"{cfg.name} images are {native}x{native}, but image_size={cfg.image_size}")
     flip = train and bool(cfg.get("random_flip", True))
+    if cfg.name in _CACHED_FEATURES:
+        return _BUILDERS[cfg.name](cfg, train, flip, _cached_feature_checks(cfg, autoencoder_cfg, text_encoder_cfg))
     return _BUILDERS[cfg.name](cfg, train, flip)
 
 

@@ -1,0 +1,576 @@
+"""Cached autoencoder features: sharded multi-process extraction, and the datasets that train on them.
+
+Latent diffusion would spend most of its time in the autoencoder's encoder unless the encodings are cached. As U-ViT
+does, we cache the encoder's *moments* (the posterior's mean and log-variance), not one frozen sample, so training
+still draws a fresh posterior sample at every step; ImageNet images are cached together with their horizontal flip,
+so the random flip survives caching. MS-COCO also caches every caption's CLIP last hidden state.
+
+Extraction (``scripts/extract_latents.py``, ``scripts/extract_coco.py``) runs on any number of processes
+(``accelerate launch`` / ``torchrun``; rank and world size from ``accelerate.PartialState``). Shard k holds the
+source's items [k*S, (k+1)*S) and is written by rank k mod world, so the files do not depend on the number of
+processes, and no two processes ever write the same file (OUT must be on a file system all processes share). An
+extraction folder holds:
+
+    shard_000000.safetensors   one shard's tensors (below), written to a hidden temporary file and renamed
+    shard_000000.json          its record: range, count, skipped files, sha256, size, the writer's rank and world
+                               size. Renamed into place after the shard, so a shard is done exactly when its record
+                               exists: a rerun skips it
+    extraction.json            the run's settings; rerunning into the folder with other settings is refused
+    manifest.json              by rank 0 once every shard is done: settings, counts, skipped files, shard list
+    captions.json              (COCO) every stored image's index, id, file name and captions, in dataset order
+    null_context.safetensors   (COCO) "null_context": float32 (L, hidden), the encoding of the empty caption
+
+Shard tensors (n stored images, m captions; floating point in the manifest's ``dtype``; C latent channels):
+
+    imagefolder  moments (n, 2, 2C, h, w): [original, h-flipped] x [mean | logvar]; label, index int64 (n,)
+    coco         moments (n, 2C, h, w); context (m, L, hidden), image i's captions being the num_captions[i] rows
+                 after those of images 0..i-1 of the shard; num_captions, image_id, index int64 (n,)
+
+``index`` is the item's position in the source (ImageFolder order; COCO image-id order), so skipped images leave gaps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import signal
+from collections import defaultdict
+from collections.abc import Iterator
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+import torchvision
+from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import load_file, save
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from diffusion.autoencoder import Autoencoder, sample_posterior
+from diffusion.config import ConfigError
+from diffusion.data import CocoCaptions, DatasetNotFoundError, center_crop_arr
+from diffusion.text_encoder import TextEncoder
+
+FORMAT = "transformer-diffusion/cached-features"
+VERSION = 1
+MANIFEST, SETTINGS, CAPTIONS = "manifest.json", "extraction.json", "captions.json"
+NULL_CONTEXT = "null_context.safetensors"
+ON_CORRUPT = ("skip", "error")
+# Ranks that finish early wait at the final barrier for the slowest one; the default collective timeout (10-30 min)
+# is too short for a resumed run whose remaining shards are unevenly spread.
+BARRIER_TIMEOUT = timedelta(hours=12)
+
+
+class CorruptImageError(OSError):
+    """An unreadable image met while extracting with ``on_corrupt="error"``; the message names the file."""
+
+
+def _shard_name(k: int) -> str:
+    return f"shard_{k:06d}"
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    """Write to a hidden temporary file, then rename: a reader (or a rerun after a kill) sees all or nothing."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    _write_atomic(path, (json.dumps(obj, indent=1, ensure_ascii=False) + "\n").encode())
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Sources: item i is {"index": i, "image": uint8 (res, res, 3), ...what the shard stores about it}
+
+
+class ImageFolderImages(Dataset):
+    """An ImageFolder tree (labels follow the sorted class-folder names), each image ADM-centre-cropped."""
+
+    def __init__(self, folder: str | os.PathLike, resolution: int) -> None:
+        try:  # absolute paths, so that skipped files are named unambiguously in the manifest
+            self.base = torchvision.datasets.ImageFolder(os.fspath(Path(folder).resolve()))
+        except FileNotFoundError as e:
+            raise DatasetNotFoundError(f"no ImageFolder tree at {folder} ({e}); expected {folder}/<class>/<image>, "
+                                       f"one sub-folder per class, e.g. ImageNet's train/n01440764/*.JPEG") from e
+        self.classes = list(self.base.classes)
+        self.resolution = resolution
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def path(self, index: int) -> str:
+        return self.base.samples[index][0]
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        path, label = self.base.samples[index]
+        return {"index": index, "image": center_crop_arr(self.base.loader(path), self.resolution), "label": label}
+
+
+class CocoImages(Dataset):
+    """MS-COCO images (centre square, Lanczos) with their captions, read by :class:`diffusion.data.CocoCaptions`."""
+
+    def __init__(self, root: str | os.PathLike, split: str, resolution: int) -> None:
+        self.coco = CocoCaptions(Path(root).resolve(), split, resolution)
+
+    def __len__(self) -> int:
+        return len(self.coco)
+
+    def path(self, index: int) -> str:
+        return os.fspath(self.coco.path(index))
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return {"index": index, "image": self.coco.load_image(index), "captions": self.coco.captions[index],
+                "image_id": self.coco.image_ids[index], "file_name": self.coco.file_names[index]}
+
+
+class _Guarded(Dataset):
+    """An unreadable image becomes an error item, so one bad file stops neither a DataLoader worker nor the run."""
+
+    def __init__(self, source: Any) -> None:
+        self.source = source
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        try:
+            return self.source[index]
+        except (OSError, ValueError, Image.DecompressionBombError) as e:
+            return {"index": index, "path": self.source.path(index), "error": f"{type(e).__name__}: {e}"}
+
+
+def _as_list(batch: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return batch
+
+
+def _pixels(items: list[dict[str, Any]], device: torch.device) -> Tensor:
+    """uint8 HWC images -> float32 (B, 3, H, W) in [-1, 1] on ``device`` (the uint8 copy is the cheap one to move)."""
+    images = torch.from_numpy(np.stack([item["image"] for item in items])).to(device)
+    return images.permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+
+
+def _int64(items: list[dict[str, Any]], key: str) -> Tensor:
+    return torch.tensor([item[key] for item in items], dtype=torch.int64)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Jobs: what to compute per batch, what to note per shard, what to add to the manifest
+
+
+class ExtractionJob(Protocol):
+    source: Any  # a Dataset of source items with .path(index)
+    settings: dict[str, Any]  # JSON: what the run computes; a resume must have the same
+
+    def encode(self, items: list[dict[str, Any]]) -> dict[str, Tensor]:
+        """Tensors for these items, concatenated along dim 0 across a shard's batches."""
+
+    def shard_info(self, items: list[dict[str, Any]]) -> dict[str, Any]:
+        """JSON for the shard record (items without their images)."""
+
+    def finish(self, out: Path, records: list[dict[str, Any]]) -> dict[str, Any]:
+        """Rank 0, all shards done: extra files, and extra manifest fields (``counts`` merges into the counts)."""
+
+
+class ImageFolderLatents:
+    """ImageNet-style: moments of every image and of its horizontal flip, and its label."""
+
+    def __init__(self, source: ImageFolderImages, autoencoder: Autoencoder, settings: dict[str, Any]) -> None:
+        self.source, self.autoencoder, self.settings = source, autoencoder, settings
+
+    def encode(self, items: list[dict[str, Any]]) -> dict[str, Tensor]:
+        x = _pixels(items, self.autoencoder.device)
+        moments = self.autoencoder.encode_moments(torch.cat([x, x.flip(-1)]))  # (2B, 2C, h, w)
+        return {"moments": torch.stack(moments.chunk(2), dim=1),  # (B, 2, 2C, h, w)
+                "label": _int64(items, "label"), "index": _int64(items, "index")}
+
+    def shard_info(self, items: list[dict[str, Any]]) -> dict[str, Any]:
+        labels = [item["label"] for item in items]
+        return {"class_counts": np.bincount(labels, minlength=len(self.source.classes)).tolist()}
+
+    def finish(self, out: Path, records: list[dict[str, Any]]) -> dict[str, Any]:
+        per_class = np.sum([r["class_counts"] for r in records], axis=0, dtype=np.int64)
+        return {"counts": {"per_class": per_class.tolist()}}
+
+
+class CocoFeatures:
+    """MS-COCO: moments of every image (no flip: captions may say left or right) and the CLIP encoding of every
+    caption; at the end the empty caption's encoding and all captions as text."""
+
+    def __init__(self, source: CocoImages, autoencoder: Autoencoder, text_encoder: TextEncoder,
+                 settings: dict[str, Any]) -> None:
+        self.source, self.autoencoder, self.text_encoder, self.settings = source, autoencoder, text_encoder, settings
+
+    def encode(self, items: list[dict[str, Any]]) -> dict[str, Tensor]:
+        captions = [caption for item in items for caption in item["captions"]]
+        return {"moments": self.autoencoder.encode_moments(_pixels(items, self.autoencoder.device)),
+                "context": self.text_encoder.encode(captions),
+                "num_captions": torch.tensor([len(item["captions"]) for item in items], dtype=torch.int64),
+                "image_id": _int64(items, "image_id"), "index": _int64(items, "index")}
+
+    def shard_info(self, items: list[dict[str, Any]]) -> dict[str, Any]:
+        keys = ("index", "image_id", "file_name", "captions")
+        return {"captions": [{key: item[key] for key in keys} for item in items]}
+
+    def finish(self, out: Path, records: list[dict[str, Any]]) -> dict[str, Any]:
+        captions = [entry for record in records for entry in record["captions"]]
+        _write_json(out / CAPTIONS, captions)
+        null = self.text_encoder.null_context().float().cpu().contiguous()
+        _write_atomic(out / NULL_CONTEXT, save({"null_context": null}))
+        return {"counts": {"captions": sum(len(entry["captions"]) for entry in captions)},
+                "captions": CAPTIONS, "null_context": NULL_CONTEXT}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The runner
+
+
+def _shard_done(out: Path, k: int) -> bool:
+    """Its record exists (renamed into place last) and the shard file it describes has the recorded size."""
+    record_path = out / f"{_shard_name(k)}.json"
+    if not record_path.is_file():
+        return False
+    record = json.loads(record_path.read_text())
+    if record["count"] == 0:
+        return True
+    shard = out / record["file"]
+    return shard.is_file() and shard.stat().st_size == record["bytes"]
+
+
+def _claim_folder(out: Path, settings: dict[str, Any]) -> None:
+    """Rank 0, before any shard is written: create ``out``, record the settings (or keep the recorded ones) and remove
+    temporary files a killed run left behind."""
+    out.mkdir(parents=True, exist_ok=True)
+    if not (out / SETTINGS).is_file():
+        _write_json(out / SETTINGS, settings)
+    for stale in out.glob(".*.tmp*"):
+        stale.unlink()
+
+
+def _check_settings(out: Path, settings: dict[str, Any]) -> None:
+    recorded = json.loads((out / SETTINGS).read_text())
+    changed = [f"{key}: {recorded.get(key)!r} there, {settings.get(key)!r} now"
+               for key in sorted(set(recorded) | set(settings)) if recorded.get(key) != settings.get(key)]
+    if changed:
+        raise ValueError(f"{out} holds an extraction with other settings ({'; '.join(changed)}). Rerun with the "
+                         f"original settings to resume it, or extract into another --out folder.")
+
+
+def _batch_plan(shards: list[int], num_items: int, shard_size: int, batch_size: int
+                ) -> Iterator[tuple[int, list[int], bool]]:
+    """(shard, item indices, last batch of the shard?) for these shards. Batches never cross shards, and are the same
+    whatever the number of processes, so are the stored numbers."""
+    for k in shards:
+        start, stop = k * shard_size, min((k + 1) * shard_size, num_items)
+        for first in range(start, stop, batch_size):
+            yield k, list(range(first, min(first + batch_size, stop))), first + batch_size >= stop
+
+
+def _write_shard(out: Path, k: int, span: tuple[int, int], parts: dict[str, list[Tensor]], dtype: torch.dtype,
+                 infos: list[dict[str, Any]], skipped: list[dict[str, Any]], job: ExtractionJob,
+                 writer: tuple[int, int]) -> None:
+    record: dict[str, Any] = {"shard": k, "start": span[0], "stop": span[1], "count": len(infos),
+                              "skipped": skipped, "file": None, "bytes": 0, "sha256": None,
+                              "rank": writer[0], "world": writer[1]}
+    if infos:
+        tensors = {}
+        for key, chunks in parts.items():
+            tensor = torch.cat(chunks)
+            tensors[key] = (tensor.to(dtype) if tensor.is_floating_point() else tensor).cpu().contiguous()
+        data = save(tensors, metadata={"format": FORMAT})  # one key: safetensors writes a map's keys in any order
+        record.update(file=f"{_shard_name(k)}.safetensors", bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
+        _write_atomic(out / record["file"], data)
+    record.update(job.shard_info(infos))
+    _write_json(out / f"{_shard_name(k)}.json", record)
+
+
+def _write_manifest(out: Path, job: ExtractionJob, settings: dict[str, Any], num_shards: int) -> dict[str, Any]:
+    missing = [k for k in range(num_shards) if not _shard_done(out, k)]
+    if missing:
+        raise RuntimeError(f"{len(missing)} shard(s) of {out} are not done (e.g. {missing[:5]}): a process failed; "
+                           f"rerun the same command to finish them")
+    records = [json.loads((out / f"{_shard_name(k)}.json").read_text()) for k in range(num_shards)]
+    skipped = [entry for record in records for entry in record["skipped"]]
+    manifest = {"format": FORMAT, "version": VERSION, **settings,
+                "counts": {"images": sum(r["count"] for r in records), "skipped": len(skipped)},
+                "skipped": skipped,
+                "shards": [{key: r[key] for key in ("file", "start", "stop", "count", "bytes", "sha256")}
+                           for r in records if r["count"]]}
+    extra = job.finish(out, records)
+    manifest["counts"].update(extra.pop("counts", {}))
+    manifest.update(extra)
+    _write_json(out / MANIFEST, manifest)
+    return manifest
+
+
+def process_state():
+    """accelerate's view of this launch (rank, world size, device); CPU-only launches synchronise over gloo."""
+    from accelerate import PartialState
+
+    return PartialState(cpu=not torch.cuda.is_available(), timeout=BARRIER_TIMEOUT)
+
+
+def run_extraction(job: ExtractionJob, out: str | os.PathLike, *, shard_size: int = 1024, batch_size: int = 32,
+                   num_workers: int = 4, on_corrupt: str = "skip", stop_after_shards: int | None = None
+                   ) -> dict[str, Any] | None:
+    """Extract ``job`` into ``out`` on every process of this launch, skipping shards already done; returns the
+    manifest on rank 0 (None elsewhere). ``stop_after_shards`` (tests) SIGKILLs the process after that many shards."""
+    if on_corrupt not in ON_CORRUPT:
+        raise ValueError(f"on_corrupt must be one of {', '.join(ON_CORRUPT)}, got {on_corrupt!r}")
+    if shard_size < 1 or batch_size < 1:
+        raise ValueError(f"shard_size and batch_size must be >= 1, got {shard_size}, {batch_size}")
+    state = process_state()
+    out = Path(out)
+    num_items = len(job.source)
+    num_shards = -(-num_items // shard_size)
+    settings = {**job.settings, "num_source_images": num_items, "shard_size": shard_size}
+    if state.is_main_process:
+        _claim_folder(out, settings)
+    state.wait_for_everyone()
+    _check_settings(out, settings)
+
+    rank, world = state.process_index, state.num_processes
+    todo = [k for k in range(rank, num_shards, world) if not _shard_done(out, k)]
+    plan = list(_batch_plan(todo, num_items, shard_size, batch_size))
+    dtype = getattr(torch, settings["dtype"])
+    progress = tqdm(total=sum(len(indices) for _, indices, _ in plan), desc=f"rank {rank}/{world}", unit="img",
+                    position=rank, dynamic_ncols=True)
+    if plan:
+        loader = DataLoader(_Guarded(job.source), batch_sampler=[indices for _, indices, _ in plan],
+                            num_workers=num_workers, collate_fn=_as_list)
+        parts, infos, skipped, written = defaultdict(list), [], [], 0
+        for (k, indices, last), batch in zip(plan, loader):
+            good = [item for item in batch if "error" not in item]
+            for bad in (item for item in batch if "error" in item):
+                if on_corrupt == "error":
+                    raise CorruptImageError(f"cannot read image {bad['path']} ({bad['error']}); rerun with "
+                                            f"--on_corrupt skip to skip and count unreadable images")
+                skipped.append({key: bad[key] for key in ("index", "path", "error")})
+            if good:
+                with torch.inference_mode():
+                    for key, value in job.encode(good).items():
+                        parts[key].append(value.cpu())
+                infos.extend({key: v for key, v in item.items() if key != "image"} for item in good)
+            progress.update(len(indices))
+            if last:
+                span = (k * shard_size, min((k + 1) * shard_size, num_items))
+                _write_shard(out, k, span, parts, dtype, infos, skipped, job, (rank, world))
+                parts, infos, skipped, written = defaultdict(list), [], [], written + 1
+                if stop_after_shards is not None and written >= stop_after_shards:
+                    os.kill(os.getpid(), signal.SIGKILL)
+    progress.close()
+    state.wait_for_everyone()
+    return _write_manifest(out, job, settings, num_shards) if state.is_main_process else None
+
+
+def _storage_dtype(fp16: bool) -> str:
+    return "float16" if fp16 else "float32"
+
+
+def extract_imagefolder(data: str | os.PathLike, out: str | os.PathLike, *, resolution: int, autoencoder: str,
+                        single_file_config: str = "", scale_factor: float = 0.18215, fp16: bool = False,
+                        autoencoder_dtype: str = "fp32", **run_kwargs: Any) -> dict[str, Any] | None:
+    """Moments of every image of the ImageFolder ``data`` and of its flip, at ``resolution`` (ADM centre crop).
+    ``run_kwargs`` go to :func:`run_extraction`."""
+    state = process_state()
+    source = ImageFolderImages(data, resolution)
+    ae = Autoencoder.load(autoencoder, scale_factor=scale_factor, single_file_config=single_file_config,
+                          dtype=autoencoder_dtype, device=state.device)
+    settings = {"kind": "imagefolder", "source": str(Path(data).resolve()), "classes": source.classes,
+                "autoencoder": autoencoder, "single_file_config": single_file_config, "scale_factor": scale_factor,
+                "autoencoder_dtype": autoencoder_dtype, "resolution": resolution,
+                "latent_shape": list(ae.latent_shape(resolution)), "dtype": _storage_dtype(fp16), "flip": True}
+    return run_extraction(ImageFolderLatents(source, ae, settings), out, **run_kwargs)
+
+
+def extract_coco(root: str | os.PathLike, split: str, out: str | os.PathLike, *, autoencoder: str, clip: str,
+                 resolution: int = 256, single_file_config: str = "", scale_factor: float = 0.23010,
+                 max_length: int = 77, fp16: bool = False, autoencoder_dtype: str = "fp32", **run_kwargs: Any
+                 ) -> dict[str, Any] | None:
+    """Moments of every MS-COCO image of ``split`` and the CLIP encodings of all its captions."""
+    state = process_state()
+    source = CocoImages(root, split, resolution)
+    ae = Autoencoder.load(autoencoder, scale_factor=scale_factor, single_file_config=single_file_config,
+                          dtype=autoencoder_dtype, device=state.device)
+    te = TextEncoder.load(clip, device=state.device, max_length=max_length)
+    settings = {"kind": "coco", "source": str(Path(root).resolve()), "split": split, "autoencoder": autoencoder,
+                "single_file_config": single_file_config, "scale_factor": scale_factor,
+                "autoencoder_dtype": autoencoder_dtype, "resolution": resolution,
+                "latent_shape": list(ae.latent_shape(resolution)), "dtype": _storage_dtype(fp16), "flip": False,
+                "text_encoder": clip, "max_length": max_length, "context_shape": [max_length, te.hidden_size]}
+    return run_extraction(CocoFeatures(source, ae, te, settings), out, **run_kwargs)
+
+
+def add_extraction_arguments(parser: argparse.ArgumentParser, scale_factor: float) -> None:
+    """The flags both extraction commands share."""
+    parser.add_argument("--out", required=True, help="extraction folder (rerun the same command to resume)")
+    parser.add_argument("--resolution", type=int, default=256, help="pixel resolution the images are encoded at")
+    parser.add_argument("--autoencoder", required=True, help="hub id, diffusers folder or original single file")
+    parser.add_argument("--single_file_config", default="", help="architecture of a single-file autoencoder")
+    parser.add_argument("--scale_factor", type=float, default=scale_factor,
+                        help="recorded in the manifest; the training config's autoencoder.scale_factor wins")
+    parser.add_argument("--autoencoder_dtype", default="fp32", choices=("fp32", "fp16", "bf16"),
+                        help="dtype the encoder runs in")
+    parser.add_argument("--fp16", action="store_true", help="store features as float16 (half the disk)")
+    parser.add_argument("--batch_size", type=int, default=32, help="images per encoder call")
+    parser.add_argument("--shard_size", type=int, default=1024, help="images per shard file")
+    parser.add_argument("--num_workers", type=int, default=4, help="image-decoding workers per process")
+    parser.add_argument("--on_corrupt", default="skip", choices=ON_CORRUPT,
+                        help="unreadable images: skip and count them, or stop with an error naming the file")
+    parser.add_argument("--stop_after_shards", type=int, default=None, help=argparse.SUPPRESS)  # tests: a kill
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Datasets over an extraction folder
+
+
+def read_manifest(root: str | os.PathLike, kind: str | None = None) -> dict[str, Any]:
+    """The manifest of a finished extraction (of ``kind``: imagefolder | coco, if given)."""
+    path = Path(root) / MANIFEST
+    if not path.is_file():
+        unfinished = " It holds an unfinished extraction: rerun its command to finish it." if \
+            (Path(root) / SETTINGS).is_file() else ""
+        raise DatasetNotFoundError(f"no cached features at {root}: {path} not found.{unfinished} Make them with "
+                                   f"scripts/extract_latents.py (ImageNet) or scripts/extract_coco.py (MS-COCO).")
+    manifest = json.loads(path.read_text())
+    if manifest.get("format") != FORMAT:
+        raise ValueError(f"{path} is not a manifest of this project's cached features (format "
+                         f"{manifest.get('format')!r}, expected {FORMAT!r})")
+    if kind is not None and manifest["kind"] != kind:
+        raise ConfigError(f"{root} holds {manifest['kind']} features, but this dataset reads {kind} features; "
+                          f"use data.name={'latents' if manifest['kind'] == 'imagefolder' else 'coco_latents'}")
+    return manifest
+
+
+def load_captions(root: str | os.PathLike) -> list[dict[str, Any]]:
+    """COCO captions of a feature folder, in dataset order: [{"index", "image_id", "file_name", "captions"}, ...]."""
+    manifest = read_manifest(root, "coco")
+    return json.loads((Path(root) / manifest["captions"]).read_text())
+
+
+def _expect(root: Path, manifest: dict[str, Any], key: str, expected: Any, flag: str, config_key: str) -> None:
+    if expected is not None and manifest[key] != expected:
+        raise ConfigError(f"{root} was extracted with {key} {manifest[key]!r}, but the config says "
+                          f"{config_key}={expected!r}. Re-extract with {flag} {expected}, or set "
+                          f"--config.{config_key}={manifest[key]}")
+
+
+class _CachedFeatures(Dataset):
+    """Both cached datasets: manifest checks, global index -> (shard, row), and shards memory-mapped by safetensors,
+    opened lazily in each process (open handles cannot be pickled into DataLoader workers)."""
+
+    kind: str
+
+    def __init__(self, root: str | os.PathLike, expect_autoencoder: str | None, expect_resolution: int | None,
+                 scale_factor: float | None, verify_checksums: bool) -> None:
+        self.root = Path(root)
+        self.manifest = read_manifest(self.root, self.kind)
+        _expect(self.root, self.manifest, "autoencoder", expect_autoencoder, "--autoencoder",
+                "autoencoder.pretrained")
+        _expect(self.root, self.manifest, "resolution", expect_resolution, "--resolution", "data.image_size")
+        # The config's scale wins: sampling decodes with it, so training must encode with it too.
+        self.scale_factor = float(self.manifest["scale_factor"] if scale_factor is None else scale_factor)
+        self.shards = self.manifest["shards"]
+        self._ends = np.cumsum([shard["count"] for shard in self.shards], dtype=np.int64)
+        self._check_files(verify_checksums)
+        self._files: dict[int, Any] = {}
+
+    def _check_files(self, verify_checksums: bool) -> None:
+        """Sizes always (cheap); sha256 of every shard when asked (reads everything once)."""
+        for shard in self.shards:
+            path = self.root / shard["file"]
+            if not path.is_file() or path.stat().st_size != shard["bytes"]:
+                raise ValueError(f"{path} is missing or has the wrong size (manifest: {shard['bytes']} bytes); "
+                                 f"delete it and its .json record and rerun the extraction to rewrite it")
+            if verify_checksums:
+                digest = hashlib.sha256()
+                with open(path, "rb") as f:
+                    for block in iter(lambda: f.read(1 << 24), b""):
+                        digest.update(block)
+                if digest.hexdigest() != shard["sha256"]:
+                    raise ValueError(f"{path} fails its sha256 check; delete it and its .json record and rerun the "
+                                     f"extraction to rewrite it")
+
+    def __len__(self) -> int:
+        return int(self._ends[-1]) if len(self._ends) else 0
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_files": {}}
+
+    def _locate(self, index: int) -> tuple[Any, int, int]:
+        """-> (open shard, shard number, row in the shard)."""
+        if not 0 <= index < len(self):
+            raise IndexError(f"index {index} out of range for {len(self)} items")
+        k = int(np.searchsorted(self._ends, index, side="right"))
+        row = index - (int(self._ends[k - 1]) if k else 0)
+        if k not in self._files:
+            self._files[k] = safe_open(os.fspath(self.root / self.shards[k]["file"]), framework="pt")
+        return self._files[k], k, row
+
+    def _posterior_sample(self, moments: Tensor) -> Tensor:
+        """(2C, h, w) stored moments -> float32 (C, h, w) scaled latent, a fresh draw at every call."""
+        return sample_posterior(moments.float()[None], self.scale_factor)[0]
+
+
+class LatentDataset(_CachedFeatures):
+    """Cached ImageNet-style latents (``scripts/extract_latents.py``): ``{"x": float32 (C, h, w), "y": int64}``.
+
+    Every read draws a fresh posterior sample ``scale_factor * (mean + std * noise)`` (torch's RNG, seeded per
+    DataLoader worker) from the original's or, with ``random_flip``, at random the flipped image's moments.
+    ``scale_factor`` None takes the manifest's. ``expect_autoencoder`` / ``expect_resolution`` (the config's
+    ``autoencoder.pretrained`` and ``data.image_size``) must match the manifest when given.
+    """
+
+    kind = "imagefolder"
+
+    def __init__(self, root: str | os.PathLike, *, expect_autoencoder: str | None = None,
+                 expect_resolution: int | None = None, scale_factor: float | None = None, random_flip: bool = True,
+                 verify_checksums: bool = False) -> None:
+        super().__init__(root, expect_autoencoder, expect_resolution, scale_factor, verify_checksums)
+        self.random_flip = random_flip
+        self.classes = list(self.manifest["classes"])
+        self.class_counts = list(self.manifest["counts"]["per_class"])
+
+    def __getitem__(self, index: int) -> dict[str, Tensor]:
+        shard, _, row = self._locate(index)
+        view = int(torch.randint(2, ())) if self.random_flip else 0
+        return {"x": self._posterior_sample(shard.get_slice("moments")[row, view]),
+                "y": shard.get_slice("label")[row]}
+
+
+class CocoFeatureDataset(_CachedFeatures):
+    """Cached MS-COCO features (``scripts/extract_coco.py``): ``{"x": float32 (C, h, w), "context": float32 (L,
+    hidden)}``, a fresh posterior sample and one of the image's captions drawn at random at every read.
+
+    ``null_context`` (L, hidden) is the empty caption's encoding, for caption dropout and guidance. The captions as
+    text are in :func:`load_captions`. ``expect_text_encoder`` must match the manifest's CLIP when given.
+    """
+
+    kind = "coco"
+
+    def __init__(self, root: str | os.PathLike, *, expect_autoencoder: str | None = None,
+                 expect_resolution: int | None = None, expect_text_encoder: str | None = None,
+                 scale_factor: float | None = None, verify_checksums: bool = False) -> None:
+        super().__init__(root, expect_autoencoder, expect_resolution, scale_factor, verify_checksums)
+        _expect(self.root, self.manifest, "text_encoder", expect_text_encoder, "--clip", "text_encoder.pretrained")
+        self.null_context = load_file(self.root / self.manifest["null_context"])["null_context"].float()
+        self._caption_starts: dict[int, Tensor] = {}
+
+    def __getitem__(self, index: int) -> dict[str, Tensor]:
+        shard, k, row = self._locate(index)
+        if k not in self._caption_starts:
+            counts = shard.get_tensor("num_captions")
+            self._caption_starts[k] = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
+        start, stop = self._caption_starts[k][row : row + 2].tolist()
+        caption = start + int(torch.randint(stop - start, ()))
+        return {"x": self._posterior_sample(shard.get_slice("moments")[row]),
+                "context": shard.get_slice("context")[caption].float()}
