@@ -1,0 +1,72 @@
+"""The checkpoints the two papers released, by file name, and the config that reproduces each paper number.
+
+``sample.py --ckpt=<released file>`` needs no ``--config``: the file name picks the config below (model, diffusion,
+autoencoder and the paper's sampler in ``config.sample``); ``--config.x=v`` overrides still apply. Rename a file and
+``--config`` is needed again. ``python -m diffusion.released`` prints the table in README markdown.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@dataclass(frozen=True)
+class Released:
+    config: str  # relative to the repository root
+    model: str
+    dataset: str
+    paper_fid: float
+
+
+# File names exactly as the U-ViT (github.com/baofff/U-ViT) and DiT (github.com/facebookresearch/DiT) READMEs link
+# them. U-ViT files are plain EMA state_dicts (.pth); DiT's are plain EMA state_dicts (.pt).
+RELEASED: dict[str, Released] = {
+    "cifar10_uvit_small.pth": Released("configs/cifar10_uvit_s2.py", "U-ViT-S/2", "CIFAR-10 32", 3.11),
+    "celeba64_uvit_small.pth": Released("configs/celeba64_uvit_s4.py", "U-ViT-S/4", "CelebA 64", 2.87),
+    "imagenet64_uvit_mid.pth": Released("configs/imagenet64_uvit_m4.py", "U-ViT-M/4", "ImageNet 64", 5.85),
+    "imagenet64_uvit_large.pth": Released("configs/imagenet64_uvit_l4.py", "U-ViT-L/4", "ImageNet 64", 4.26),
+    "imagenet256_uvit_large.pth": Released("configs/imagenet256_uvit_l2.py", "U-ViT-L/2", "ImageNet 256", 3.40),
+    "imagenet256_uvit_huge.pth": Released("configs/imagenet256_uvit_h2.py", "U-ViT-H/2", "ImageNet 256", 2.29),
+    "imagenet512_uvit_large.pth": Released("configs/imagenet512_uvit_l4.py", "U-ViT-L/4", "ImageNet 512", 4.67),
+    "imagenet512_uvit_huge.pth": Released("configs/imagenet512_uvit_h4.py", "U-ViT-H/4", "ImageNet 512", 4.05),
+    "mscoco_uvit_small.pth": Released("configs/mscoco_uvit_s2.py", "U-ViT-S/2 (T2I)", "MS-COCO 256", 5.95),
+    "mscoco_uvit_small_deep.pth": Released("configs/mscoco_uvit_s2_deep.py", "U-ViT-S/2-Deep (T2I)", "MS-COCO 256",
+                                           5.48),
+    "DiT-XL-2-256x256.pt": Released("configs/imagenet256_dit_xl2.py", "DiT-XL/2", "ImageNet 256", 2.27),
+    "DiT-XL-2-512x512.pt": Released("configs/imagenet512_dit_xl2.py", "DiT-XL/2", "ImageNet 512", 3.04),
+}
+
+
+def released_config(file_name: str) -> Path | None:
+    """The config file that describes the released checkpoint named ``file_name``; None for other names."""
+    entry = RELEASED.get(file_name)
+    return REPO / entry.config if entry else None
+
+
+def _guidance(sample_cfg) -> str:
+    if sample_cfg.guidance_scale == 1.0:
+        return "none"
+    channels = "" if sample_cfg.guidance_channels == "all" else f" on {sample_cfg.guidance_channels} ch."
+    return f"w = {sample_cfg.guidance_scale:g}{channels}"
+
+
+def markdown_table() -> str:
+    """The released checkpoints with the sampler defaults their configs carry (``sample.py``'s defaults)."""
+    from diffusion.config import load_config
+
+    rows = ["| file | model | data | config | sampler | steps | guidance | paper FID |",
+            "|---|---|---|---|---|---|---|---|"]
+    for name, entry in RELEASED.items():
+        sample = load_config(REPO / entry.config).sample
+        rows.append(f"| `{name}` | {entry.model} | {entry.dataset} | `{entry.config}` | {sample.sampler} | "
+                    f"{sample.steps} | {_guidance(sample)} | {entry.paper_fid:.2f} |")
+    note = ("Guidance is written as w in eps_u + w (eps_c - eps_u); U-ViT's papers write s = w - 1. FID on 50K samples "
+            "(30K for MS-COCO) with EMA weights.")
+    return "\n".join(rows) + "\n\n" + note
+
+
+if __name__ == "__main__":
+    print(markdown_table())
