@@ -45,6 +45,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 import torchvision
+from accelerate import PartialState
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file, save
@@ -267,8 +268,8 @@ def _check_settings(out: Path, settings: dict[str, Any]) -> None:
 
 def _batch_plan(shards: list[int], num_items: int, shard_size: int, batch_size: int
                 ) -> Iterator[tuple[int, list[int], bool]]:
-    """(shard, item indices, last batch of the shard?) for these shards. Batches never cross shards, and are the same
-    whatever the number of processes, so are the stored numbers."""
+    """(shard, item indices, last batch of the shard?) for these shards. Batches never cross shards and do not depend
+    on the number of processes, so neither do the encoder's numbers."""
     for k in shards:
         start, stop = k * shard_size, min((k + 1) * shard_size, num_items)
         for first in range(start, stop, batch_size):
@@ -312,10 +313,8 @@ def _write_manifest(out: Path, job: ExtractionJob, settings: dict[str, Any], num
     return manifest
 
 
-def process_state():
+def process_state() -> PartialState:
     """accelerate's view of this launch (rank, world size, device); CPU-only launches synchronise over gloo."""
-    from accelerate import PartialState
-
     return PartialState(cpu=not torch.cuda.is_available(), timeout=BARRIER_TIMEOUT)
 
 
