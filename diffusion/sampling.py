@@ -244,7 +244,8 @@ def generate(model, objective, sample_cfg, image_shape, *, labels: torch.Tensor 
 @dataclass
 class SampleSource:
     """Everything that decides sample ``i``: model, objective, sampler settings, seed and what sample ``i`` is
-    conditioned on (a :class:`LabelPlan`, a prompt list cycled by index with a text encoder, or nothing)."""
+    conditioned on: a :class:`LabelPlan`, a prompt list with the text encoder, or text ``contexts`` (R, tokens,
+    dim) with ``null_context`` (prompts and contexts are cycled by index), or nothing."""
 
     model: torch.nn.Module
     objective: object
@@ -254,16 +255,20 @@ class SampleSource:
     labels: LabelPlan | None = None
     prompts: list[str] | None = None
     text_encoder: object = None
+    contexts: torch.Tensor | None = None
+    null_context: torch.Tensor | None = None
     decode: Callable | None = None
     device: str | torch.device = "cpu"
 
     def images(self, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """-> (images in [-1, 1] (N, C, H, W), labels or None)."""
         labels = self.labels(indices) if self.labels is not None else None
-        contexts = null_context = None
+        contexts, null_context = None, self.null_context
         if self.prompts is not None:
             contexts = self.text_encoder.encode([self.prompts[i % len(self.prompts)] for i in indices])
             null_context = self.text_encoder.null_context()
+        elif self.contexts is not None:
+            contexts = self.contexts[torch.as_tensor(list(indices)) % len(self.contexts)]
         images = generate(self.model, self.objective, self.sample_cfg, self.image_shape, labels=labels,
                           num=len(indices), contexts=contexts, null_context=null_context, indices=indices,
                           seed=self.seed, decode=self.decode, device=self.device)
@@ -338,17 +343,23 @@ def _short(text: str, width: int = 32) -> str:
 
 def sample_grid(model, objective, sample_cfg, image_shape, path, *, class_names: list[str] | None = None,
                 classes: list[int] | None = None, prompts: list[str] | None = None, text_encoder=None,
+                contexts: torch.Tensor | None = None, null_context: torch.Tensor | None = None,
                 decode: Callable | None = None, seed: int | None = None, num: int | None = None,
                 batch_size: int = 256, device="cpu", progress=False) -> Path:
-    """One row per class (``sample_cfg.per_class`` columns) or per prompt (with ``text_encoder``), or a square-ish
-    grid of ``num`` (default ``sample_cfg.num_unconditional``) unconditional samples. Drawn ``batch_size`` at a
-    time; cell ``i`` (row-major) is sample ``i`` of ``seed``."""
+    """One row per class (``sample_cfg.per_class`` columns), per prompt (with ``text_encoder``) or per text
+    context (``contexts`` (R, tokens, dim), e.g. cached caption encodings, with ``null_context``), or a
+    square-ish grid of ``num`` (default ``sample_cfg.num_unconditional``) unconditional samples. Drawn
+    ``batch_size`` at a time; cell ``i`` (row-major) is sample ``i`` of ``seed``."""
     seed = sample_cfg.seed if seed is None else seed
     n_cls = num_real_classes(model)
     source = SampleSource(model, objective, sample_cfg, tuple(image_shape), seed=seed, decode=decode, device=device)
     if prompts is not None:
         source.prompts, source.text_encoder = [p for p in prompts for _ in range(sample_cfg.per_class)], text_encoder
         total, ncol, row_labels = len(source.prompts), sample_cfg.per_class, [_short(p) for p in prompts]
+    elif contexts is not None:
+        source.contexts = contexts.repeat_interleave(sample_cfg.per_class, dim=0)
+        source.null_context = null_context
+        total, ncol, row_labels = len(source.contexts), sample_cfg.per_class, None
     elif n_cls:
         classes = default_grid_classes(n_cls) if classes is None else classes
         check_labels(classes, n_cls)

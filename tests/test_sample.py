@@ -29,6 +29,7 @@ from diffusion.sampling import (
     default_grid_classes,
     generate,
     preview_settings,
+    sample_grid,
     sample_settings,
     training_class_counts,
 )
@@ -467,6 +468,23 @@ def test_prompts_file_npz_with_tiny_clip_and_autoencoder(tmp_path, tiny_ae, tiny
     data = npz(tmp_path / "coco.npz")
     assert set(data) == {"arr_0"} and data["arr_0"].shape == (4, 64, 64, 3)
     assert not np.array_equal(data["arr_0"][0], data["arr_0"][3])  # same prompt, other noise
+
+
+def test_grid_rows_from_cached_text_contexts(tmp_path):
+    """Training previews of text models pass cached caption encodings instead of prompts."""
+    cfg, _ = parse_command_line([f"--config={released_config('mscoco_uvit_small.pth')}", *TINY_T2I])
+    cfg.sample.update(steps=2, per_class=3)
+    model = perturbed(build_model(cfg.model), seed=0)
+    objective = build_objective(cfg.diffusion)
+    contexts, null_context = torch.randn(2, 77, 32), torch.zeros(77, 32)
+    path = sample_grid(model, objective, cfg.sample, (4, 8, 8), tmp_path / "g.png", contexts=contexts,
+                       null_context=null_context, decode=lambda z: z[:, :3].tanh(), batch_size=4)
+    assert Image.open(path).size[1] == 2 * 50 + 2  # two rows of 8x8 cells upscaled to 48 px
+    row = generate(model, objective, cfg.sample, (4, 8, 8), contexts=contexts[1:].expand(3, -1, -1),
+                   null_context=null_context, indices=range(3, 6))  # cells 3..5: the second row
+    pixels = np.asarray(Image.open(path))[52:100, 2:50]  # cell 3: row 1, column 0 (2 px padding)
+    expected = ((row[0, :3].tanh().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
+    assert np.array_equal(pixels[::6, ::6], expected)
 
 
 # ----------------------------------------------------------------------------------------------------------
