@@ -16,7 +16,7 @@ def get_config():
     config.seed = 0
     config.model.update(preset="DiT-XL/2", input_size=32, in_channels=4, num_classes=1000)
     config.data.update(name="latents", root="data/imagenet256_latents", image_size=256, random_flip=True,
-                       num_workers=8)
+                       num_workers=8, verify_checksums=False)
     config.autoencoder.update(pretrained="stabilityai/sd-vae-ft-ema", scale_factor=0.18215)
     config.train.update(steps=7_000_000, log_every=100, ckpt_every=50_000, sample_every=10_000)
     config.sample.update(sampler="ddpm", steps=250, guidance_scale=1.5, guidance_channels="3", labels="uniform",

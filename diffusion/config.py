@@ -28,14 +28,15 @@ def base_config() -> ml_collections.ConfigDict:
             # None: DiT's model.class_dropout_prob, else 0. A DiT config where both are set must agree.
             cond=dict(p_uncond=None),
             data=dict(name="", root="data", image_size=32, random_flip=True, num_workers=4, download=False,
-                      split="", verify_checksums=True),  # split: "" = the dataset's training split
+                      split="", verify_checksums=True),  # split: "" = training split; checksums: md5 of
+            # CIFAR-10/CelebA files, sha256 of every latent shard (slow on ImageNet: the latent configs turn it off)
             # Latent diffusion: the Stable Diffusion KL-f8 autoencoder (diffusers AutoencoderKL). ``pretrained``: a hub
             # id, a local diffusers folder, or a single original-format file (.pth/.ckpt/.safetensors) whose
             # architecture comes from ``single_file_config`` (a diffusers folder or hub id). Empty: pixel space.
             autoencoder=dict(pretrained="", single_file_config="", scale_factor=0.18215, dtype="fp32",
                              chunk_size=16),  # dtype: fp32 | fp16 | bf16; decode/encode this many images at a time
             # CLIP text encoder (transformers) for text-to-image prompts: a hub id or a local folder.
-            text_encoder=dict(pretrained="", max_length=77),
+            text_encoder=dict(pretrained="", max_length=77, dtype="fp32"),
             optim=dict(lr=2e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, warmup_steps=0,
                        decay_all_params=True),  # False: no decay on norms, biases, embeddings
             train=dict(
@@ -102,7 +103,7 @@ def uvit_latent_recipe(config: ml_collections.ConfigDict, resolution: int, prese
     config.diffusion.kind = kind
     config.cond.p_uncond = 0.15 if kind == "vp_sde" else 0.1
     config.data.update(name="latents", root=f"data/imagenet{resolution}_latents", image_size=resolution,
-                       random_flip=True, num_workers=8)
+                       random_flip=True, num_workers=8, verify_checksums=False)
     config.autoencoder.update(pretrained=autoencoder, scale_factor=0.18215)
     config.optim.update(lr=2e-4, betas=(0.99, 0.99), weight_decay=0.03, warmup_steps=5000)
     config.train.update(steps=300_000 if kind == "vp_sde" else 500_000, batch_size=1024, mixed_precision="fp16",
@@ -124,7 +125,7 @@ def uvit_t2i_recipe(config: ml_collections.ConfigDict, preset: str) -> ml_collec
     config.diffusion.kind = "sd_discrete"
     config.cond.p_uncond = 0.1
     config.data.update(name="coco_latents", root="data/mscoco256_features/train", image_size=256, random_flip=False,
-                       num_workers=8)
+                       num_workers=8, verify_checksums=False)
     config.autoencoder.update(pretrained="assets/stable-diffusion/autoencoder_kl_ema.pth", scale_factor=0.23010)
     config.text_encoder.update(pretrained="openai/clip-vit-large-patch14", max_length=77)
     config.optim.update(lr=2e-4, betas=(0.9, 0.9), weight_decay=0.03, warmup_steps=5000)

@@ -16,7 +16,9 @@ import os
 import sys
 import time
 import uuid
+from collections.abc import Callable
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -26,8 +28,8 @@ from tqdm.auto import tqdm
 from diffusion import checkpoint as ckpt
 from diffusion.config import ConfigError, config_to_json
 from diffusion.data import InfiniteSampler, build_dataset, digits_classifier_accuracy
-from diffusion.registry import build_model, build_objective, resolve_model_kwargs
-from diffusion.sampling import class_rows, generate, num_real_classes, sample_grid
+from diffusion.registry import build_model, build_objective, label_dropout, resolve_model_kwargs
+from diffusion.sampling import class_rows, generate, num_real_classes, preview_settings, sample_grid
 
 log = logging.getLogger("diffusion.train")
 
@@ -78,6 +80,14 @@ def drop_labels(y: torch.Tensor, p_uncond: float, null_label: int | None) -> tor
     return torch.where(drop, torch.full_like(y, null_label), y)
 
 
+def drop_contexts(context: torch.Tensor, p_uncond: float, null_context: torch.Tensor) -> torch.Tensor:
+    """Text-to-image guidance training: replace each caption's tokens by the empty caption's with p_uncond."""
+    if p_uncond <= 0:
+        return context
+    drop = torch.rand(context.shape[0], device=context.device) < p_uncond
+    return torch.where(drop.view(-1, 1, 1), null_context.to(context), context)
+
+
 def reseed(seed: int, rank: int, step: int) -> None:
     torch.manual_seed((seed * 1_000_003 + rank * 7_919 + step) % 2**63)
 
@@ -123,6 +133,91 @@ class WandbLogger:
 
 
 # ----------------------------------------------------------------------------------------------------------
+# Data: pixels, latents encoded on the fly, or cached latents / COCO features
+# ----------------------------------------------------------------------------------------------------------
+
+LATENT_DATASETS = ("latents", "coco_latents")  # yield scaled SD-VAE latents already
+
+
+@dataclass
+class TrainData:
+    """What the loop needs from the data side."""
+
+    dataset: torch.utils.data.Dataset
+    shape: tuple[int, ...]  # (C, H, W) the backbone sees: latents for latent models
+    encode: Callable | None  # images -> scaled latents, when the config encodes on the fly (the original DiT's way)
+    decode: Callable | None  # scaled latents -> images, for previews
+    null_context: torch.Tensor | None  # the empty caption's tokens (text-to-image), the target of caption dropout
+    class_names: list[str] | None
+    class_counts: list[int] | None  # per-class training counts (sample.py's train_freq labels)
+
+
+def class_counts(dataset) -> list[int] | None:
+    counts = getattr(dataset, "class_counts", None)
+    targets = getattr(getattr(dataset, "base", None), "targets", None)
+    if counts is None and targets is not None:
+        counts = torch.bincount(torch.as_tensor(targets), minlength=len(dataset.classes)).tolist()
+    return [int(c) for c in counts] if counts is not None else None
+
+
+def prepare_data(config, device) -> TrainData:
+    autoencoder = None
+    if config.autoencoder.pretrained:
+        from diffusion.autoencoder import Autoencoder
+
+        autoencoder = Autoencoder.from_config(config.autoencoder, device=device)
+    elif config.data.name in LATENT_DATASETS:
+        raise ConfigError(f"data.name={config.data.name!r} holds SD-VAE latents: set autoencoder.pretrained to the "
+                          f"autoencoder they were extracted with (checked against the manifest; decodes previews)")
+    dataset = build_dataset(config.data, train=True, autoencoder_cfg=config.autoencoder,
+                            text_encoder_cfg=config.text_encoder)
+    on_the_fly = autoencoder is not None and config.data.name not in LATENT_DATASETS
+    shape = autoencoder.latent_shape(config.data.image_size) if on_the_fly else tuple(dataset[0]["x"].shape)
+    null_context = getattr(dataset, "null_context", None)
+    return TrainData(dataset=dataset, shape=tuple(shape), encode=autoencoder.encode if on_the_fly else None,
+                     decode=autoencoder.decode if autoencoder is not None else None,
+                     null_context=None if null_context is None else null_context.to(device),
+                     class_names=[str(c) for c in getattr(dataset, "classes", [])] or None,
+                     class_counts=class_counts(dataset))
+
+
+def check_conditioning(net, data: TrainData, p_uncond: float) -> None:
+    """The model's conditioning must be one the data can feed, and guidance training needs a null input."""
+    sample = data.dataset[0]
+    if getattr(net, "clip_dim", None) is not None:
+        if "context" not in sample:
+            raise ConfigError(f"the model is text-conditioned (clip_dim set) but dataset {type(data.dataset).__name__} "
+                              f"yields no caption contexts; use data.name=coco_latents")
+        if p_uncond > 0 and data.null_context is None:
+            raise ConfigError("cond.p_uncond > 0 needs the dataset's null_context (the empty caption's encoding)")
+        return
+    if num_real_classes(net) > 0 and "y" not in sample:
+        raise ConfigError(f"the model is class-conditional but dataset {type(data.dataset).__name__} has no labels")
+    if num_real_classes(net) > 0 and p_uncond > 0 and getattr(net, "null_label", None) is None:
+        raise ConfigError("cond.p_uncond > 0 needs a model with a null label (U-ViT: num_classes = classes + 1 "
+                          "and null_label = classes; DiT: class_dropout_prob > 0)")
+
+
+def batch_conditioning(net, batch: dict, data: TrainData, p_uncond: float, device) -> dict:
+    """The network's conditioning inputs for one batch, with classifier-free guidance dropout applied."""
+    if getattr(net, "clip_dim", None) is not None:
+        return {"context": drop_contexts(batch["context"].to(device, non_blocking=True), p_uncond, data.null_context)}
+    if num_real_classes(net) > 0:
+        return {"y": drop_labels(batch["y"].to(device, non_blocking=True), p_uncond, net.null_label)}
+    return {}
+
+
+def preview_contexts(data: TrainData, config) -> dict:
+    """Text-to-image previews: the captions of the first training images (a fixed choice), one row each."""
+    if data.null_context is None:
+        return {}
+    with torch.random.fork_rng():
+        torch.manual_seed(config.sample.seed)
+        contexts = torch.stack([data.dataset[i]["context"] for i in range(min(4, len(data.dataset)))])
+    return {"contexts": contexts.to(data.null_context.device), "null_context": data.null_context}
+
+
+# ----------------------------------------------------------------------------------------------------------
 # Training
 # ----------------------------------------------------------------------------------------------------------
 
@@ -145,29 +240,23 @@ def train(config, workdir: str | Path) -> Path:
         raise ConfigError(f"train.batch_size={tc.batch_size} must be divisible by processes x grad_accum_steps "
                           f"= {world} x {tc.grad_accum_steps}")
     micro_batch = tc.batch_size // per_step
-    if config.autoencoder.pretrained:
-        raise ConfigError("latent diffusion (autoencoder.pretrained) is not implemented yet; "
-                          "train in pixel space or leave autoencoder.pretrained empty")
     if config.eval.metric not in EVAL_METRICS:
         raise ConfigError(f"unknown eval.metric {config.eval.metric!r}; known: {', '.join(EVAL_METRICS[1:])}")
 
+    if tc.tf32 and torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+
     # -- data, model, objective ----------------------------------------------------------------------------
-    dataset = build_dataset(config.data, train=True)
-    image_shape = tuple(dataset[0]["x"].shape)
+    data = prepare_data(config, accelerator.device)
+    dataset, image_shape, class_names = data.dataset, data.shape, data.class_names
     torch.manual_seed(config.seed)  # identical initial weights on every rank and every launch
     net = build_model(config.model)
     model_name, model_kwargs = resolve_model_kwargs(config.model)
     objective = build_objective(config.diffusion)
-    conditional = num_real_classes(net) > 0
-    null_label = getattr(net, "null_label", None)
-    if conditional and "y" not in dataset[0]:
-        raise ConfigError(f"the model is class-conditional but dataset {config.data.name!r} has no labels")
-    if config.cond.p_uncond > 0 and null_label is None:
-        raise ConfigError("cond.p_uncond > 0 needs a model with a null label (U-ViT: num_classes = classes + 1 "
-                          "and null_label = classes; DiT: class_dropout_prob > 0)")
-    class_names = [str(c) for c in getattr(dataset, "classes", [])] or None
+    p_uncond = label_dropout(config, model_name, model_kwargs)
+    check_conditioning(net, data, p_uncond)
     meta = {"model_name": model_name, "model_kwargs": model_kwargs, "image_shape": list(image_shape),
-            "class_names": class_names, "torch": torch.__version__}
+            "class_names": class_names, "class_counts": data.class_counts, "torch": torch.__version__}
 
     ema = copy.deepcopy(net).float().requires_grad_(False).eval()
     optimizer = torch.optim.AdamW(param_groups(net, oc.weight_decay, oc.decay_all_params), lr=oc.lr,
@@ -225,9 +314,9 @@ def train(config, workdir: str | Path) -> Path:
     def preview(at_step: int) -> Path | None:
         path = None
         if is_main:
-            path = sample_grid(ema, objective, config.sample, image_shape,
+            path = sample_grid(ema, objective, preview_settings(config), image_shape,
                                workdir / "samples" / f"step_{at_step:08d}.png", class_names=class_names,
-                               device=accelerator.device)
+                               device=accelerator.device, decode=data.decode, **preview_contexts(data, config))
             wandb_logger.image("samples", path, at_step)
         accelerator.wait_for_everyone()
         return path
@@ -245,9 +334,9 @@ def train(config, workdir: str | Path) -> Path:
         for micro in range(tc.grad_accum_steps):
             batch = next(batches)
             x = batch["x"].to(accelerator.device, non_blocking=True)
-            cond = {}
-            if conditional:
-                cond["y"] = drop_labels(batch["y"].to(accelerator.device), config.cond.p_uncond, null_label)
+            if data.encode is not None:
+                x = data.encode(x)
+            cond = batch_conditioning(net, batch, data, p_uncond, accelerator.device)
             sync = micro == tc.grad_accum_steps - 1
             with nullcontext() if sync else accelerator.no_sync(model):
                 loss = objective.training_losses(model, x, cond)["loss"].mean()

@@ -1,0 +1,134 @@
+"""Latent diffusion end to end: training from cached latents, from images encoded on the fly and from cached
+MS-COCO features (tiny real autoencoder and CLIP saved to disk), decoded previews, and sample.py on the result."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from diffusion.config import ConfigError, parse_command_line
+from diffusion.latents import extract_coco, extract_imagefolder
+from diffusion.trainer import train
+from tests.test_latents import _write_coco, _write_imagefolder
+from tests.tiny_models import make_tiny_autoencoder, make_tiny_clip
+
+REPO = Path(__file__).resolve().parents[1]
+RES = 32  # pixels -> 4x4x4 latents with the tiny autoencoder
+COMMON = ["--config.wandb.mode=disabled", "--config.eval.metric=", "--config.train.batch_size=4",
+          "--config.train.steps=4", "--config.train.log_every=2", "--config.train.ckpt_every=4",
+          "--config.train.sample_every=2", "--config.data.num_workers=0", "--config.train.mixed_precision=no",
+          "--config.sample.per_class=2", "--config.preview.steps=2", "--config.sample.steps=2",
+          "--config.optim.warmup_steps=0"]
+TINY_UVIT = ["--config.model.embed_dim=32", "--config.model.depth=2", "--config.model.num_heads=2",
+             "--config.model.img_size=4", "--config.model.use_checkpoint=False"]
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("assets")
+    ae, clip = make_tiny_autoencoder(root / "ae"), make_tiny_clip(root / "clip")
+    images = _write_imagefolder(root / "imagenet" / "train")
+    clean = root / "clean" / "train"  # training on images reads every file: leave the truncated JPEG out
+    shutil.copytree(images, clean)
+    (clean / "n02" / "b_truncated.JPEG").unlink()
+    latents = root / "latents"
+    extract_imagefolder(images, latents, resolution=RES, autoencoder=str(ae), shard_size=4, batch_size=4,
+                        num_workers=0)
+    coco = _write_coco(root / "coco")
+    features = root / "coco_features"
+    extract_coco(coco, "train", features, autoencoder=str(ae), clip=str(clip), resolution=RES, shard_size=4,
+                 batch_size=4, num_workers=0)
+    return dict(ae=str(ae), clip=str(clip), imagenet=clean.parent, latents=latents, features=features)
+
+
+def _config(config: str, *overrides: str):
+    cfg, _ = parse_command_line([f"--config={REPO / 'configs' / config}", *COMMON, *overrides])
+    return cfg
+
+
+def _grid_height(path: Path) -> int:
+    return Image.open(path).size[1]
+
+
+def test_train_from_cached_latents_decodes_previews_and_samples(assets, tmp_path):
+    """U-ViT-H/2's recipe (discrete schedule, DPM-Solver++) shrunk: trains on the cache, previews are decoded
+    32x32 images (not 4x4 latents), and sample.py writes decoded images from the trainer checkpoint."""
+    cfg = _config("imagenet256_uvit_h2.py", *TINY_UVIT, "--config.model.num_classes=3",
+                  "--config.model.null_label=2", f"--config.data.root={assets['latents']}",
+                  f"--config.data.image_size={RES}", f"--config.autoencoder.pretrained={assets['ae']}")
+    final = train(cfg, tmp_path)
+    meta = json.loads((final / "meta.json").read_text())
+    assert meta["image_shape"] == [4, 4, 4] and meta["class_counts"] == [3, 3]
+    # two class rows of 32x32 images upscaled x2 to 64 px cells with 2 px padding (4x4 latents would give 48 px)
+    previews = sorted((tmp_path / "samples").glob("*.png"))
+    assert [p.name for p in previews] == ["step_00000002.png", "step_00000004.png"]
+    assert _grid_height(previews[-1]) == 2 * (64 + 2) + 2
+    out = tmp_path / "eval.npz"
+    proc = subprocess.run([sys.executable, "sample.py", f"--ckpt={final}", f"--out={out}", "--n_samples=3",
+                           "--steps=2"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    arr = np.load(out)
+    assert arr["arr_0"].shape == (3, RES, RES, 3) and arr["arr_0"].dtype == np.uint8
+    assert set(arr["arr_1"].tolist()) <= {0, 1}
+
+
+def test_train_encoding_images_on_the_fly(assets, tmp_path):
+    """The original DiT's way: ImageFolder images through the VAE at every step (DiT recipe, learned sigma)."""
+    cfg = _config("imagenet256_dit_xl2.py", "--config.model.preset=DiT-S/2", "--config.model.input_size=4",
+                  "--config.model.hidden_size=32", "--config.model.depth=2", "--config.model.num_heads=2",
+                  "--config.model.num_classes=2", "--config.data.name=imagenet",
+                  f"--config.data.root={assets['imagenet']}", f"--config.data.image_size={RES}",
+                  f"--config.autoencoder.pretrained={assets['ae']}", "--config.sample.steps=2")
+    final = train(cfg, tmp_path)
+    meta = json.loads((final / "meta.json").read_text())
+    assert meta["image_shape"] == [4, 4, 4]
+    assert meta["class_counts"] == [3, 3]  # counted from the ImageFolder's targets
+    losses = [float(v) for v in (tmp_path / "log.txt").read_text().split("loss ")[1:] for v in [v.split()[0]]]
+    assert len(losses) == 2 and all(np.isfinite(losses))
+    assert _grid_height(sorted((tmp_path / "samples").glob("*.png"))[-1]) == 2 * (64 + 2) + 2
+
+
+def test_train_text_to_image_from_coco_features(assets, tmp_path):
+    """U-ViT's MS-COCO recipe shrunk: cached image moments + CLIP caption tokens, 10% caption dropout to the
+    empty caption's encoding; previews are decoded samples for training captions."""
+    cfg = _config("mscoco_uvit_s2.py", *TINY_UVIT, "--config.model.clip_dim=32",
+                  f"--config.data.root={assets['features']}", f"--config.data.image_size={RES}",
+                  f"--config.autoencoder.pretrained={assets['ae']}", f"--config.text_encoder.pretrained={assets['clip']}")
+    final = train(cfg, tmp_path)
+    assert json.loads((final / "meta.json").read_text())["image_shape"] == [4, 4, 4]
+    preview = sorted((tmp_path / "samples").glob("*.png"))[-1]
+    assert _grid_height(preview) == 4 * (64 + 2) + 2  # one row per training caption, decoded 32x32 cells
+
+
+def test_caption_dropout_uses_the_null_context():
+    from diffusion.trainer import drop_contexts
+
+    context, null = torch.randn(2000, 3, 5), torch.randn(3, 5)
+    out = drop_contexts(context, 0.1, null)
+    dropped = (out == null).all(-1).all(-1)
+    kept = (out == context).all(-1).all(-1)
+    assert (dropped | kept).all() and 0.07 < dropped.float().mean() < 0.13
+
+
+def test_latent_config_refuses_a_cache_from_another_autoencoder(assets, tmp_path):
+    other = make_tiny_autoencoder(tmp_path / "other_ae", seed=1)
+    cfg = _config("imagenet256_uvit_l2.py", *TINY_UVIT, "--config.model.num_classes=3", "--config.model.null_label=2",
+                  f"--config.data.root={assets['latents']}", f"--config.data.image_size={RES}",
+                  f"--config.autoencoder.pretrained={other}")
+    with pytest.raises(ConfigError, match="autoencoder"):
+        train(cfg, tmp_path / "run")
+    cfg = _config("imagenet256_uvit_l2.py", *TINY_UVIT, f"--config.data.root={assets['latents']}",
+                  f"--config.autoencoder.pretrained={assets['ae']}")  # image_size 256 != the cache's 32
+    with pytest.raises(ConfigError, match="256"):
+        train(cfg, tmp_path / "run2")
+    cfg = _config("imagenet256_uvit_l2.py", f"--config.data.root={assets['latents']}", "--config.autoencoder.pretrained=")
+    with pytest.raises(ConfigError, match="autoencoder.pretrained"):
+        train(cfg, tmp_path / "run3")
