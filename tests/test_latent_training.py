@@ -101,7 +101,8 @@ def test_train_text_to_image_from_coco_features(assets, tmp_path):
     empty caption's encoding; previews are decoded samples for training captions."""
     cfg = _config("mscoco_uvit_s2.py", *TINY_UVIT, "--config.model.clip_dim=32",
                   f"--config.data.root={assets['features']}", f"--config.data.image_size={RES}",
-                  f"--config.autoencoder.pretrained={assets['ae']}", f"--config.text_encoder.pretrained={assets['clip']}")
+                  f"--config.autoencoder.pretrained={assets['ae']}",
+                  f"--config.text_encoder.pretrained={assets['clip']}")
     final = train(cfg, tmp_path)
     assert json.loads((final / "meta.json").read_text())["image_shape"] == [4, 4, 4]
     preview = sorted((tmp_path / "samples").glob("*.png"))[-1]
@@ -129,6 +130,7 @@ def test_latent_config_refuses_a_cache_from_another_autoencoder(assets, tmp_path
                   f"--config.autoencoder.pretrained={assets['ae']}")  # image_size 256 != the cache's 32
     with pytest.raises(ConfigError, match="256"):
         train(cfg, tmp_path / "run2")
-    cfg = _config("imagenet256_uvit_l2.py", f"--config.data.root={assets['latents']}", "--config.autoencoder.pretrained=")
+    cfg = _config("imagenet256_uvit_l2.py", f"--config.data.root={assets['latents']}",
+                  "--config.autoencoder.pretrained=")
     with pytest.raises(ConfigError, match="autoencoder.pretrained"):
         train(cfg, tmp_path / "run3")
