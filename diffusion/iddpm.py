@@ -26,6 +26,7 @@ The lower-level pieces (``q_sample``, ``p_mean_variance``, ``p_sample_loop``, ``
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable, Iterable
 
@@ -33,6 +34,7 @@ import torch
 from tqdm.auto import tqdm
 
 from diffusion.guidance import guided_model
+from diffusion.samplers.common import Randn, check_options, standard_normal
 
 ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -329,8 +331,7 @@ class GaussianDiffusion:
         own device (so a CPU generator gives the same samples on any device) or from the global RNG."""
         if draws is not None:
             return next(draws).to(x.device, x.dtype)
-        device = x.device if generator is None else generator.device
-        return torch.randn(x.shape, generator=generator, device=device, dtype=x.dtype).to(x.device)
+        return standard_normal(generator=generator)(x)
 
     @staticmethod
     def _nonzero(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -389,28 +390,33 @@ class GaussianDiffusion:
             x = self.ddim_sample(model_fn, x, t, eta, z, clip_denoised=clip_denoised)["sample"]
         return x
 
+    SAMPLERS = ("ddpm", "ddim")
+
     @torch.no_grad()
     def sample(self, model, noise: torch.Tensor, cond: dict, *, null_cond: dict | None = None,
-               guidance_scale: float = 1.0, guidance_channels: str | int = "all", steps: int = 250,
-               sampler: str = "ddpm", progress: bool = False, generator: torch.Generator | None = None,
-               t_end: float | None = None, eta: float = 0.0, clip_denoised: bool | None = None) -> torch.Tensor:
+               guidance_scale: float = 1.0, guidance_channels: str | int = "all", sampler: str = "ddpm",
+               steps: int = 250, order: int = 3, t_end: float | None = None, skip_type: str | None = None,
+               eta: float = 0.0, clip_denoised: bool | None = None, randn: Randn | None = None,
+               generator: torch.Generator | None = None, progress: bool = False) -> torch.Tensor:
         """x0 from ``noise`` (B, C, H, W). ``"ddpm"``: ancestral sampling with the learned variance over the
-        ``str(steps)`` respacing (DiT's paper setting: 250 steps). ``"ddim"``: DDIM over ``f"ddim{steps}"``.
+        ``str(steps)`` respacing (DiT's paper setting: 250 steps), one draw per step (the last one unused, as in the
+        original). ``"ddim"``: DDIM over ``f"ddim{steps}"``, one draw per step when ``eta > 0``.
 
         Guidance: one batched call on [cond; null_cond] per step, ``eps_u + w (eps_c - eps_u)`` on the first
         ``guidance_channels`` eps channels (``3`` reproduces DiT's released FID numbers), the variance channels
-        from the conditional half. ``generator`` makes the ancestral draws reproducible (drawn on its device).
-        ``t_end`` belongs to the continuous-time objectives and is ignored here.
+        from the conditional half. Draws come from ``randn(x)`` in call order, else from ``generator`` (on its
+        device). ``clip_denoised=None`` keeps this diffusion's own setting. ``order``, ``t_end`` and ``skip_type``
+        belong to the continuous-time samplers: validated, then unused.
         """
-        del t_end
-        if sampler not in ("ddpm", "ddim"):
-            raise ValueError(f"unknown sampler {sampler!r} for the improved-DDPM objective; use 'ddpm' or 'ddim'")
+        check_options(sampler, self.SAMPLERS, steps=steps, order=order, skip_type=skip_type, eta=eta, t_end=t_end)
         net = guided_model(model, cond, null_cond, guidance_scale, eps_channels=noise.shape[1],
                            channels=guidance_channels)
+        draw, like = standard_normal(randn, generator), self._work(noise)
+        draws = (draw(like) for _ in itertools.count())  # endless, drawn lazily: one per request, in order
         if sampler == "ddpm":
-            return self.respaced(str(steps)).p_sample_loop(net, noise, generator=generator,
-                                                           clip_denoised=clip_denoised, progress=progress)
-        return self.respaced(f"ddim{steps}").ddim_sample_loop(net, noise, eta=eta, generator=generator,
+            return self.respaced(str(steps)).p_sample_loop(net, noise, draws=draws, clip_denoised=clip_denoised,
+                                                           progress=progress)
+        return self.respaced(f"ddim{steps}").ddim_sample_loop(net, noise, eta=eta, draws=draws,
                                                               clip_denoised=clip_denoised, progress=progress)
 
 

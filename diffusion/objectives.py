@@ -9,8 +9,9 @@ Two formulations, chosen by ``config.diffusion.kind`` (SPEC.md section 1):
   samplers treat it as continuous time t = n / 1000 and feed ``1000 t``.
 
 Both are VP processes x_t = alpha_t x_0 + sigma_t eps, described here by ``log alpha_t`` on t in [0, 1] so that
-one sampler serves both. Every objective in the project (also ``diffusion.iddpm``) offers the same two calls:
-``training_losses(model, x0, cond) -> {"loss": (B,), ...}`` and ``sample(model, noise, cond, ...) -> x0``.
+every sampler of ``diffusion.samplers`` serves both. Every objective in the project (also ``diffusion.iddpm``) offers
+the same calls: ``training_losses(model, x0, cond) -> {"loss": (B,), ...}``, ``sample(model, noise, cond, ...) -> x0``
+and the tuple ``SAMPLERS`` of its sampler names.
 """
 
 from __future__ import annotations
@@ -18,9 +19,10 @@ from __future__ import annotations
 import math
 
 import torch
-from tqdm.auto import tqdm
 
 from diffusion.guidance import guided_model
+from diffusion.samplers import VP_SAMPLERS, sample_vp, standard_normal
+from diffusion.samplers.common import Randn
 
 # ----------------------------------------------------------------------------------------------------------
 # Schedules: log alpha_t as a function of continuous time t in [0, 1]
@@ -30,11 +32,22 @@ from diffusion.guidance import guided_model
 class LinearVPSchedule:
     """Continuous VP SDE: log alpha_t = -(beta_min t + (beta_max - beta_min) t^2 / 2) / 2."""
 
+    t_min = 0.0  # trained on t ~ U[0, 1)
+
     def __init__(self, beta_min: float = 0.1, beta_max: float = 20.0):
         self.beta_min, self.beta_max = beta_min, beta_max
 
     def log_alpha(self, t: torch.Tensor) -> torch.Tensor:
         return -0.5 * (self.beta_min * t + 0.5 * (self.beta_max - self.beta_min) * t**2)
+
+    def t_from_log_alpha(self, log_alpha: torch.Tensor) -> torch.Tensor:
+        """Inverse of ``log_alpha``: the positive root of the quadratic, in the cancellation-free form."""
+        b0, db = self.beta_min, self.beta_max - self.beta_min
+        return -2 * log_alpha / (0.5 * b0 + torch.sqrt(0.25 * b0**2 - db * log_alpha))
+
+    def beta(self, t: torch.Tensor) -> torch.Tensor:
+        """beta(t) = -2 d log alpha_t / dt, the squared diffusion coefficient of the forward SDE."""
+        return self.beta_min + t * (self.beta_max - self.beta_min)
 
 
 class DiscreteVPSchedule:
@@ -43,6 +56,7 @@ class DiscreteVPSchedule:
 
     def __init__(self, betas: torch.Tensor):
         self.num_steps = len(betas)
+        self.t_min = 1.0 / self.num_steps  # the first trained step; samplers stop there by default
         # cum_alphas[n] = prod_{i<=n} (1 - beta_i), cum_alphas[0] = 1 (float64, then kept on the device)
         self.cum_alphas = torch.cat([torch.ones(1, dtype=torch.float64), torch.cumprod(1 - betas.double(), 0)])
         self._t = torch.linspace(0.0, 1.0, self.num_steps + 1, dtype=torch.float64)[1:]
@@ -61,12 +75,31 @@ class DiscreteVPSchedule:
 
     def log_alpha(self, t: torch.Tensor) -> torch.Tensor:
         tables = self.tables(t.device)
+        return _interpolate(t, tables["t"], tables["log_alpha"])
+
+    def t_from_log_alpha(self, log_alpha: torch.Tensor) -> torch.Tensor:
+        """Inverse of ``log_alpha`` (the same piecewise-linear curve, read the other way)."""
+        tables = self.tables(log_alpha.device)
+        return _interpolate(log_alpha, tables["log_alpha"].flip(0), tables["t"].flip(0))
+
+    def beta(self, t: torch.Tensor) -> torch.Tensor:
+        """beta(t) = -2 d log alpha_t / dt: constant on each segment of the interpolation."""
+        tables = self.tables(t.device)
         grid_t, grid_la = tables["t"], tables["log_alpha"]
-        # piecewise-linear interpolation, extrapolating the end segments
-        idx = torch.searchsorted(grid_t, t.clamp(grid_t[0], grid_t[-1])).clamp(1, len(grid_t) - 1)
-        t0, t1 = grid_t[idx - 1], grid_t[idx]
-        la0, la1 = grid_la[idx - 1], grid_la[idx]
-        return la0 + (t - t0) * (la1 - la0) / (t1 - t0)
+        idx = _segment(t, grid_t)
+        return -2 * (grid_la[idx] - grid_la[idx - 1]) / (grid_t[idx] - grid_t[idx - 1])
+
+
+def _segment(x: torch.Tensor, xp: torch.Tensor) -> torch.Tensor:
+    """Index i of the segment [xp[i-1], xp[i]] holding x (xp increasing); the end segments extend outwards."""
+    return torch.searchsorted(xp, x.clamp(xp[0], xp[-1]).to(xp.dtype)).clamp(1, len(xp) - 1)
+
+
+def _interpolate(x: torch.Tensor, xp: torch.Tensor, fp: torch.Tensor) -> torch.Tensor:
+    """Piecewise-linear f(x) through (xp, fp), extrapolating the end segments (DPM-Solver's ``interpolate_fn``)."""
+    idx = _segment(x, xp)
+    x0, x1, f0, f1 = xp[idx - 1], xp[idx], fp[idx - 1], fp[idx]
+    return f0 + (x - x0) * (f1 - f0) / (x1 - x0)
 
 
 def stable_diffusion_betas(num_steps: int = 1000, linear_start: float = 0.00085, linear_end: float = 0.012):
@@ -74,7 +107,7 @@ def stable_diffusion_betas(num_steps: int = 1000, linear_start: float = 0.00085,
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Noise-prediction objective (plain MSE on eps) and its sampler
+# Noise-prediction objective (plain MSE on eps) and its samplers
 # ----------------------------------------------------------------------------------------------------------
 
 
@@ -118,37 +151,27 @@ class NoisePredictionObjective:
 
     # -- sampling ------------------------------------------------------------------------------------------
 
+    SAMPLERS = VP_SAMPLERS
+
     @torch.no_grad()
     def sample(self, model, noise: torch.Tensor, cond: dict, *, null_cond: dict | None = None,
-               guidance_scale: float = 1.0, guidance_channels: str | int = "all", steps: int = 50,
-               sampler: str = "dpm_solver++2m", t_end: float = 1e-3, clip_denoised: bool = False,
-               progress: bool = False, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Deterministic sampler over a time-uniform grid from t = 1 to ``t_end``; ``steps`` network evaluations
-        (twice the batch with guidance). ``"ddim"`` is first order; ``"dpm_solver++2m"`` (Lu et al. 2022,
-        multistep, data prediction) second order. ``clip_denoised`` clamps each x0 prediction to [-1, 1].
-        Deterministic: ``generator`` is accepted for a uniform interface and unused."""
-        if sampler not in ("ddim", "dpm_solver++2m"):
-            raise ValueError(f"unknown sampler {sampler!r} for this objective; use 'ddim' or 'dpm_solver++2m'")
-        net = guided_model(model, cond, null_cond, guidance_scale, noise.shape[1], guidance_channels)
-        ts = torch.linspace(1.0, t_end, steps + 1, device=noise.device)
-        log_alpha = self.schedule.log_alpha(ts)
-        alpha, sigma = log_alpha.exp(), (1 - (2 * log_alpha).exp()).sqrt()
-        lam = log_alpha - sigma.log()
-        x, x0_prev, h_prev = noise, None, None
-        for i in tqdm(range(steps), desc="sampling", disable=not progress, leave=False):
-            t_in = (self.time_input_scale * ts[i]).expand(x.shape[0])
-            eps = net(x, t_in)[:, : x.shape[1]].float()
-            x0 = (x - sigma[i] * eps) / alpha[i]
-            if clip_denoised:
-                x0 = x0.clamp(-1, 1)
-            h = lam[i + 1] - lam[i]
-            d = x0
-            if sampler == "dpm_solver++2m" and x0_prev is not None:
-                r = h_prev / h
-                d = (1 + 1 / (2 * r)) * x0 - (1 / (2 * r)) * x0_prev
-            x = (sigma[i + 1] / sigma[i]) * x - alpha[i + 1] * torch.expm1(-h) * d
-            x0_prev, h_prev = x0, h
-        return x
+               guidance_scale: float = 1.0, guidance_channels: str | int = "all", sampler: str = "dpm_solver++2m",
+               steps: int = 50, order: int = 3, t_end: float | None = None, skip_type: str | None = None,
+               eta: float = 0.0, clip_denoised: bool = False, randn: Randn | None = None,
+               generator: torch.Generator | None = None, progress: bool = False) -> torch.Tensor:
+        """x0 from ``noise`` = x_1 with one of ``SAMPLERS`` (see ``diffusion.samplers`` for each one's grid and
+        defaults); ``steps`` network evaluations, each one batched call on [cond; null_cond] when guided
+        (``eps_u + w (eps_c - eps_u)``). Stochastic draws (``euler_maruyama``, ``ddim`` with eta > 0) come from
+        ``randn(x)`` in call order, else from ``generator``. ``clip_denoised`` clamps x0 predictions to [-1, 1]."""
+        channels = noise.shape[1]
+        net = guided_model(model, cond, null_cond, guidance_scale, channels, guidance_channels)
+
+        def eps_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            return net(x, (self.time_input_scale * t).expand(x.shape[0]))[:, :channels].to(x.dtype)
+
+        return sample_vp(eps_fn, self.schedule, noise, sampler=sampler, steps=steps, order=order, t_end=t_end,
+                         skip_type=skip_type, eta=eta, clip_denoised=clip_denoised,
+                         randn=standard_normal(randn, generator), progress=progress)
 
 
 def build_noise_prediction(kind: str, **kwargs) -> NoisePredictionObjective:

@@ -1,0 +1,73 @@
+"""Every sampler behind the papers' numbers, behind one interface: ``objective.sample(model, noise, cond, ...)``.
+
+Noise-prediction VP objectives (U-ViT; ``diffusion.objectives``) run ``sample_vp``; ``steps`` counts network
+evaluations (twice the batch with guidance, in one call). Defaults (``None``) are U-ViT's settings:
+
+| sampler        | method                                         | grid (default)                    | t_end |
+|----------------|------------------------------------------------|-----------------------------------|-------|
+| dpm_solver     | singlestep DPM-Solver, eps prediction, "fast"  | logSNR, K = steps // 3 + 1 steps  | 1e-4  |
+| dpm_solver++   | singlestep DPM-Solver++, x0 prediction, "fast" | time_uniform, steps + 1 points    | 1e-3  |
+| dpm_solver++2m | multistep DPM-Solver++(2M)                     | time_uniform, steps + 1 points    | 1e-3  |
+| ddim           | DDIM, ``eta`` (one draw per step when > 0)     | time_uniform, steps + 1 points    | 1e-3  |
+| euler_maruyama | reverse SDE, Euler-Maruyama (steps - 1 draws)  | [0] + linspace(t_end, 1, steps)   | 1e-3  |
+| euler_ode      | probability-flow ODE, Euler                    | as euler_maruyama                 | 1e-3  |
+
+(U-ViT: ``dpm_solver`` with 50 steps for the continuous-time models, ``dpm_solver++`` with 50 steps for the discrete
+ones, ``euler_maruyama`` with 1000 steps for CIFAR-10 and CelebA.) On a discrete schedule no sampler goes below the
+first trained step, t = 1/N, unless asked. ``order`` (1-3) sets the highest order of the singlestep solvers,
+``skip_type`` ("logSNR" | "time_uniform") the grid of every DPM-Solver/DDIM sampler.
+
+The improved-DDPM objective (DiT; ``diffusion.iddpm``) keeps its discrete ancestral and DDIM loops and shares
+``check_options`` and ``standard_normal`` from here.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from diffusion.samplers.common import SKIP_TYPES, Randn, check_options, standard_normal
+from diffusion.samplers.dpm_solver import ddim, dpm_solver_2m, dpm_solver_singlestep, fast_orders, singlestep_times
+from diffusion.samplers.sde import euler_maruyama
+from diffusion.samplers.vp import EpsFn, Marginals, clip_x0, time_grid
+
+__all__ = ["SKIP_TYPES", "VP_SAMPLERS", "Marginals", "check_options", "default_skip_type", "default_t_end",
+           "fast_orders", "sample_vp", "singlestep_times", "standard_normal", "time_grid"]
+
+VP_SAMPLERS = ("dpm_solver", "dpm_solver++", "dpm_solver++2m", "ddim", "euler_maruyama", "euler_ode")
+
+
+def default_t_end(sampler: str, schedule) -> float:
+    """U-ViT's last time: 1e-4 for DPM-Solver on continuous time, else 1e-3; never below ``schedule.t_min``."""
+    return max(1e-4 if sampler == "dpm_solver" else 1e-3, schedule.t_min)
+
+
+def default_skip_type(sampler: str) -> str:
+    return "logSNR" if sampler == "dpm_solver" else "time_uniform"
+
+
+def sample_vp(eps_fn: EpsFn, schedule, noise: torch.Tensor, *, sampler: str, steps: int, order: int = 3,
+              t_end: float | None = None, skip_type: str | None = None, eta: float = 0.0,
+              clip_denoised: bool = False, randn: Randn = torch.randn_like, progress: bool = False) -> torch.Tensor:
+    """Integrate from x_1 = ``noise`` to t_end (t = 0 for the Euler samplers) with ``sampler``; returns x0.
+
+    ``eps_fn(x, t)``: the (guided) noise prediction at continuous time t (a 0-dim device tensor). The arithmetic runs
+    in float32 (float64 for float64 noise); every table is a device tensor built before the loop.
+    """
+    check_options(sampler, VP_SAMPLERS, steps=steps, order=order, skip_type=skip_type, eta=eta, t_end=t_end)
+    if sampler in ("euler_maruyama", "euler_ode") and steps < 2:
+        raise ValueError(f"{sampler} needs steps >= 2 (its grid is [0] + linspace(t_end, 1, steps))")
+    x = noise if noise.dtype == torch.float64 else noise.float()
+    t_end = default_t_end(sampler, schedule) if t_end is None else t_end
+    skip_type = default_skip_type(sampler) if skip_type is None else skip_type
+    if clip_denoised:
+        eps_fn = clip_x0(eps_fn, schedule)
+    if sampler in ("dpm_solver", "dpm_solver++"):
+        return dpm_solver_singlestep(eps_fn, schedule, x, steps=steps, order=order, t_end=t_end, skip_type=skip_type,
+                                     data_prediction=sampler == "dpm_solver++", progress=progress)
+    if sampler == "dpm_solver++2m":
+        return dpm_solver_2m(eps_fn, schedule, x, steps=steps, t_end=t_end, skip_type=skip_type, progress=progress)
+    if sampler == "ddim":
+        return ddim(eps_fn, schedule, x, steps=steps, t_end=t_end, skip_type=skip_type, eta=eta, randn=randn,
+                    progress=progress)
+    return euler_maruyama(eps_fn, schedule, x, steps=steps, t_end=t_end,
+                          randn=randn if sampler == "euler_maruyama" else None, progress=progress)
