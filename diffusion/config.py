@@ -72,7 +72,20 @@ def base_config() -> ml_collections.ConfigDict:
             ),
             # Training previews may use a cheaper sampler; empty / 0 values fall back to ``sample``.
             preview=dict(sampler="", steps=0),
-            eval=dict(metric="", per_class=100, seed=1),  # end-of-run evaluation; "digits_accuracy"
+            eval=dict(
+                metric="",  # end-of-run check: "" | digits_accuracy
+                per_class=100,
+                seed=1,
+                # FID during training: every `every` steps (0 = off) on n_samples EMA samples drawn with the
+                # `sample` section's sampler and guidance, on all processes; the best step is recorded.
+                every=0,
+                n_samples=10_000,
+                final_n_samples=0,  # > 0: score the best checkpoint with this many samples at the end (50K)
+                feature_extractor="inception",  # inception (pytorch-fid's FID Inception) | digits (quickstart)
+                inception_weights="",  # pt_inception-2015-12-05 .pth; "" = pytorch-fid's usual torch-hub cache
+                reference="",  # reference statistics .npz (mu, sigma); "" = computed from the training data
+                batch_size=250,  # samples per process and network batch
+            ),
             wandb=dict(mode="offline", project="transformer-diffusion", name=""),  # online | offline | disabled
         )
     )
