@@ -1,6 +1,6 @@
 """ImageNet 256x256 (32x32x4 SD-VAE latents), U-ViT-H/2 on the discrete "stable diffusion" schedule (U-ViT paper:
-FID 2.29 with guidance s = 0.4, i.e. w = 1.4, DPM-Solver++ 50 evaluations). Decodes with the EMA-finetuned decoder
-(its encoder equals the original's, so latents extracted with either file fit).
+FID 2.29 with guidance s = 0.4, i.e. w = 1.4, DPM-Solver++ 50 evaluations). Encodes and decodes with U-ViT's
+EMA-finetuned autoencoder file (the cache's manifest must name the same autoencoder as the config).
 
     accelerate launch scripts/extract_latents.py --data data/imagenet/train --out data/imagenet256_latents \\
         --resolution 256 --autoencoder assets/stable-diffusion/autoencoder_kl_ema.pth
