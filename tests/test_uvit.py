@@ -1,10 +1,13 @@
 """U-ViT: parity with the official implementation, presets, checkpoint keys and the ablation switches."""
 
+import math
+
 import pytest
 import torch
 
 from tests.conftest import load_fixture
 from uvit import PRESETS, UViT
+from uvit.model import sincos_2d_pos_embed, unpatchify
 
 
 def _run(model, inputs):
@@ -125,3 +128,149 @@ def test_clear_errors():
         _tiny()(torch.randn(1, 3, 8, 8), torch.tensor([1.0]))
     with pytest.raises(ValueError, match="divisible"):
         UViT(img_size=10, patch_size=4)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The design-space switches of Fig. 2 added beyond the original code: conv_position, patch_embed, pos_embed
+# ----------------------------------------------------------------------------------------------------------
+
+# Keys and shapes of _tiny(depth=2) as the original code (and this one with default switches) builds it.
+_TINY_KEYS = (
+    [("pos_embed", (1, 18, 32)), ("patch_embed.proj.weight", (32, 3, 2, 2)), ("patch_embed.proj.bias", (32,)),
+     ("label_emb.weight", (5, 32))]
+    + [(f"{blk}.{k}", s) for blk in ("in_blocks.0", "mid_block", "out_blocks.0") for k, s in [
+        ("norm1.weight", (32,)), ("norm1.bias", (32,)), ("attn.qkv.weight", (96, 32)), ("attn.proj.weight", (32, 32)),
+        ("attn.proj.bias", (32,)), ("norm2.weight", (32,)), ("norm2.bias", (32,)), ("mlp.fc1.weight", (128, 32)),
+        ("mlp.fc1.bias", (128,)), ("mlp.fc2.weight", (32, 128)), ("mlp.fc2.bias", (32,))]]
+    + [("out_blocks.0.skip_linear.weight", (32, 64)), ("out_blocks.0.skip_linear.bias", (32,)), ("norm.weight", (32,)),
+       ("norm.bias", (32,)), ("decoder_pred.weight", (12, 32)), ("decoder_pred.bias", (12,)),
+       ("final_layer.weight", (3, 3, 3, 3)), ("final_layer.bias", (3,))]
+)
+
+
+def _inputs():
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(2, 3, 8, 8, generator=g), torch.tensor([3.0, 500.0]), torch.tensor([1, 4])
+
+
+def test_default_switches_keep_keys_init_rng_and_outputs():
+    """Fingerprint of the code before the switches existed: same keys, same weights from the same seed, same RNG
+    state afterwards (so everything built after the model is unchanged too) and the same output."""
+    torch.manual_seed(0)
+    model = _tiny(depth=2, conv_position="after", patch_embed="linear", pos_embed="learned").eval()
+    assert torch.rand(()).item() == 0.4204801321029663
+    sd = model.state_dict()
+    assert [(k, tuple(v.shape)) for k, v in sd.items()] == _TINY_KEYS
+    assert sum(v.double().abs().sum().item() for v in sd.values()) == pytest.approx(1063.0504808202431, rel=1e-9)
+    with torch.no_grad():
+        out = model(*_inputs()).double()
+    assert out.sum().item() == pytest.approx(6.5431619845330715, rel=1e-5)
+    assert out.abs().sum().item() == pytest.approx(55.458279225975275, rel=1e-5)
+
+
+def _switched_vs_default(**switch):
+    """(default model, switched model with every shared weight copied from it, their outputs on the same input)."""
+    torch.manual_seed(0)
+    base = _tiny().eval()
+    torch.manual_seed(0)
+    other = _tiny(**switch).eval()
+    theirs = other.state_dict()
+    shared = {k: v for k, v in base.state_dict().items() if k in theirs and theirs[k].shape == v.shape}
+    other.load_state_dict(shared, strict=False)
+    with torch.no_grad():
+        return base, other, base(*_inputs()), other(*_inputs())
+
+
+@pytest.mark.parametrize("switch, removed, added", [
+    (dict(conv_position="before"), {"final_layer.weight": (3, 3, 3, 3), "final_layer.bias": (3,)},
+     {"decoder_conv.weight": (32, 32, 3, 3), "decoder_conv.bias": (32,)}),
+    (dict(patch_embed="conv"), {"patch_embed.proj.weight": (32, 3, 2, 2)},
+     {"patch_embed.stem.0.weight": (32, 3, 3, 3), "patch_embed.stem.1.weight": (32,), "patch_embed.stem.1.bias": (32,),
+      "patch_embed.stem.1.running_mean": (32,), "patch_embed.stem.1.running_var": (32,),
+      "patch_embed.stem.1.num_batches_tracked": (), "patch_embed.proj.weight": (32, 32, 1, 1)}),
+    (dict(pos_embed="sincos"), {"pos_embed": (1, 18, 32)}, {}),
+    (dict(pos_embed="none"), {"pos_embed": (1, 18, 32)}, {}),
+])
+def test_switch_changes_keys_and_output(switch, removed, added):
+    base, other, out_base, out_other = _switched_vs_default(**switch)
+    a = {k: tuple(v.shape) for k, v in base.state_dict().items()}
+    b = {k: tuple(v.shape) for k, v in other.state_dict().items()}
+    assert {k: s for k, s in a.items() if b.get(k) != s} == removed
+    assert {k: s for k, s in b.items() if a.get(k) != s} == added
+    assert out_other.shape == out_base.shape and torch.isfinite(out_other).all()
+    assert not torch.allclose(out_other, out_base, atol=1e-3)
+    other.train()  # and it trains: gradients reach every parameter
+    other(*_inputs()).square().mean().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in other.parameters())
+
+
+def test_sincos_table_layout():
+    d, grid, extras = 32, 4, 2
+    table = sincos_2d_pos_embed(grid, d, extras)
+    assert table.shape == (extras + grid * grid, d) and table.dtype == torch.float32
+    assert torch.equal(table[:extras], torch.zeros(extras, d))  # extras tokens: no position
+    w = lambda k: 10000 ** (-k / (d // 4))  # noqa: E731
+    for i, j, k in [(0, 0, 0), (1, 2, 0), (3, 1, 5), (2, 3, 7)]:
+        row = table[extras + i * grid + j]  # row-major: patch (i, j)
+        assert row[k].item() == pytest.approx(math.sin(i * w(k)), abs=1e-6)
+        assert row[d // 4 + k].item() == pytest.approx(math.cos(i * w(k)), abs=1e-6)
+        assert row[d // 2 + k].item() == pytest.approx(math.sin(j * w(k)), abs=1e-6)
+        assert row[3 * d // 4 + k].item() == pytest.approx(math.cos(j * w(k)), abs=1e-6)
+    model = _tiny(pos_embed="sincos")  # 2 extras (label, time), 4x4 grid
+    assert "pos_embed" not in model.state_dict() and "pos_embed" not in dict(model.named_parameters())
+    assert torch.equal(model.pos_embed, table[None])
+    assert model.to(torch.bfloat16).pos_embed.dtype == torch.bfloat16  # a buffer: follows .to()
+    with pytest.raises(ValueError, match="divisible by 4"):
+        _tiny(embed_dim=30, num_heads=3, pos_embed="sincos")
+
+
+def test_no_position_embedding_is_blind_to_patch_order():
+    """Without position embedding (and without the extra conv) every patch is processed alike: shifting the image by
+    whole patches shifts the prediction. The learned embedding breaks this, as position information should."""
+    x, t, y = _inputs()
+    for pos_embed, equivariant in [("none", True), ("learned", False)]:
+        torch.manual_seed(0)
+        model = _tiny(pos_embed=pos_embed, conv=False).eval()
+        with torch.no_grad():
+            shifted_out = model(torch.roll(x, 2, dims=-1), t, y)
+            out_shifted = torch.roll(model(x, t, y), 2, dims=-1)
+        assert torch.allclose(shifted_out, out_shifted, atol=1e-5) == equivariant, pos_embed
+
+
+def test_conv_before_decoder_works_on_the_token_grid():
+    """With a 3x3 kernel that copies the right-hand neighbour, patch (i, j) is decoded from token (i, j + 1): the
+    output equals the no-conv model's shifted left by one patch, and the last patch column is the decoder bias."""
+    torch.manual_seed(0)
+    plain = _tiny(conv=False).eval()
+    model = _tiny(conv_position="before").eval()
+    model.load_state_dict(plain.state_dict(), strict=False)
+    with torch.no_grad():
+        model.decoder_conv.weight.zero_()
+        model.decoder_conv.bias.zero_()
+        model.decoder_conv.weight[:, :, 1, 2] = torch.eye(32)
+        out, ref = model(*_inputs()), plain(*_inputs())
+    assert torch.allclose(out[..., :-2], ref[..., 2:], atol=1e-5)
+    bias_image = unpatchify(model.decoder_pred.bias.detach().expand(2, 16, 12), 3)  # every token decoded to the bias
+    assert torch.allclose(out[..., -2:], bias_image[..., -2:])
+
+
+def test_conv_patch_embed_stem():
+    model = _tiny(img_size=16, patch_size=4, patch_embed="conv")
+    stem = model.patch_embed.stem  # two stride-2 convolutions, C -> D/2 -> D, then the 1x1 projection
+    convs = [m for m in stem if isinstance(m, torch.nn.Conv2d)]
+    assert [(c.in_channels, c.out_channels, c.kernel_size, c.stride) for c in convs] == [
+        (3, 16, (3, 3), (2, 2)), (16, 32, (3, 3), (2, 2))]
+    assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in stem) == 2
+    assert model.patch_embed.proj.kernel_size == (1, 1)
+    assert model.patch_embed(torch.randn(2, 3, 16, 16)).shape == (2, 16, 32)
+    assert model.patch_embed.stem[1].num_batches_tracked == 1  # BatchNorm in training mode: running statistics
+    with pytest.raises(ValueError, match="power of two"):
+        _tiny(img_size=12, patch_size=3, patch_embed="conv")
+
+
+def test_switch_errors():
+    with pytest.raises(ValueError, match="needs conv=True"):
+        _tiny(conv=False, conv_position="before")
+    for bad in (dict(conv_position="middle"), dict(patch_embed="mlp"), dict(pos_embed="rope")):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            _tiny(**bad)

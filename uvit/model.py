@@ -3,8 +3,11 @@
 Everything is a token: time, class label (or 77 CLIP text tokens) and image patches go through one
 transformer whose shallow and deep halves are joined by long skip connections. Constructor keywords and
 ``state_dict()`` keys equal the original repository's (github.com/baofff/U-ViT), so released checkpoints
-load with ``strict=True``. Options beyond the released configs reproduce the paper's ablations:
-``skip_mode`` (how long skips are combined) and ``time_cond`` (time as a token, or adaptive LayerNorm).
+load with ``strict=True``. Options beyond the released configs reproduce the paper's design-space ablation
+(Sec. 3.1, Fig. 2, CIFAR-10): ``skip_mode`` (how long skips are combined), ``time_cond`` (time as a token, or
+adaptive LayerNorm), ``conv`` / ``conv_position`` (the extra 3x3 convolution after the linear decoder, before it,
+or none), ``patch_embed`` (linear or convolutional) and ``pos_embed`` (learned 1-D, 2-D sin-cos, or none). Their
+defaults are the paper's choices and leave the released models' keys, initialisation and outputs unchanged.
 
 Data flow, shapes for an image batch x of shape (B, C, H, W), patch size p, width D:
     patches (B, L, D), L = HW/p^2 -> prepend [label?, time | time, context] tokens (B, extras + L, D)
@@ -21,8 +24,12 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+# The ablation switches; the first of each is the paper's choice and the default.
 SKIP_MODES = ("concat_linear", "add", "add_linear_skip", "linear_add", "none")
 TIME_CONDS = ("token", "adaln")
+CONV_POSITIONS = ("after", "before")
+PATCH_EMBEDS = ("linear", "conv")
+POS_EMBEDS = ("learned", "sincos", "none")
 
 
 def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -44,6 +51,30 @@ def unpatchify(x: torch.Tensor, channels: int) -> torch.Tensor:
     assert p * p * channels == feat and h * w == length, "unpatchify needs a square grid of square patches"
     x = x.reshape(b, h, w, p, p, channels)
     return x.permute(0, 5, 1, 3, 2, 4).reshape(b, channels, h * p, w * p)
+
+
+def sincos_2d_pos_embed(grid_size: int, dim: int, extras: int = 0) -> torch.Tensor:
+    """Fixed 2-D sin-cos position table, (extras + grid_size**2, dim), patches row-major.
+
+    The ablation "2-D sinusoidal position embedding" of U-ViT (Sec. 3.1, Fig. 2(e)): the concatenation of sinusoids
+    of the row i and the column j of patch (i, j). Channels ``[:dim/2]`` encode i, ``[dim/2:]`` encode j; each half
+    is ``[sin(pos * w_k) | cos(pos * w_k)]`` with ``w_k = 10000^(-k / (dim/4))``, k < dim/4 (MAE's and DiT's 1-D
+    formula; DiT puts the column first, we follow the paper's (i, j)). The extras tokens (time, label, text) get
+    zeros, as the class token in MAE and DiT: they carry their own embeddings and have no place on the grid.
+    """
+    if dim % 4:
+        raise ValueError(f"the 2-D sin-cos position embedding needs embed_dim divisible by 4, got {dim}")
+    quarter = dim // 4
+    omega = torch.exp(-math.log(10000.0) * torch.arange(quarter, dtype=torch.float64) / quarter)
+    pos = torch.arange(grid_size, dtype=torch.float64)
+    rows, cols = torch.meshgrid(pos, pos, indexing="ij")
+
+    def sinusoid(coord: torch.Tensor) -> torch.Tensor:
+        args = coord.reshape(-1, 1) * omega
+        return torch.cat([args.sin(), args.cos()], dim=1)
+
+    table = torch.cat([sinusoid(rows), sinusoid(cols)], dim=1)
+    return torch.cat([table.new_zeros(extras, dim), table]).float()
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -124,18 +155,46 @@ class Block(nn.Module):
         return x + self.mlp(h2)
 
 
+def conv_stem(patch_size: int, in_chans: int, embed_dim: int) -> nn.Sequential:
+    """log2(p) 3x3 stride-2 convolutions, each with BatchNorm and ReLU, channels doubling up to D at the last one:
+    (B, C, H, W) -> (B, D, H/p, W/p). The convolutional stem of Xiao et al. 2021 ("Early convolutions help
+    transformers see better"), which U-ViT's patch-embedding ablation cites; e.g. p=2: C -> D; p=4: C -> D/2 -> D."""
+    n = patch_size.bit_length() - 1
+    if patch_size < 2 or 2**n != patch_size:
+        raise ValueError(f"patch_embed='conv' halves the resolution per 3x3 stride-2 convolution, so the patch "
+                         f"size must be a power of two >= 2, got {patch_size}")
+    layers, channels = [], in_chans
+    for i in range(n):
+        out = embed_dim >> (n - 1 - i)
+        layers += [nn.Conv2d(channels, out, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(out), nn.ReLU()]
+        channels = out
+    return nn.Sequential(*layers)
+
+
 class PatchEmbed(nn.Module):
-    def __init__(self, patch_size: int, in_chans: int, embed_dim: int):
+    """Image -> row-major patch tokens (B, L, D).
+
+    ``kind="linear"`` (the paper's and the default): ``proj`` = Conv2d with kernel = stride = p, a linear map of each
+    patch. ``kind="conv"``: the ablation "convolutional patch embedding" (Sec. 3.1, Fig. 2(d)), ``stem`` =
+    ``conv_stem`` then ``proj`` = a 1x1 convolution to D; the paper found the linear patch embedding better.
+    """
+
+    def __init__(self, patch_size: int, in_chans: int, embed_dim: int, kind: str = "linear"):
         super().__init__()
         self.patch_size = patch_size
-        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+        if kind == "linear":
+            self.stem = nn.Identity()
+            self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+        else:
+            self.stem = conv_stem(patch_size, in_chans, embed_dim)
+            self.proj = nn.Conv2d(embed_dim, embed_dim, kernel_size=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _, _, h, w = x.shape
         p = self.patch_size
         if h % p or w % p:
             raise ValueError(f"image size {h}x{w} is not divisible by the patch size {p}")
-        return self.proj(x).flatten(2).transpose(1, 2)  # (B, L, D), row-major tokens
+        return self.proj(self.stem(x)).flatten(2).transpose(1, 2)  # (B, L, D), row-major tokens
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -151,17 +210,38 @@ class UViT(nn.Module):
     ``num_classes=1001, null_label=1000``; ImageNet 64 has ``num_classes=1000`` and no null class). ``clip_dim``
     adds ``num_clip_token`` text tokens (the text-to-image variant). ``depth`` counts in- and out-blocks:
     ``depth // 2`` of each plus one mid block.
+
+    Design-space switches (U-ViT Sec. 3.1, Fig. 2; the defaults are the paper's choices):
+
+    - ``skip_mode``: long skip as ``Linear(concat(h_m, h_s))`` (best), ``h_m + h_s`` (no better than no skip:
+      the blocks' residual additions already carry h_s linearly), ``h_m + Linear(h_s)``, ``Linear(h_m + h_s)``, or
+      ``none``; ``skip=False`` (the original keyword) means ``none``.
+    - ``time_cond``: time as a token (better, and simpler) or ``adaln`` (adaptive LayerNorm in every block).
+    - ``conv`` / ``conv_position``: the extra 3x3 convolution ``after`` the linear decoder, on the image (better),
+      ``before`` it, on the (H/p, W/p, D) token grid (key ``decoder_conv``), or none (``conv=False``).
+    - ``patch_embed``: ``linear`` (better) or ``conv`` (a 3x3 convolutional stem then a 1x1 convolution).
+    - ``pos_embed``: ``learned`` 1-D (better), ``sincos`` (fixed 2-D table, a non-persistent buffer: no
+      ``pos_embed`` key) or ``none`` (much worse: the paper's model fails to generate meaningful images).
     """
 
     def __init__(self, img_size=224, patch_size=16, in_chans=3, embed_dim=768, depth=12, num_heads=12,
                  mlp_ratio=4.0, qkv_bias=False, qk_scale=None, norm_layer=nn.LayerNorm, mlp_time_embed=False,
                  num_classes=-1, use_checkpoint=False, conv=True, skip=True, clip_dim=None, num_clip_token=77,
-                 skip_mode="concat_linear", time_cond="token", null_label=None):
+                 skip_mode="concat_linear", time_cond="token", null_label=None, conv_position="after",
+                 patch_embed="linear", pos_embed="learned"):
         super().__init__()
         if skip_mode not in SKIP_MODES:
             raise ValueError(f"skip_mode must be one of {SKIP_MODES}, got {skip_mode!r}")
         if time_cond not in TIME_CONDS:
             raise ValueError(f"time_cond must be one of {TIME_CONDS}, got {time_cond!r}")
+        if conv_position not in CONV_POSITIONS:
+            raise ValueError(f"conv_position must be one of {CONV_POSITIONS}, got {conv_position!r}")
+        if conv_position == "before" and not conv:
+            raise ValueError("conv_position='before' places the extra convolution: it needs conv=True")
+        if patch_embed not in PATCH_EMBEDS:
+            raise ValueError(f"patch_embed must be one of {PATCH_EMBEDS}, got {patch_embed!r}")
+        if pos_embed not in POS_EMBEDS:
+            raise ValueError(f"pos_embed must be one of {POS_EMBEDS}, got {pos_embed!r}")
         if clip_dim is not None and num_classes > 0:
             raise ValueError("U-ViT is conditioned on class labels or on text, not both")
         if null_label is not None and not 0 <= null_label < num_classes:
@@ -175,8 +255,9 @@ class UViT(nn.Module):
         self.clip_dim = clip_dim
         self.time_cond = time_cond
 
-        self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim)
-        num_patches = (img_size // patch_size) ** 2
+        self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim, kind=patch_embed)
+        grid_size = img_size // patch_size
+        num_patches = grid_size**2
 
         self.time_embed = (
             nn.Sequential(nn.Linear(embed_dim, 4 * embed_dim), nn.SiLU(), nn.Linear(4 * embed_dim, embed_dim))
@@ -190,7 +271,13 @@ class UViT(nn.Module):
         if clip_dim is not None:
             self.context_embed = nn.Linear(clip_dim, embed_dim)
             self.extras += num_clip_token
-        self.pos_embed = nn.Parameter(torch.zeros(1, self.extras + num_patches, embed_dim))
+        if pos_embed == "learned":
+            self.pos_embed = nn.Parameter(torch.zeros(1, self.extras + num_patches, embed_dim))
+        elif pos_embed == "sincos":  # fixed: rebuilt at construction, never saved
+            self.register_buffer("pos_embed", sincos_2d_pos_embed(grid_size, embed_dim, self.extras)[None],
+                                 persistent=False)
+        else:
+            self.pos_embed = None
 
         skip_mode = skip_mode if skip else "none"
         block = dict(dim=embed_dim, num_heads=num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, qk_scale=qk_scale,
@@ -200,11 +287,15 @@ class UViT(nn.Module):
         self.out_blocks = nn.ModuleList([Block(**block, skip_mode=skip_mode) for _ in range(depth // 2)])
 
         self.norm = norm_layer(embed_dim)
+        self.grid_size = grid_size
+        conv_before, conv_after = conv and conv_position == "before", conv and conv_position == "after"
+        self.decoder_conv = nn.Conv2d(embed_dim, embed_dim, 3, padding=1) if conv_before else None
         self.patch_dim = patch_size**2 * in_chans
         self.decoder_pred = nn.Linear(embed_dim, self.patch_dim, bias=True)
-        self.final_layer = nn.Conv2d(in_chans, in_chans, 3, padding=1) if conv else nn.Identity()
+        self.final_layer = nn.Conv2d(in_chans, in_chans, 3, padding=1) if conv_after else nn.Identity()
 
-        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        if pos_embed == "learned":
+            nn.init.trunc_normal_(self.pos_embed, std=0.02)
         self.apply(self._init_weights)
 
     @staticmethod
@@ -232,7 +323,9 @@ class UViT(nn.Module):
             if y is None:
                 raise ValueError("this U-ViT is class-conditional: pass y")
             tokens.insert(0, self.label_emb(y).unsqueeze(1))  # [label, time, patches]
-        x = torch.cat([*tokens, x], dim=1) + self.pos_embed
+        x = torch.cat([*tokens, x], dim=1)
+        if self.pos_embed is not None:
+            x = x + self.pos_embed
 
         skips = []
         for blk in self.in_blocks:
@@ -242,7 +335,12 @@ class UViT(nn.Module):
         for blk in self.out_blocks:
             x = blk(x, skips.pop(), time_emb=time_emb)
 
-        x = self.decoder_pred(self.norm(x))[:, self.extras :]  # (B, L, p*p*C)
+        x = self.norm(x)
+        if self.decoder_conv is None:
+            x = self.decoder_pred(x)[:, self.extras :]  # (B, L, p*p*C)
+        else:  # ablation: the 3x3 conv on the (D, H/p, W/p) grid of patch tokens, then the linear decoder
+            grid = x[:, self.extras :].transpose(1, 2).reshape(b, self.embed_dim, self.grid_size, self.grid_size)
+            x = self.decoder_pred(self.decoder_conv(grid).flatten(2).transpose(1, 2))
         return self.final_layer(unpatchify(x, self.in_chans))
 
 

@@ -1,0 +1,123 @@
+"""U-ViT's design-space ablation (Bao et al., CVPR 2023, Sec. 3.1 and Fig. 2), one named variant per command.
+
+    python scripts/ablation.py --list
+    python scripts/ablation.py VARIANT [--num_processes N] [--workdir DIR] [--dry-run] [--config.key=value ...]
+
+Every variant is the CIFAR-10 U-ViT-S/2 recipe (configs/cifar10_uvit_s2.py) scored as in the paper's Fig. 2, FID on
+10K EMA samples every 50K steps, plus the variant's switches of the U-ViT constructor (``uvit/model.py``). It runs
+``python train.py`` (one process) or ``accelerate launch --multi_gpu`` (N > 1) from the repository root, in
+``runs/ablation/<variant>`` unless ``--workdir`` says otherwise; re-running the same command resumes. Extra
+``--config.key=value`` flags come last and win over the variant's. ``--dry-run`` prints the command instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+RECIPE = "configs/cifar10_uvit_s2.py"
+PAPER_EVAL = {"eval.every": "50000", "eval.n_samples": "10000"}  # Fig. 2: FID-10K every 50K training steps
+
+
+@dataclass(frozen=True)
+class Variant:
+    panel: str  # which design choice of Fig. 2 it belongs to
+    design: str
+    finding: str  # the paper's conclusion about this choice (no numbers: read them off Fig. 2)
+    model: dict[str, str] = field(default_factory=dict)  # U-ViT constructor keyword -> override value
+
+
+_SKIP = "Fig. 2(a) long skip"
+_SKIP_FINDING = ("concat + linear (the adopted) performs best; h_m + h_s gives no benefit over no long skip, since "
+                 "each block's residual additions already hold h_s linearly; every way that linearly projects h_s "
+                 "beats no long skip")
+VARIANTS: dict[str, Variant] = {
+    "baseline": Variant("Fig. 2, every panel", "the adopted U-ViT: Linear(concat(h_m, h_s)) long skip, time as a "
+                        "token, 3x3 conv after the linear decoder, linear patch embedding, learned 1-D position "
+                        "embedding", "best in every panel; each other variant changes one choice of it"),
+    "skip_add": Variant(_SKIP, "h_m + h_s", _SKIP_FINDING, {"skip_mode": "add"}),
+    "skip_add_linear_skip": Variant(_SKIP, "h_m + Linear(h_s)", _SKIP_FINDING, {"skip_mode": "add_linear_skip"}),
+    "skip_linear_add": Variant(_SKIP, "Linear(h_m + h_s)", _SKIP_FINDING, {"skip_mode": "linear_add"}),
+    "skip_none": Variant(_SKIP, "no long skip connection", _SKIP_FINDING, {"skip_mode": "none"}),
+    "time_adaln": Variant("Fig. 2(b) time", "time through adaptive LayerNorm in every block (no time token)",
+                          "time as a token performs better than adaLN, although it is simpler",
+                          {"time_cond": "adaln"}),
+    "conv_before": Variant("Fig. 2(c) extra conv", "3x3 conv on the (H/p, W/p, D) token grid before the linear "
+                           "decoder", "the 3x3 conv after the linear decoder performs slightly better than before "
+                           "it or none", {"conv_position": "before"}),
+    "conv_none": Variant("Fig. 2(c) extra conv", "no extra convolution", "the 3x3 conv after the linear decoder "
+                         "performs slightly better than before it or none", {"conv": "False"}),
+    "patch_conv": Variant("Fig. 2(d) patch embedding", "3x3 stride-2 conv stem (BN, ReLU) then a 1x1 conv (Xiao "
+                          "et al. 2021)", "the linear patch embedding performs better than the convolutional one",
+                          {"patch_embed": "conv"}),
+    "pos_sincos": Variant("Fig. 2(e) position embedding", "fixed 2-D sinusoidal position embedding (row, column)",
+                          "the learned 1-D position embedding performs better than the 2-D sinusoidal one",
+                          {"pos_embed": "sincos"}),
+    "pos_none": Variant("Fig. 2(e) position embedding", "no position embedding", "without position embedding the "
+                        "model fails to generate meaningful images: position information is critical",
+                        {"pos_embed": "none"}),
+}
+
+
+def overrides(name: str) -> list[str]:
+    """The config flags a variant adds to the recipe: the paper's evaluation, then its model switches."""
+    settings = PAPER_EVAL | {f"model.{k}": v for k, v in VARIANTS[name].model.items()}
+    return [f"--config.{k}={v}" for k, v in settings.items()]
+
+
+def build_command(name: str, num_processes: int = 1, workdir: str | None = None,
+                  extra: tuple[str, ...] = ()) -> list[str]:
+    """The training command of variant ``name``, to run from the repository root."""
+    launcher = [sys.executable]
+    if num_processes > 1:
+        launcher += ["-m", "accelerate.commands.launch", "--multi_gpu", f"--num_processes={num_processes}",
+                     "--num_machines=1", "--dynamo_backend=no"]
+    workdir = workdir or f"runs/ablation/{name}"
+    return [*launcher, "train.py", f"--config={RECIPE}", *overrides(name), *extra, f"--workdir={workdir}"]
+
+
+def describe() -> str:
+    lines = []
+    for name, v in VARIANTS.items():
+        lines += [name, f"  {v.panel}: {v.design}", f"  overrides: {' '.join(overrides(name))}",
+                  f"  paper: {v.finding}"]
+    return "\n".join(lines)
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False,
+                                     epilog="extra --config.key=value flags are passed to train.py after the "
+                                            "variant's own")
+    parser.add_argument("variant", nargs="?", help="one of: " + ", ".join(VARIANTS))
+    parser.add_argument("--list", action="store_true", help="print every variant, its overrides and the finding")
+    parser.add_argument("--num_processes", type=int, default=1, help="> 1: accelerate launch on this many GPUs")
+    parser.add_argument("--workdir", help="default: runs/ablation/<variant> under the repository root")
+    parser.add_argument("--dry-run", action="store_true", help="print the command, do not run it")
+    args, extra = parser.parse_known_args(argv)
+    if args.list:
+        print(describe())
+        return 0
+    if args.variant not in VARIANTS:
+        parser.error(f"unknown variant {args.variant!r}; known: {', '.join(VARIANTS)} (see --list)")
+    bad = [a for a in extra if not (a.startswith("--config.") and "=" in a)]
+    if bad:
+        parser.error(f"unrecognised arguments {' '.join(bad)}: extra flags must look like --config.key=value")
+    if args.num_processes < 1:
+        parser.error("--num_processes must be >= 1")
+    workdir = str(Path(args.workdir).resolve()) if args.workdir else None  # the command runs from the repo root
+    cmd = build_command(args.variant, args.num_processes, workdir, tuple(extra))
+    if args.dry_run:
+        print(shlex.join(cmd))
+        return 0
+    print(f"[ablation] {args.variant}: {shlex.join(cmd)}", file=sys.stderr, flush=True)
+    os.chdir(REPO)
+    os.execv(cmd[0], cmd)  # the trainer takes over this process: signals and exit status are its own
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
