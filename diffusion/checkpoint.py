@@ -1,4 +1,4 @@
-"""Self-describing checkpoints, and loading weights written by the original repositories.
+"""Self-describing checkpoints, the run directory's lock, and loading weights written by the original repositories.
 
 A checkpoint written by the trainer is one directory per step::
 
@@ -6,20 +6,30 @@ A checkpoint written by the trainer is one directory per step::
         model.safetensors   raw (trained) weights
         ema.safetensors     EMA weights, fp32: what sampling uses
         config.json         the resolved config of the run
-        meta.json           step, model class and constructor kwargs, class names, versions
-        train_state.pt      what resume needs: optimizer, grad scaler, step, RNG states (torch.load(weights_only=True))
+        train_state.pt      what resume needs: optimizer, grad scaler, step, samples consumed (weights_only load)
+        meta.json           step, model class and constructor kwargs, class names, versions, and the sha256 and
+                            size of each file above, so that damage is detected rather than trained or sampled on
 
-It is written to ``step_XXXXXXXX.tmp`` and renamed when complete, so a crash mid-save never leaves a directory
-that looks finished. Released checkpoints are single files: U-ViT ``.pth`` (a plain state_dict), DiT ``.pt``
-(a plain EMA state_dict, or the training format ``{"model", "ema", "opt", "args"}``).
+It is written to ``step_XXXXXXXX.tmp`` (files fsync'ed) and renamed when complete, so a crash mid-save never
+leaves a directory that looks finished; a failed save removes its ``.tmp`` and leaves earlier checkpoints as they
+were. Released checkpoints are single files: U-ViT ``.pth`` (a plain state_dict), DiT ``.pt`` (a plain EMA
+state_dict, or the training format ``{"model", "ema", "opt", "args"}``).
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
+import hashlib
 import json
 import os
+import pickle
+import re
 import shutil
+import socket
+import threading
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -28,14 +38,33 @@ from safetensors.torch import load_file, save_file
 from diffusion.config import config_from_json, config_to_json
 
 CHECKPOINTS = "checkpoints"
+CHECKPOINT_FILES = ("model.safetensors", "ema.safetensors", "config.json", "train_state.pt")
+_STEP_DIR = re.compile(r"step_(\d+)")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint or weights file that cannot be used (damaged, truncated, not a checkpoint); names the file."""
+
+
+class UnsafeWeightsError(CheckpointError, pickle.UnpicklingError):
+    """A .pt/.pth file that pickles objects other than tensors and plain containers: never unpickled here."""
+
+
+class CheckpointSaveError(OSError):
+    """Writing a checkpoint failed (full disk, quota, I/O error); its ``.tmp`` was removed, older ones are intact."""
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Finding, writing and verifying checkpoints
+# ----------------------------------------------------------------------------------------------------------
 
 
 def checkpoint_dirs(workdir: str | Path) -> list[Path]:
-    """Finished checkpoints of a run, oldest first."""
+    """Finished checkpoints of a run, oldest first (``.tmp`` directories of interrupted saves are not)."""
     root = Path(workdir) / CHECKPOINTS
     if not root.is_dir():
         return []
-    done = [p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_") and p.suffix != ".tmp"]
+    done = [p for p in root.iterdir() if p.is_dir() and _STEP_DIR.fullmatch(p.name)]
     return sorted(done, key=lambda p: int(p.name[len("step_"):]))
 
 
@@ -44,22 +73,68 @@ def latest_checkpoint(workdir: str | Path) -> Path | None:
     return dirs[-1] if dirs else None
 
 
+def remove_stale_tmp(workdir: str | Path) -> list[Path]:
+    """Delete ``.tmp`` directories left by saves that never finished (a killed run); returns them."""
+    root = Path(workdir) / CHECKPOINTS
+    stale = sorted(root.glob("step_*.tmp")) if root.is_dir() else []
+    for path in stale:
+        shutil.rmtree(path, ignore_errors=True)
+    return stale
+
+
+def sha256_file(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _state_for_safetensors(state: dict) -> dict:
     return {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
 
 
-def save_checkpoint(workdir: str | Path, step: int, *, model_state: dict, ema_state: dict, config, meta: dict,
-                    train_state: dict, keep: int = 0) -> Path:
-    root = Path(workdir) / CHECKPOINTS
-    final = root / f"step_{step:08d}"
-    tmp = final.with_suffix(".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+def _write_files(tmp: Path, model_state: dict, ema_state: dict, config, meta: dict, train_state: dict) -> dict:
     save_file(_state_for_safetensors(model_state), tmp / "model.safetensors")
     save_file(_state_for_safetensors(ema_state), tmp / "ema.safetensors")
     (tmp / "config.json").write_text(config_to_json(config))
-    (tmp / "meta.json").write_text(json.dumps({**meta, "step": step}, indent=2))
     torch.save(train_state, tmp / "train_state.pt")
+    files = {}
+    for name in CHECKPOINT_FILES:
+        _fsync(tmp / name)
+        files[name] = {"sha256": sha256_file(tmp / name), "bytes": (tmp / name).stat().st_size}
+    return files
+
+
+def save_checkpoint(workdir: str | Path, step: int, *, model_state: dict, ema_state: dict, config, meta: dict,
+                    train_state: dict, keep: int = 0) -> Path:
+    """Write ``checkpoints/step_XXXXXXXX`` atomically; ``keep > 0`` then deletes all but the newest ``keep``.
+
+    Any failure while writing (a full disk raises OSError in Python, RuntimeError in torch.save, SafetensorError in
+    safetensors) removes the ``.tmp`` and raises CheckpointSaveError; finished checkpoints are never touched."""
+    root = Path(workdir) / CHECKPOINTS
+    final = root / f"step_{step:08d}"
+    tmp = final.with_suffix(".tmp")
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        files = _write_files(tmp, model_state, ema_state, config, meta, train_state)
+        (tmp / "meta.json").write_text(json.dumps({**meta, "step": step, "files": files}, indent=2))
+        _fsync(tmp / "meta.json")
+    except Exception as err:  # noqa: BLE001 -- whatever failed, the half-written directory must go
+        shutil.rmtree(tmp, ignore_errors=True)
+        full = isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+        hint = "the disk (or quota) is full: free space" if full else "check the disk"
+        older = latest_checkpoint(workdir)
+        raise CheckpointSaveError(
+            f"could not write checkpoint {final} ({type(err).__name__}: {err}); {hint} under {root} and rerun the "
+            f"same command. The partial {tmp.name} was removed; earlier checkpoints are intact"
+            f"{f' (newest: {older.name})' if older else ''}.") from err
     if final.exists():  # re-saving the same step (e.g. after a resume at that step)
         shutil.rmtree(final)
     os.replace(tmp, final)
@@ -69,8 +144,65 @@ def save_checkpoint(workdir: str | Path, step: int, *, model_state: dict, ema_st
     return final
 
 
+def verify_checkpoint(path: str | Path, names: tuple[str, ...] = CHECKPOINT_FILES) -> dict:
+    """meta.json of checkpoint ``path``, after checking size and sha256 of the files ``names`` against it.
+
+    Raises CheckpointError naming the first missing, truncated or damaged file. Checkpoints written before
+    checksums were recorded are checked for the files' presence only."""
+    path = Path(path)
+    try:
+        meta = json.loads((path / "meta.json").read_text())
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"{path / 'meta.json'} is unreadable ({err}): the checkpoint is incomplete") from None
+    records = meta.get("files", {})
+    for name in names:
+        file = path / name
+        if not file.is_file():
+            raise CheckpointError(f"{file} is missing: the checkpoint is incomplete")
+        if name not in records:
+            continue
+        size, expected = file.stat().st_size, records[name]
+        if size != expected["bytes"]:
+            raise CheckpointError(f"{file} is truncated or damaged: {size} bytes, meta.json records "
+                                  f"{expected['bytes']}")
+        if sha256_file(file) != expected["sha256"]:
+            raise CheckpointError(f"{file} is damaged: its sha256 differs from the one recorded in meta.json")
+    return meta
+
+
+@dataclass
+class Checkpoint:
+    """Everything a trainer checkpoint holds, read and verified."""
+
+    path: Path
+    model: dict
+    ema: dict
+    train_state: dict
+    config: object
+    meta: dict
+
+
+def _read(file: Path, reader):
+    try:
+        return reader(file)
+    except Exception as err:  # noqa: BLE001 -- any reader's failure means the same thing: this file is unusable
+        raise CheckpointError(f"{file} is unreadable ({type(err).__name__}: {err})") from None
+
+
+def load_checkpoint(path: str | Path, verify: bool = True) -> Checkpoint:
+    """Verify (unless another process just did) and read every file of a trainer checkpoint; CheckpointError names
+    the file that is not usable."""
+    path = Path(path)
+    meta = verify_checkpoint(path) if verify else json.loads((path / "meta.json").read_text())
+    return Checkpoint(path=path, model=_read(path / "model.safetensors", load_file),
+                      ema=_read(path / "ema.safetensors", load_file),
+                      train_state=_read(path / "train_state.pt", _torch_load),
+                      config=_read(path / "config.json", lambda f: config_from_json(f.read_text())), meta=meta)
+
+
 def load_checkpoint_dir(path: str | Path, weights: str = "ema"):
-    """-> (state_dict, config, meta) of a trainer checkpoint directory (or a run directory: its newest)."""
+    """-> (state_dict, config, meta) of a trainer checkpoint directory (or a run directory: its newest), after
+    verifying the weights and config files against the checksums in its meta.json."""
     path = Path(path)
     if not (path / "meta.json").is_file():
         latest = latest_checkpoint(path)
@@ -78,12 +210,30 @@ def load_checkpoint_dir(path: str | Path, weights: str = "ema"):
             raise FileNotFoundError(f"{path} is neither a checkpoint directory (with meta.json) nor a run directory "
                                     f"with finished checkpoints under {CHECKPOINTS}/")
         path = latest
-    state = load_file(path / f"{weights}.safetensors")
-    return state, config_from_json((path / "config.json").read_text()), json.loads((path / "meta.json").read_text())
+    try:
+        meta = verify_checkpoint(path, (f"{weights}.safetensors", "config.json"))
+    except CheckpointError as err:
+        others = [p.name for p in checkpoint_dirs(path.parent) if p != path]
+        hint = f"; pass another checkpoint directory, e.g. --ckpt={path.parent / others[-1]}" if others else ""
+        raise CheckpointError(f"{err}{hint}") from None
+    state = _read(path / f"{weights}.safetensors", load_file)
+    return state, config_from_json((path / "config.json").read_text()), meta
+
+
+def _torch_load(file: Path):
+    return torch.load(file, map_location="cpu", weights_only=True)
 
 
 def load_train_state(path: str | Path) -> dict:
-    return torch.load(Path(path) / "train_state.pt", map_location="cpu", weights_only=True)
+    return _torch_load(Path(path) / "train_state.pt")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Released and original-format weights
+# ----------------------------------------------------------------------------------------------------------
+
+EXPECTED_WEIGHTS = ("expected a state_dict of tensors (.safetensors, or a U-ViT/DiT .pth/.pt), or DiT's training "
+                    "checkpoint {'model', 'ema', 'opt', 'args'}")
 
 
 def read_weights_file(path: str | Path, prefer: str = "ema") -> dict:
@@ -91,18 +241,129 @@ def read_weights_file(path: str | Path, prefer: str = "ema") -> dict:
 
     ``.safetensors`` directly; ``.pt``/``.pth`` with ``torch.load(weights_only=True)``, allowing only
     ``argparse.Namespace`` (DiT's training checkpoints pickle their args as one). From a training-format dict
-    ``{"model", "ema", ...}`` the ``prefer`` entry is returned.
+    ``{"model", "ema", ...}`` the ``prefer`` entry is returned. Unreadable, truncated and foreign files raise
+    CheckpointError naming the file and what was expected.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"weights file not found: {path}")
     if path.suffix == ".safetensors":
-        return load_file(path)
-    with torch.serialization.safe_globals([argparse.Namespace]):
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            return load_file(path)
+        except Exception as err:  # noqa: BLE001 -- SafetensorError, OSError: the file is not usable either way
+            raise CheckpointError(f"{path} is not a readable safetensors file ({err}); a truncated download or "
+                                  f"copy? Fetch it again") from None
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(err))
+        what = f"an object of class {found.group(1)}" if found else "objects other than tensors"
+        raise UnsafeWeightsError(f"{path} is not a weights file: it pickles {what}, which is never unpickled "
+                                 f"here; {EXPECTED_WEIGHTS}") from None
+    except Exception as err:  # noqa: BLE001 -- torch raises RuntimeError, KeyError, EOFError for damaged files
+        reason = str(err).split(". ")[0] or type(err).__name__
+        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint ({reason}); a truncated download or "
+                              f"a file of another kind? {EXPECTED_WEIGHTS}") from None
     if isinstance(obj, dict) and prefer in obj and isinstance(obj[prefer], dict):
         return obj[prefer]
-    if isinstance(obj, dict) and all(isinstance(v, torch.Tensor) for v in obj.values()):
+    if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
         return obj
-    raise ValueError(f"{path} is not a state_dict nor a {{'model', 'ema', ...}} training checkpoint "
-                     f"(top-level keys: {list(obj)[:8] if isinstance(obj, dict) else type(obj).__name__})")
+    raise CheckpointError(f"{path} holds no weights ({EXPECTED_WEIGHTS}; top-level "
+                          f"{f'keys: {list(obj)[:8]}' if isinstance(obj, dict) else type(obj).__name__})")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# One run per working directory
+# ----------------------------------------------------------------------------------------------------------
+
+
+class WorkdirBusyError(RuntimeError):
+    """Another live run holds the working directory's lock."""
+
+
+class WorkdirLock:
+    """``WORKDIR/train.lock``: host, pid and start time of the run using the directory, created atomically
+    (O_CREAT | O_EXCL). The holder touches it every ``HEARTBEAT`` seconds from a daemon thread. A lock is stale, and
+    taken over, when its process is dead on this host or it has not been touched for ``STALE_AFTER`` seconds (a run
+    killed on another machine); two processes racing to take over the same stale lock can both succeed (rare)."""
+
+    NAME = "train.lock"
+    HEARTBEAT = 60.0
+    STALE_AFTER = 300.0
+
+    def __init__(self, workdir: str | Path):
+        self.path = Path(workdir) / self.NAME
+        self.record = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def acquire(self) -> str | None:
+        """Take the lock; returns a note when a stale lock was taken over. Raises WorkdirBusyError."""
+        note = None
+        while True:
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+                break
+            except FileExistsError:
+                holder, stale = self._holder()
+                if stale is None or note is not None:
+                    raise WorkdirBusyError(
+                        f"workdir {self.path.parent} is in use by another run ({holder}; lock file {self.path}). "
+                        f"Use another --workdir, or wait for that run to end; if it is dead, delete {self.path}"
+                    ) from None
+                self.path.unlink(missing_ok=True)
+                note = f"took over the stale lock {self.path} of {holder} ({stale})"
+        with os.fdopen(fd, "w") as f:
+            json.dump(self.record, f)
+        self._thread = threading.Thread(target=self._beat, name="workdir-lock-heartbeat", daemon=True)
+        self._thread.start()
+        return note
+
+    def _holder(self) -> tuple[str, str | None]:
+        """(description of the holder, why its lock is stale or None while it is live)."""
+        try:
+            age = time.time() - self.path.stat().st_mtime
+            holder = json.loads(self.path.read_text())
+            host, pid = holder["host"], int(holder["pid"])
+        except FileNotFoundError:
+            return "a run that just ended", "the lock is gone"
+        except (OSError, ValueError, KeyError, TypeError):
+            return "an unknown run (unreadable lock)", "unreadable lock" if age > 10 else None
+        who = f"host {host}, pid {pid}, started {holder.get('started', '?')}"
+        if host == socket.gethostname() and not _pid_alive(pid):
+            return who, f"process {pid} is not running"
+        if age > self.STALE_AFTER:
+            return who, f"no heartbeat for {age:.0f} s"
+        return who, None
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.HEARTBEAT):
+            try:
+                os.utime(self.path)
+            except OSError:
+                return
+
+    def release(self) -> None:
+        self._stop.set()
+        try:
+            if json.loads(self.path.read_text()) == self.record:
+                self.path.unlink()
+        except (OSError, ValueError):
+            pass
+
+    def __enter__(self) -> WorkdirLock:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -12,6 +12,7 @@ import ast
 import difflib
 import importlib.util
 import json
+import traceback
 from pathlib import Path
 
 import ml_collections
@@ -28,8 +29,10 @@ def base_config() -> ml_collections.ConfigDict:
             # None: DiT's model.class_dropout_prob, else 0. A DiT config where both are set must agree.
             cond=dict(p_uncond=None),
             data=dict(name="", root="data", image_size=32, random_flip=True, num_workers=4, download=False,
-                      split="", verify_checksums=True),  # split: "" = training split; checksums: md5 of
-            # CIFAR-10/CelebA files, sha256 of every latent shard (slow on ImageNet: the latent configs turn it off)
+                      split="", verify_checksums=True, on_corrupt="skip"),  # split: "" = training split; checksums:
+            # md5 of CIFAR-10/CelebA files, sha256 of every latent shard (slow on ImageNet: the latent configs turn it
+            # off); on_corrupt: an unreadable image is replaced by the next readable one and counted ("skip"), or
+            # stops the run naming the file ("error")
             # Latent diffusion: the Stable Diffusion KL-f8 autoencoder (diffusers AutoencoderKL). ``pretrained``: a hub
             # id, a local diffusers folder, or a single original-format file (.pth/.ckpt/.safetensors) whose
             # architecture comes from ``single_file_config`` (a diffusers folder or hub id). Empty: pixel space.
@@ -43,6 +46,10 @@ def base_config() -> ml_collections.ConfigDict:
                 steps=1000,
                 batch_size=128,  # global: all processes and accumulation steps together
                 grad_accum_steps=1,
+                # Noise, times and label/caption dropout of step s drawn for the whole global batch from a generator
+                # seeded by (seed, s), each process taking its rows: any process count and accumulation give the
+                # same run. False: each process draws its own (the original repositories' way).
+                global_noise=True,
                 mixed_precision="no",  # no | fp16 | bf16 (weights, optimizer and EMA stay fp32)
                 grad_clip=0.0,  # max grad norm; 0 = off
                 ema_decay=0.9999,
@@ -155,15 +162,32 @@ class ConfigError(ValueError):
 
 
 def load_config(path: str | Path) -> ml_collections.ConfigDict:
+    """Run a config file's ``get_config()``. Its mistakes (syntax errors, exceptions) become one ConfigError naming
+    the file and line, not a traceback into the loader."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     spec = importlib.util.spec_from_file_location(f"_config_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    if not hasattr(module, "get_config"):
-        raise ConfigError(f"{path} defines no get_config()")
-    return module.get_config()
+    try:
+        spec.loader.exec_module(module)
+        if not hasattr(module, "get_config"):
+            raise ConfigError(f"{path} defines no get_config()")
+        config = module.get_config()
+    except SyntaxError as err:
+        text = f": {err.text.strip()}" if err.text and err.text.strip() else ""
+        raise ConfigError(f"{err.filename or path}:{err.lineno}: syntax error in the config file: {err.msg}{text}"
+                          ) from None
+    except ConfigError:
+        raise
+    except Exception as err:  # noqa: BLE001 -- any mistake in the user's file is reported the same way
+        lines = [f.lineno for f in traceback.extract_tb(err.__traceback__) if Path(f.filename) == path]
+        where = f"{path}:{lines[-1]}" if lines else str(path)
+        raise ConfigError(f"{where}: the config file raised {type(err).__name__}: {err}") from None
+    if not isinstance(config, ml_collections.ConfigDict):
+        raise ConfigError(f"{path}: get_config() returned {type(config).__name__}, expected an "
+                          f"ml_collections.ConfigDict (start from diffusion.config.base_config())")
+    return config
 
 
 def _parse_value(text: str, current):
@@ -195,10 +219,26 @@ def _backbone_keyword(config: ml_collections.ConfigDict, parts: list[str]) -> bo
     return parts[1] in constructor_keywords(config.model.get("name", ""))
 
 
+# Settings each diffusion kind's builder reads from the ``diffusion`` section besides ``kind`` (the builders in
+# diffusion.objectives / diffusion.iddpm hold their defaults; tests/test_config.py checks that every one is accepted).
+DIFFUSION_KEYWORDS = {
+    "vp_sde": ("beta_min", "beta_max"),
+    "sd_discrete": ("num_steps", "linear_start", "linear_end"),
+    "iddpm": ("num_steps", "beta_schedule", "learn_sigma", "timestep_respacing", "sigma_small", "clip_denoised"),
+}
+
+
+def _diffusion_keyword(config: ml_collections.ConfigDict, parts: list[str]) -> bool:
+    """``diffusion.<setting>`` for any setting of the configured kind, also where the config leaves it default."""
+    if len(parts) != 2 or parts[0] != "diffusion" or "diffusion" not in config:
+        return False
+    return parts[1] in DIFFUSION_KEYWORDS.get(config.diffusion.get("kind", ""), ())
+
+
 def apply_override(config: ml_collections.ConfigDict, dotted_key: str, text: str) -> None:
     node, parts = config, dotted_key.split(".")
-    if _backbone_keyword(config, parts) and parts[1] not in config.model:
-        config.model[parts[1]] = _parse_value(text, None)
+    if (_backbone_keyword(config, parts) or _diffusion_keyword(config, parts)) and parts[1] not in config[parts[0]]:
+        config[parts[0]][parts[1]] = _parse_value(text, None)
         return
     for depth, part in enumerate(parts):
         if not isinstance(node, ml_collections.ConfigDict) or part not in node:
@@ -221,7 +261,8 @@ def apply_override(config: ml_collections.ConfigDict, dotted_key: str, text: str
 
 def parse_command_line(argv: list[str], flags: dict[str, str | None] | None = None, require_config: bool = True):
     """Parse ``--config=FILE``, ``--config.a.b=V`` and the extra ``--name=V`` flags listed in ``flags`` (name ->
-    default). Returns (config or None, {flag: value}). Accepts ``--flag value`` as well as ``--flag=value``."""
+    default). Returns (config or None, {flag: value}). Accepts ``--flag value`` as well as ``--flag=value``; a flag
+    whose default is a bool is a switch: ``--name`` alone sets it, ``--name=false`` clears it."""
     flags = dict(flags or {})
     config_path, overrides, values = None, [], dict(flags)
     args = list(argv)
@@ -230,7 +271,8 @@ def parse_command_line(argv: list[str], flags: dict[str, str | None] | None = No
         if not arg.startswith("--"):
             raise ConfigError(f"unexpected argument {arg!r}; flags look like --name=value")
         name, eq, value = arg[2:].partition("=")
-        if not eq:
+        switch = isinstance(flags.get(name), bool)
+        if not eq and not switch:
             if not args:
                 raise ConfigError(f"flag --{name} needs a value")
             value = args.pop(0)
@@ -238,6 +280,11 @@ def parse_command_line(argv: list[str], flags: dict[str, str | None] | None = No
             config_path = value
         elif name.startswith("config."):
             overrides.append((name[len("config."):], value))
+        elif switch:
+            try:
+                values[name] = _parse_value(value, True) if eq else True
+            except ConfigError as err:
+                raise ConfigError(f"bad value for --{name}: {err}") from None
         elif name in flags:
             values[name] = value
         else:
@@ -274,3 +321,84 @@ def config_from_json(text: str) -> ml_collections.ConfigDict:
         return out
 
     return ml_collections.ConfigDict(merge(base_config().to_dict(), tuples(json.loads(text))))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Checks of values, listing and comparing configs
+# ----------------------------------------------------------------------------------------------------------
+
+MIXED_PRECISION = ("no", "fp16", "bf16")
+ON_CORRUPT = ("skip", "error")
+
+
+def _choice(key: str, value, choices: tuple[str, ...]) -> str | None:
+    if value in choices:
+        return None
+    close = difflib.get_close_matches(str(value), choices, n=1)
+    fix = close[0] if close else choices[0]
+    return (f"unknown {key} {value!r}; use one of {', '.join(choices)}"
+            f"{f' (did you mean {fix!r}?)' if close else ''}: --config.{key}={fix}")
+
+
+def check_values(config: ml_collections.ConfigDict) -> None:
+    """Refuse training settings that cannot work, before anything is built: each message names the key, the value
+    and a fix that works as written. All problems are reported together."""
+    tc, oc = config.train, config.optim
+    defaults = base_config().train
+    problems = []
+    at_least_one = {
+        "steps": "optimizer steps to train for",
+        "batch_size": "the global batch over all processes and accumulation steps",
+        "grad_accum_steps": "micro-batches per optimizer step",
+        "log_every": "steps between loss lines",
+    }
+    for key, what in at_least_one.items():
+        if tc[key] < 1:
+            problems.append(f"train.{key} must be >= 1 ({what}), got {tc[key]}: e.g. "
+                            f"--config.train.{key}={defaults[key]}")
+    if tc.ckpt_every < 1:
+        problems.append(f"train.ckpt_every must be >= 1, got {tc.ckpt_every}; to save only at the end use "
+                        f"--config.train.ckpt_every={max(tc.steps, 1)}")
+    for key, zero in (("sample_every", "no previews"), ("keep_checkpoints", "keep all")):
+        if tc[key] < 0:
+            problems.append(f"train.{key} must be >= 0 (0 = {zero}), got {tc[key]}: --config.train.{key}=0")
+    if not 0.0 <= tc.ema_decay <= 1.0:
+        problems.append(f"train.ema_decay must lie in [0, 1], got {tc.ema_decay}: e.g. --config.train.ema_decay=0.9999")
+    if tc.grad_clip < 0:
+        problems.append(f"train.grad_clip must be >= 0 (0 = off), got {tc.grad_clip}: --config.train.grad_clip=0")
+    if oc.lr < 0 or oc.warmup_steps < 0:
+        problems.append(f"optim.lr and optim.warmup_steps must be >= 0, got {oc.lr} and {oc.warmup_steps}")
+    for key, value, choices in (("train.mixed_precision", tc.mixed_precision, MIXED_PRECISION),
+                                ("data.on_corrupt", config.data.on_corrupt, ON_CORRUPT)):
+        problem = _choice(key, value, choices)
+        if problem:
+            problems.append(problem)
+    if problems:
+        raise ConfigError("; ".join(problems))
+
+
+def flatten_config(config: ml_collections.ConfigDict | dict, prefix: str = "") -> dict:
+    """{"train.steps": 1000, ...}: every value under its dotted key (tuples and lists compare as lists)."""
+    items = config.items() if isinstance(config, dict) else config.to_dict().items()
+    flat = {}
+    for key, value in items:
+        if isinstance(value, (dict, ml_collections.ConfigDict)):
+            flat.update(flatten_config(value if isinstance(value, dict) else value.to_dict(), f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = list(value) if isinstance(value, tuple) else value
+    return flat
+
+
+def describe_config(config: ml_collections.ConfigDict) -> str:
+    """The config's keys and values as ``--config.<key>=<value>`` lines (for ``--help``), plus the keys that are
+    settable although the file leaves them at their defaults (backbone keywords, diffusion settings)."""
+    lines = [f"  --config.{key}={value!r}" for key, value in flatten_config(config).items()]
+    from diffusion.registry import constructor_keywords  # the registry imports this module
+
+    for section, names in (("model", constructor_keywords(config.model.get("name", ""))),
+                           ("diffusion", DIFFUSION_KEYWORDS.get(config.diffusion.get("kind", ""), ()))):
+        unset = sorted(set(names) - set(config[section]))
+        if unset:
+            lines.append(f"  also settable, at the {section} default now: "
+                         + ", ".join(f"{section}.{name}" for name in unset))
+    return "\n".join(lines)

@@ -54,6 +54,10 @@ class DatasetNotFoundError(FileNotFoundError):
     """A dataset's files are not where the config says; the message names the path and the fix."""
 
 
+class UnreadableDataError(ValueError):
+    """An unreadable training image met with ``data.on_corrupt="error"``; the message names the file and the fix."""
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Image transforms
 
@@ -387,8 +391,9 @@ class InfiniteSampler(Sampler[int]):
 
     The global stream concatenates epochs; epoch e is ``torch.randperm(n)`` drawn from a generator seeded with
     ``seed + e`` (``arange(n)`` without shuffling). Rank r takes global positions r, r + world_size, ... that are
-    >= ``start_index``, the number of global positions already consumed (``step * global_batch_size`` on resume).
-    Only the current epoch's permutation is held, and resuming jumps straight to the right epoch.
+    >= ``start_index``, the number of global positions already consumed (the samples a resumed run has trained on).
+    Only the current epoch's permutation is held, and resuming jumps straight to the right epoch. With
+    ``with_positions`` it yields ``(global position, index)`` pairs, the keys of :class:`StreamItems`.
     """
 
     def __init__(
@@ -399,6 +404,7 @@ class InfiniteSampler(Sampler[int]):
         seed: int = 0,
         shuffle: bool = True,
         start_index: int = 0,
+        with_positions: bool = False,
     ) -> None:
         if dataset_len <= 0:
             raise ValueError(f"dataset_len must be positive, got {dataset_len}")
@@ -412,6 +418,7 @@ class InfiniteSampler(Sampler[int]):
         self.seed = seed
         self.shuffle = shuffle
         self.start_index = start_index
+        self.with_positions = with_positions
 
     def _epoch_order(self, epoch: int) -> list[int]:
         if not self.shuffle:
@@ -426,8 +433,44 @@ class InfiniteSampler(Sampler[int]):
             e, offset = divmod(position, self.dataset_len)
             if e != epoch:
                 epoch, order = e, self._epoch_order(e)
-            yield order[offset]
+            yield (position, order[offset]) if self.with_positions else order[offset]
             position += self.world_size
+
+
+class StreamItems(Dataset):
+    """The training stream's items: ``items[(position, index)]`` is ``dataset[index]`` read with torch's CPU RNG
+    seeded from (``seed``, position), so random flips, posterior samples and caption choices depend only on where the
+    item sits in the stream -- not on the process or DataLoader worker reading it, nor on whether the run resumed.
+
+    An unreadable item (OSError: a truncated or non-image file) is replaced by the next readable index, and the
+    errors are returned under ``"skipped"`` (one string per item, "" when nothing was skipped, errors joined by
+    newlines) for the trainer to count and to apply ``data.on_corrupt``: a corrupt file never ends an epoch early.
+    """
+
+    def __init__(self, dataset: Dataset, seed: int) -> None:
+        self.dataset = dataset
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def read(self, index: int) -> tuple[dict[str, Any], list[str]]:
+        """(the first readable item at ``index`` or after it, cyclically; the errors of the unreadable ones)."""
+        errors: list[str] = []
+        for k in range(len(self)):
+            try:
+                return self.dataset[(index + k) % len(self)], errors
+            except OSError as err:
+                errors.append(str(err))
+        raise DatasetNotFoundError(f"no item of {type(self.dataset).__name__} is readable; first error: {errors[0]}")
+
+    def __getitem__(self, key: tuple[int, int]) -> dict[str, Any]:
+        position, index = key
+        in_worker = torch.utils.data.get_worker_info() is not None  # a worker's RNG is its own to reseed
+        with torch.random.fork_rng(devices=[], enabled=not in_worker):
+            torch.default_generator.manual_seed((self.seed * 1_000_000_007 + position) % 2**63)
+            item, errors = self.read(index)
+        return {**item, "skipped": "\n".join(errors)}
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -1,9 +1,19 @@
 """The training loop: one for every backbone, objective and dataset, read top to bottom.
 
 accelerate provides devices, DDP over processes and nodes, and mixed precision (autocast + fp16 grad scaler).
-Weights, optimizer state and the EMA stay fp32. Randomness is reseeded from (seed, rank, step) at the start and
-after every checkpoint, and the data order is a function of (seed, position), so a resumed run sees the same
-data order and noise draws from its checkpoint onwards as a run that never stopped.
+Weights, optimizer state and the EMA stay fp32.
+
+Determinism. The randomness of step s is a function of (seed, s): with ``train.global_noise`` the noise, times and
+label/caption dropout of the whole global batch come from one generator seeded by (seed, s) and each process takes
+its rows, so 2 processes x B, 1 process x 2B and 2 accumulation steps x B are the same run; torch's global RNG is
+reseeded from (seed, rank, s) every step; and an item's augmentation depends on its position in the data stream
+(``diffusion.data.StreamItems``). Checkpoints store the samples consumed, so a run resumed from any checkpoint --
+also one saved on a signal at an arbitrary step -- continues bit-identically (CPU, fp32).
+
+Robustness. One run per working directory (``train.lock``). SIGTERM, SIGINT and SIGUSR1 save a checkpoint at the
+next step boundary and raise :class:`StoppedBySignal` (train.py exits 3); a second signal exits at once. Resume
+takes the newest checkpoint whose checksums verify, naming the damaged ones it skips, and refuses config changes
+that would alter the run (:data:`RESUMABLE_CHANGES` lists those it accepts) unless ``allow_config_change``.
 """
 
 from __future__ import annotations
@@ -13,21 +23,31 @@ import json
 import logging
 import math
 import os
+import shlex
+import signal
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Callable
-from contextlib import nullcontext
-from dataclasses import dataclass
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import broadcast_object_list
 from tqdm.auto import tqdm
 
 from diffusion import checkpoint as ckpt
-from diffusion.config import ConfigError, config_to_json
-from diffusion.data import InfiniteSampler, build_dataset, digits_classifier_accuracy
+from diffusion.config import ConfigError, check_values, config_to_json, flatten_config
+from diffusion.data import (
+    InfiniteSampler,
+    StreamItems,
+    UnreadableDataError,
+    build_dataset,
+    digits_classifier_accuracy,
+)
 from diffusion.registry import build_model, build_objective, label_dropout, resolve_model_kwargs
 from diffusion.sampling import class_rows, generate, num_real_classes, preview_settings, sample_grid
 
@@ -72,20 +92,23 @@ def ema_decay_at(step: int, decay: float, warmup: bool) -> float:
     return min(decay, (1 + step) / (10 + step)) if warmup else decay
 
 
-def drop_labels(y: torch.Tensor, p_uncond: float, null_label: int | None) -> torch.Tensor:
-    """Classifier-free guidance training: replace each label by the null label with probability p_uncond."""
+def drop_labels(y: torch.Tensor, p_uncond: float, null_label: int | None,
+                uniform: torch.Tensor | None = None) -> torch.Tensor:
+    """Classifier-free guidance training: replace each label by the null label with probability p_uncond
+    (where the row's ``uniform`` draw, fresh ones if not given, is below it)."""
     if p_uncond <= 0:
         return y
-    drop = torch.rand(y.shape, device=y.device) < p_uncond
-    return torch.where(drop, torch.full_like(y, null_label), y)
+    u = torch.rand(y.shape, device=y.device) if uniform is None else uniform
+    return torch.where(u < p_uncond, torch.full_like(y, null_label), y)
 
 
-def drop_contexts(context: torch.Tensor, p_uncond: float, null_context: torch.Tensor) -> torch.Tensor:
+def drop_contexts(context: torch.Tensor, p_uncond: float, null_context: torch.Tensor,
+                  uniform: torch.Tensor | None = None) -> torch.Tensor:
     """Text-to-image guidance training: replace each caption's tokens by the empty caption's with p_uncond."""
     if p_uncond <= 0:
         return context
-    drop = torch.rand(context.shape[0], device=context.device) < p_uncond
-    return torch.where(drop.view(-1, 1, 1), null_context.to(context), context)
+    u = torch.rand(context.shape[0], device=context.device) if uniform is None else uniform
+    return torch.where((u < p_uncond).view(-1, 1, 1), null_context.to(context), context)
 
 
 def reseed(seed: int, rank: int, step: int) -> None:
@@ -144,6 +167,7 @@ class TrainData:
     """What the loop needs from the data side."""
 
     dataset: torch.utils.data.Dataset
+    example: dict  # the first readable item: what the model's conditioning is checked against
     shape: tuple[int, ...]  # (C, H, W) the backbone sees: latents for latent models
     encode: Callable | None  # images -> scaled latents, when the config encodes on the fly (the original DiT's way)
     decode: Callable | None  # scaled latents -> images, for previews
@@ -172,9 +196,11 @@ def prepare_data(config, device) -> TrainData:
     dataset = build_dataset(config.data, train=True, autoencoder_cfg=config.autoencoder,
                             text_encoder_cfg=config.text_encoder)
     on_the_fly = autoencoder is not None and config.data.name not in LATENT_DATASETS
-    shape = autoencoder.latent_shape(config.data.image_size) if on_the_fly else tuple(dataset[0]["x"].shape)
+    example, _ = StreamItems(dataset, config.seed).read(0)
+    shape = autoencoder.latent_shape(config.data.image_size) if on_the_fly else tuple(example["x"].shape)
     null_context = getattr(dataset, "null_context", None)
-    return TrainData(dataset=dataset, shape=tuple(shape), encode=autoencoder.encode if on_the_fly else None,
+    return TrainData(dataset=dataset, example=example, shape=tuple(shape),
+                     encode=autoencoder.encode if on_the_fly else None,
                      decode=autoencoder.decode if autoencoder is not None else None,
                      null_context=None if null_context is None else null_context.to(device),
                      class_names=[str(c) for c in getattr(dataset, "classes", [])] or None,
@@ -183,7 +209,7 @@ def prepare_data(config, device) -> TrainData:
 
 def check_conditioning(net, data: TrainData, p_uncond: float) -> None:
     """The model's conditioning must be one the data can feed, and guidance training needs a null input."""
-    sample = data.dataset[0]
+    sample = data.example
     if getattr(net, "clip_dim", None) is not None:
         if "context" not in sample:
             raise ConfigError(f"the model is text-conditioned (clip_dim set) but dataset {type(data.dataset).__name__} "
@@ -198,12 +224,15 @@ def check_conditioning(net, data: TrainData, p_uncond: float) -> None:
                           "and null_label = classes; DiT: class_dropout_prob > 0)")
 
 
-def batch_conditioning(net, batch: dict, data: TrainData, p_uncond: float, device) -> dict:
-    """The network's conditioning inputs for one batch, with classifier-free guidance dropout applied."""
+def batch_conditioning(net, batch: dict, data: TrainData, p_uncond: float, device,
+                       uniform: torch.Tensor | None = None) -> dict:
+    """The network's conditioning inputs for one batch, with classifier-free guidance dropout applied (decided by
+    ``uniform``, one draw per row, when given)."""
     if getattr(net, "clip_dim", None) is not None:
-        return {"context": drop_contexts(batch["context"].to(device, non_blocking=True), p_uncond, data.null_context)}
+        context = batch["context"].to(device, non_blocking=True)
+        return {"context": drop_contexts(context, p_uncond, data.null_context, uniform)}
     if num_real_classes(net) > 0:
-        return {"y": drop_labels(batch["y"].to(device, non_blocking=True), p_uncond, net.null_label)}
+        return {"y": drop_labels(batch["y"].to(device, non_blocking=True), p_uncond, net.null_label, uniform)}
     return {}
 
 
@@ -218,174 +247,532 @@ def preview_contexts(data: TrainData, config) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Training
+# One run per working directory; stopping on signals
 # ----------------------------------------------------------------------------------------------------------
 
 
-def train(config, workdir: str | Path) -> Path:
-    """Train from ``config`` in ``workdir``, resuming from its newest checkpoint. Returns the final checkpoint."""
+@contextmanager
+def workdir_lock(workdir: Path):
+    """Rank 0 holds ``workdir/train.lock`` for the whole run, taken before any collective so that a refused run
+    ends at once (the other ranks of its launch are then stopped by the launcher)."""
+    if int(os.environ.get("RANK", "0")) != 0:
+        yield
+        return
+    lock = ckpt.WorkdirLock(workdir)
+    note = lock.acquire()
+    if note:
+        print(f"[train] {note}", file=sys.stderr)
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+
+
+class StoppedBySignal(Exception):
+    """Training stopped on a signal after saving ``checkpoint`` (None on processes other than rank 0)."""
+
+    def __init__(self, signal_name: str, step: int, checkpoint: Path | None):
+        self.signal_name, self.step, self.checkpoint = signal_name, step, checkpoint
+        super().__init__(f"stopped by {signal_name} at step {step}; checkpoint {checkpoint}")
+
+
+class StopRequest:
+    """Handlers for what schedulers send before a time limit or preemption (SIGTERM, SIGUSR1) and for Ctrl-C
+    (SIGINT): the first signal asks the loop to save and stop at the next step boundary; another one more than
+    ``REPEAT_GRACE`` seconds later exits at once without saving (status 128 + signal number). Repeats within the
+    grace period count as the same request: launchers (torchrun, accelerate launch) forward a terminal's Ctrl-C to
+    workers that have received it already."""
+
+    REPEAT_GRACE = 2.0
+
+    def __init__(self):
+        self.signal_name: str | None = None
+        self._first = 0.0
+        self._previous: dict = {}
+        self._speak = int(os.environ.get("RANK", "0")) == 0
+
+    def __enter__(self) -> StopRequest:
+        if threading.current_thread() is threading.main_thread():  # Python runs handlers only there
+            self._previous = {sig: signal.signal(sig, self._handle) for sig in STOP_SIGNALS}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum, frame) -> None:
+        name = signal.Signals(signum).name
+        if self.signal_name is None:
+            self.signal_name, self._first = name, time.monotonic()
+            self._say(f"{name}: saving a checkpoint at the end of this step (send it again to exit at once)")
+        elif time.monotonic() - self._first > self.REPEAT_GRACE:
+            self._say(f"{name} again: exiting now without saving")
+            os._exit(128 + signum)
+
+    def _say(self, text: str) -> None:
+        if self._speak:  # os.write: a handler may interrupt a print() to the same stream
+            os.write(2, f"\n[train] {text}\n".encode())
+
+    def agreed(self, accelerator: Accelerator) -> bool:
+        """Whether any process was asked to stop. A collective (max) with several processes, so that all of them
+        stop after the same step; one scalar per step."""
+        if accelerator.num_processes == 1:
+            return self.signal_name is not None
+        flag = torch.tensor(float(self.signal_name is not None), device=accelerator.device)
+        return accelerator.reduce(flag, reduction="max").item() > 0
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The run's objects
+# ----------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Progress:
+    """Where a run stands besides its weights and optimizer: what a checkpoint's train_state records."""
+
+    step: int = 0
+    samples_seen: int = 0  # global stream positions consumed: the data position never depends on batch-size history
+
+
+@dataclass
+class Run:
+    """The objects of one training run, built by :func:`start_run`."""
+
+    config: object
+    workdir: Path
+    accelerator: Accelerator
+    data: TrainData
+    net: torch.nn.Module  # the bare network: the weights saved and averaged into the EMA
+    ema: torch.nn.Module
+    model: torch.nn.Module  # net as prepared by accelerate (DDP, compile): what the loss calls
+    optimizer: torch.optim.Optimizer
+    objective: object
+    p_uncond: float
+    meta: dict
+    micro_batch: int
+    wandb: WandbLogger | None = None
+    skipped_images: int = 0
+
+    @property
+    def device(self) -> torch.device:
+        return self.accelerator.device
+
+    @property
+    def rank(self) -> int:
+        return self.accelerator.process_index
+
+    @property
+    def world(self) -> int:
+        return self.accelerator.num_processes
+
+    @property
+    def is_main(self) -> bool:
+        return self.accelerator.is_main_process
+
+
+def start_run(config, workdir: Path) -> Run:
+    """Accelerator, logging, data, model, objective, EMA and optimizer of a run, checked against each other."""
     tc, oc = config.train, config.optim
     # A multi-process launch (torchrun / accelerate launch) on a machine without CUDA: DDP over gloo on the CPU.
     cpu_ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
     accelerator = Accelerator(mixed_precision=tc.mixed_precision, cpu=cpu_ddp,
                               dynamo_backend="inductor" if tc.compile else None)
-    rank, world = accelerator.process_index, accelerator.num_processes
-    is_main = accelerator.is_main_process
-    workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    setup_logging(workdir, is_main)
-
-    per_step = world * tc.grad_accum_steps
+    setup_logging(workdir, accelerator.is_main_process)
+    per_step = accelerator.num_processes * tc.grad_accum_steps
     if tc.batch_size % per_step:
         raise ConfigError(f"train.batch_size={tc.batch_size} must be divisible by processes x grad_accum_steps "
-                          f"= {world} x {tc.grad_accum_steps}")
-    micro_batch = tc.batch_size // per_step
+                          f"= {accelerator.num_processes} x {tc.grad_accum_steps}: e.g. "
+                          f"--config.train.batch_size={per_step * max(1, round(tc.batch_size / per_step))}")
     if config.eval.metric not in EVAL_METRICS:
         raise ConfigError(f"unknown eval.metric {config.eval.metric!r}; known: {', '.join(EVAL_METRICS[1:])}")
-
     if tc.tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
 
-    # -- data, model, objective ----------------------------------------------------------------------------
     data = prepare_data(config, accelerator.device)
-    dataset, image_shape, class_names = data.dataset, data.shape, data.class_names
     torch.manual_seed(config.seed)  # identical initial weights on every rank and every launch
     net = build_model(config.model)
     model_name, model_kwargs = resolve_model_kwargs(config.model)
     objective = build_objective(config.diffusion)
     p_uncond = label_dropout(config, model_name, model_kwargs)
     check_conditioning(net, data, p_uncond)
-    meta = {"model_name": model_name, "model_kwargs": model_kwargs, "image_shape": list(image_shape),
-            "class_names": class_names, "class_counts": data.class_counts, "torch": torch.__version__}
-
+    meta = {"model_name": model_name, "model_kwargs": json.loads(json.dumps(model_kwargs)),
+            "image_shape": list(data.shape), "class_names": data.class_names, "class_counts": data.class_counts,
+            "torch": torch.__version__}
     ema = copy.deepcopy(net).float().requires_grad_(False).eval()
     optimizer = torch.optim.AdamW(param_groups(net, oc.weight_decay, oc.decay_all_params), lr=oc.lr,
                                   betas=tuple(oc.betas), eps=oc.eps)
+    return Run(config=config, workdir=workdir, accelerator=accelerator, data=data, net=net, ema=ema, model=net,
+               optimizer=optimizer, objective=objective, p_uncond=p_uncond, meta=meta,
+               micro_batch=tc.batch_size // per_step)
 
-    # -- resume --------------------------------------------------------------------------------------------
-    step, resume_from = 0, ckpt.latest_checkpoint(workdir)
-    if resume_from is not None:
-        saved_meta = json.loads((resume_from / "meta.json").read_text())
-        if saved_meta["model_name"] != model_name or saved_meta["model_kwargs"] != json.loads(json.dumps(model_kwargs)):
-            raise ConfigError(f"{workdir} holds a run of a different model ({resume_from}); "
-                              f"use another --workdir or the original config")
-        from safetensors.torch import load_file
 
-        net.load_state_dict(load_file(resume_from / "model.safetensors"))
-        ema.load_state_dict(load_file(resume_from / "ema.safetensors"))
-        state = ckpt.load_train_state(resume_from)
-        optimizer.load_state_dict(state["optimizer"])
-        step = state["step"]
-    model, optimizer = accelerator.prepare(net, optimizer)
-    if resume_from is not None and accelerator.scaler is not None and state.get("scaler"):
-        accelerator.scaler.load_state_dict(state["scaler"])
-    ema.to(accelerator.device)
+def prepare(run: Run, scaler_state: dict) -> None:
+    """Hand the (resumed) network and optimizer to accelerate; the fp16 grad scaler exists only after this."""
+    run.model, run.optimizer = run.accelerator.prepare(run.net, run.optimizer)
+    if scaler_state and run.accelerator.scaler is not None:
+        run.accelerator.scaler.load_state_dict(scaler_state)
+    run.ema.to(run.device)
 
-    sampler = InfiniteSampler(len(dataset), rank=rank, world_size=world, seed=config.seed,
-                              start_index=step * tc.batch_size)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=micro_batch, sampler=sampler,
-                                         num_workers=config.data.num_workers, drop_last=True,
-                                         pin_memory=accelerator.device.type == "cuda",
-                                         persistent_workers=config.data.num_workers > 0)
-    batches = iter(loader)
-    reseed(config.seed, rank, step)
 
-    wandb_logger = WandbLogger(config, workdir, is_main)
-    if is_main:
-        (workdir / "config.json").write_text(config_to_json(config))
-        n_params = sum(p.numel() for p in net.parameters())
-        what = f"resuming from {resume_from} (step {step})" if resume_from else "starting from scratch"
-        log.info("%s | %s %s, %.2fM params | %d process(es), micro-batch %d x %d accum | %s", workdir, model_name,
-                 config.model.get("preset") or "", n_params / 1e6, world, micro_batch, tc.grad_accum_steps, what)
-        print(f"[train] {what}; workdir {workdir}", file=sys.stderr)
+def announce(run: Run, progress: Progress, resumed: Path | None) -> None:
+    """config.json, the first log line, wandb: rank 0 only."""
+    run.wandb = WandbLogger(run.config, run.workdir, run.is_main)
+    if not run.is_main:
+        return
+    tc = run.config.train
+    (run.workdir / "config.json").write_text(config_to_json(run.config))
+    n_params = sum(p.numel() for p in run.net.parameters())
+    what = f"resuming from {resumed} (step {progress.step})" if resumed else "starting from scratch"
+    log.info("%s | %s %s, %.2fM params | %d process(es), micro-batch %d x %d accum | %s", run.workdir,
+             run.meta["model_name"], run.config.model.get("preset") or "", n_params / 1e6, run.world, run.micro_batch,
+             tc.grad_accum_steps, what)
+    print(f"[train] {what}; workdir {run.workdir}", file=sys.stderr)
 
-    def save(at_step: int) -> Path:
-        path = None
-        if is_main:
-            train_state = {"optimizer": optimizer.state_dict(), "step": at_step,
-                           "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else {}}
-            path = ckpt.save_checkpoint(workdir, at_step, model_state=net.state_dict(), ema_state=ema.state_dict(),
-                                        config=config, meta=meta, train_state=train_state, keep=tc.keep_checkpoints)
-            log.info("step %d: saved %s", at_step, path)
-        accelerator.wait_for_everyone()
-        reseed(config.seed, rank, at_step)
-        return path or ckpt.checkpoint_dirs(workdir)[-1]
 
-    def preview(at_step: int) -> Path | None:
-        path = None
-        if is_main:
-            path = sample_grid(ema, objective, preview_settings(config), image_shape,
-                               workdir / "samples" / f"step_{at_step:08d}.png", class_names=class_names,
-                               device=accelerator.device, decode=data.decode, **preview_contexts(data, config))
-            wandb_logger.image("samples", path, at_step)
-        accelerator.wait_for_everyone()
-        return path
+def report(run: Run, text: str) -> None:
+    """A notice for the user on stderr and in log.txt (rank 0)."""
+    if run.is_main:
+        log.warning("%s", text)
+        print(f"[train] {text}", file=sys.stderr)
 
-    # -- loop ----------------------------------------------------------------------------------------------
-    model.train()
-    loss_sum = torch.zeros((), device=accelerator.device)
-    window_start, window_steps = time.perf_counter(), 0
-    last_ckpt = resume_from
-    bar = tqdm(total=tc.steps, initial=step, disable=not is_main, desc="train", dynamic_ncols=True)
-    while step < tc.steps:
-        lr = learning_rate(step, oc.lr, oc.warmup_steps)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        for micro in range(tc.grad_accum_steps):
-            batch = next(batches)
-            x = batch["x"].to(accelerator.device, non_blocking=True)
-            if data.encode is not None:
-                x = data.encode(x)
-            cond = batch_conditioning(net, batch, data, p_uncond, accelerator.device)
-            sync = micro == tc.grad_accum_steps - 1
-            with nullcontext() if sync else accelerator.no_sync(model):
-                loss = objective.training_losses(model, x, cond)["loss"].mean()
-                accelerator.backward(loss / tc.grad_accum_steps)
-            loss_sum += loss.detach() / tc.grad_accum_steps
-        if tc.grad_clip > 0:
-            accelerator.clip_grad_norm_(model.parameters(), tc.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        update_ema(ema, net, ema_decay_at(step, tc.ema_decay, tc.ema_warmup))
-        step += 1
-        window_steps += 1
+
+# ----------------------------------------------------------------------------------------------------------
+# Resuming
+# ----------------------------------------------------------------------------------------------------------
+
+# Config keys whose change a resumed run accepts (and logs): they leave the meaning of the checkpoint's optimizer
+# state, EMA and data position intact. lr, warm-up and clipping are often changed on purpose mid-run; grad_accum_steps
+# splits the same global batch (the same run with train.global_noise). Every other key -- model, diffusion, data,
+# autoencoder, text encoder, seed, label dropout, batch size, optimizer betas/eps/weight decay, EMA, global_noise,
+# and keys added later -- is refused unless train.py --allow_config_change.
+RESUMABLE_CHANGES = (
+    "train.steps", "train.log_every", "train.ckpt_every", "train.keep_checkpoints", "train.sample_every",
+    "train.compile", "train.tf32", "train.mixed_precision", "train.grad_accum_steps", "train.grad_clip",
+    "optim.lr", "optim.warmup_steps", "data.num_workers", "data.verify_checksums", "data.download",
+    "data.on_corrupt", "autoencoder.chunk_size", "sample.*", "preview.*", "eval.*", "wandb.*",
+)
+_UNSET = "<unset>"
+
+
+def _resumable(key: str) -> bool:
+    return key in RESUMABLE_CHANGES or f"{key.split('.')[0]}.*" in RESUMABLE_CHANGES
+
+
+def _override(key: str, value) -> str:
+    """The command-line flag that sets ``key`` back to ``value``, quoted for a shell."""
+    if value == _UNSET:
+        return f"(drop --config.{key})"
+    text = value if isinstance(value, str) else str(value)
+    return shlex.quote(f"--config.{key}={text}")
+
+
+def config_changes(saved, config, saved_meta: dict, meta: dict) -> dict[str, tuple]:
+    """{key: (checkpoint's value, new value)} for every differing key; the model compares as the resolved
+    constructor kwargs (a preset and the same kwargs spelled out are the same model)."""
+    def flat(cfg, model_meta: dict) -> dict:
+        values = {k: v for k, v in flatten_config(cfg).items() if not k.startswith("model.")}
+        model = {"name": model_meta["model_name"], **model_meta["model_kwargs"]}
+        return values | flatten_config(model, "model.")
+
+    old, new = flat(saved, saved_meta), flat(config, meta)
+    return {k: (old.get(k, _UNSET), new.get(k, _UNSET)) for k in sorted(old.keys() | new.keys())
+            if old.get(k, _UNSET) != new.get(k, _UNSET)}
+
+
+def check_config_changes(run: Run, found: ckpt.Checkpoint, allow: bool) -> None:
+    """Refuse a resume whose config changes the run (naming each key), unless ``allow``; log accepted changes."""
+    changes = config_changes(found.config, run.config, found.meta, run.meta)
+    refused = {k: v for k, v in changes.items() if not _resumable(k)}
+    if refused and not allow:
+        listing = "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in refused.items())
+        restore = " ".join(_override(k, old) for k, (old, _) in refused.items())
+        what = (f"{run.workdir} holds a run of a different model ({found.path})"
+                if any(k.startswith("model.") for k in refused) else f"resuming {found.path} with a changed config")
+        raise ConfigError(f"{what}: {listing}. Such changes alter what the run trains. To continue the run, restore "
+                          f"them: {restore}; to start a new run, use another --workdir; to continue with the changes "
+                          f"anyway, rerun with --allow_config_change")
+    if changes:
+        listing = "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changes.items())
+        how = " (accepted by --allow_config_change)" if refused else ""
+        report(run, f"config changes since {found.path.name}{how}: {listing}")
+
+
+def find_checkpoint(run: Run) -> ckpt.Checkpoint | None:
+    """Rank 0 removes stale ``.tmp`` saves and picks the newest checkpoint whose files verify, naming each damaged
+    one it passes over; every other process then reads the same one."""
+    choice: list[str | None] = [None]
+    found = None
+    if run.is_main:
+        for path in ckpt.remove_stale_tmp(run.workdir):
+            report(run, f"removed {path}, left by a save that never finished")
+        dirs = ckpt.checkpoint_dirs(run.workdir)
+        for path in reversed(dirs):
+            try:
+                found = ckpt.load_checkpoint(path)
+                choice = [path.name]
+                break
+            except ckpt.CheckpointError as err:
+                report(run, f"warning: skipping damaged checkpoint {path.name}: {err}")
+        if dirs and found is None:
+            raise ckpt.CheckpointError(f"no usable checkpoint under {run.workdir / ckpt.CHECKPOINTS}: every one is "
+                                       f"damaged (see above); move them elsewhere to start this run from scratch")
+    if run.world > 1:
+        broadcast_object_list(choice)
+        if not run.is_main and choice[0] is not None:
+            found = ckpt.load_checkpoint(run.workdir / ckpt.CHECKPOINTS / choice[0], verify=False)
+    return found
+
+
+def load_state(module: torch.nn.Module, state: dict, source: Path) -> None:
+    try:
+        module.load_state_dict(state)
+    except RuntimeError as err:
+        raise ConfigError(f"{source} does not fit the configured model: {str(err).splitlines()[1:3]}") from None
+
+
+def resume(run: Run, allow_config_change: bool) -> tuple[Progress, Path | None, dict]:
+    """Load the newest intact checkpoint into the run's network, EMA and optimizer, once its config is found to
+    continue this one. -> (progress, the checkpoint or None, grad-scaler state)."""
+    found = find_checkpoint(run)
+    if found is None:
+        return Progress(), None, {}
+    check_config_changes(run, found, allow_config_change)
+    load_state(run.net, found.model, found.path / "model.safetensors")
+    load_state(run.ema, found.ema, found.path / "ema.safetensors")
+    state = found.train_state
+    run.optimizer.load_state_dict(state["optimizer"])
+    # Checkpoints from before samples_seen was recorded consumed step x their own batch size.
+    samples_seen = state.get("samples_seen", state["step"] * found.config.train.batch_size)
+    return Progress(step=state["step"], samples_seen=samples_seen), found.path, state.get("scaler") or {}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Data and randomness of a step
+# ----------------------------------------------------------------------------------------------------------
+
+
+def training_batches(run: Run, samples_seen: int):
+    """This process's micro-batches from global stream position ``samples_seen`` on, endlessly."""
+    cfg = run.config.data
+    sampler = InfiniteSampler(len(run.data.dataset), rank=run.rank, world_size=run.world, seed=run.config.seed,
+                              start_index=samples_seen, with_positions=True)
+    loader = torch.utils.data.DataLoader(StreamItems(run.data.dataset, run.config.seed), batch_size=run.micro_batch,
+                                         sampler=sampler, num_workers=cfg.num_workers, drop_last=True,
+                                         pin_memory=run.device.type == "cuda", persistent_workers=cfg.num_workers > 0)
+    return iter(loader)
+
+
+def count_skipped(run: Run, skipped: list[str]) -> int:
+    """Apply data.on_corrupt to the unreadable images a micro-batch replaced: stop naming the file, or warn."""
+    errors = [error for item in skipped if item for error in item.split("\n")]
+    if errors and run.config.data.on_corrupt == "error":
+        raise UnreadableDataError(f"{errors[0]}. Replace or delete the file, or set --config.data.on_corrupt=skip to "
+                                  f"skip unreadable images (each is replaced by the next readable one and counted)")
+    for error in errors:
+        where = f" (process {run.rank})" if run.world > 1 else ""
+        print(f"[train] warning{where}: skipped an unreadable image, the next readable one took its place: {error}",
+              file=sys.stderr)
+        log.warning("skipped an unreadable image: %s", error)
+    return len(errors)
+
+
+def sample_times(objective, n: int, device, generator: torch.Generator) -> torch.Tensor:
+    """Training times as ``objective.training_losses`` draws them: the VP objectives' ``sample_time``; the
+    learned-variance diffusion's uniform (respaced) step index in [0, num_timesteps)."""
+    if hasattr(objective, "sample_time"):
+        return objective.sample_time(n, device, generator)
+    return torch.randint(0, objective.num_timesteps, (n,), device=device, generator=generator)
+
+
+@dataclass
+class StepDraws:
+    """Times, noise and dropout draws of one step for the whole global batch, rows in stream order."""
+
+    t: torch.Tensor
+    noise: torch.Tensor
+    uniform: torch.Tensor
+
+    def rows(self, micro: int, micro_batch: int, rank: int, world: int) -> tuple[dict, torch.Tensor]:
+        """({"t", "noise"}, uniform) of this process's micro-batch ``micro``: the sampler deals rank r the global
+        positions r, r + world, ..., so micro-batch m holds the step's rows m * mb * world + r + j * world."""
+        rows = slice(micro * micro_batch * world + rank, (micro + 1) * micro_batch * world, world)
+        return {"t": self.t[rows], "noise": self.noise[rows]}, self.uniform[rows]
+
+
+def step_draws(run: Run, step: int) -> StepDraws:
+    """One generator seeded by (seed, step), on the device, drawing for ``train.batch_size`` rows at once: the
+    same numbers for any process count, micro-batch size or accumulation."""
+    n = run.config.train.batch_size
+    generator = torch.Generator(run.device).manual_seed((run.config.seed + 1) * 6_364_136_223_846_793 + step)
+    t = sample_times(run.objective, n, run.device, generator)
+    uniform = torch.rand(n, device=run.device, generator=generator)
+    noise = torch.randn((n, *run.data.shape), device=run.device, generator=generator)
+    return StepDraws(t=t, noise=noise, uniform=uniform)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The loop
+# ----------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Window:
+    """What the next log line reports: this process's loss since the last line and images it skipped."""
+
+    loss_sum: torch.Tensor
+    steps: int = 0
+    skipped: int = 0
+    lr: float = 0.0
+    start: float = field(default_factory=time.perf_counter)
+
+
+def train_step(run: Run, batches, progress: Progress, window: Window) -> None:
+    """One optimizer step over grad_accum_steps micro-batches, then the EMA update."""
+    tc, oc = run.config.train, run.config.optim
+    reseed(run.config.seed, run.rank, progress.step)
+    window.lr = learning_rate(progress.step, oc.lr, oc.warmup_steps)
+    for group in run.optimizer.param_groups:
+        group["lr"] = window.lr
+    draws = step_draws(run, progress.step) if tc.global_noise else None
+    for micro in range(tc.grad_accum_steps):
+        batch = next(batches)
+        window.skipped += count_skipped(run, batch.pop("skipped"))
+        given, uniform = draws.rows(micro, run.micro_batch, run.rank, run.world) if draws else ({}, None)
+        x = batch["x"].to(run.device, non_blocking=True)
+        if run.data.encode is not None:
+            x = run.data.encode(x)
+        cond = batch_conditioning(run.net, batch, run.data, run.p_uncond, run.device, uniform)
+        sync = micro == tc.grad_accum_steps - 1
+        with nullcontext() if sync else run.accelerator.no_sync(run.model):
+            loss = run.objective.training_losses(run.model, x, cond, **given)["loss"].mean()
+            run.accelerator.backward(loss / tc.grad_accum_steps)
+        window.loss_sum += loss.detach() / tc.grad_accum_steps
+    if tc.grad_clip > 0:
+        run.accelerator.clip_grad_norm_(run.model.parameters(), tc.grad_clip)
+    run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    update_ema(run.ema, run.net, ema_decay_at(progress.step, tc.ema_decay, tc.ema_warmup))
+    progress.step += 1
+    progress.samples_seen += tc.batch_size
+    window.steps += 1
+
+
+def log_window(run: Run, step: int, window: Window, last_ckpt: Path | None, bar) -> None:
+    """The global mean loss (every process's micro-batches weigh the same) and throughput since the last line."""
+    totals = run.accelerator.reduce(torch.stack([window.loss_sum, torch.tensor(float(window.skipped),
+                                                                               device=run.device)]), reduction="sum")
+    mean_loss = totals[0].item() / run.world / window.steps
+    run.skipped_images += int(totals[1].item())
+    if not math.isfinite(mean_loss):
+        raise FloatingPointError(
+            f"loss is {mean_loss} at step {step}; nothing was saved after {last_ckpt or 'the start'}. "
+            f"Lower optim.lr, enable train.grad_clip, or use train.mixed_precision=bf16/no.")
+    throughput = window.steps * run.config.train.batch_size / (time.perf_counter() - window.start)
+    skipped = f" | {run.skipped_images} unreadable images skipped so far" if run.skipped_images else ""
+    bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{window.lr:.2e}", img_s=f"{throughput:.0f}")
+    log.info("step %d loss %.5f lr %.3e img/s %.1f%s", step, mean_loss, window.lr, throughput, skipped)
+    run.wandb.log({"loss": mean_loss, "lr": window.lr, "img_per_sec": throughput}, step)
+    window.loss_sum.zero_()
+    window.steps, window.skipped, window.start = 0, 0, time.perf_counter()
+
+
+def save(run: Run, progress: Progress) -> Path:
+    """Checkpoint the run at its current step (rank 0 writes; everyone waits)."""
+    path = None
+    if run.is_main:
+        scaler = run.accelerator.scaler
+        train_state = {"optimizer": run.optimizer.state_dict(), "step": progress.step,
+                       "samples_seen": progress.samples_seen, "scaler": scaler.state_dict() if scaler else {}}
+        path = ckpt.save_checkpoint(run.workdir, progress.step, model_state=run.net.state_dict(),
+                                    ema_state=run.ema.state_dict(), config=run.config, meta=run.meta,
+                                    train_state=train_state, keep=run.config.train.keep_checkpoints)
+        log.info("step %d: saved %s", progress.step, path)
+    run.accelerator.wait_for_everyone()
+    return path or run.workdir / ckpt.CHECKPOINTS / f"step_{progress.step:08d}"
+
+
+def preview(run: Run, step: int) -> Path | None:
+    """A grid of EMA samples in workdir/samples (rank 0)."""
+    path = None
+    if run.is_main:
+        path = sample_grid(run.ema, run.objective, preview_settings(run.config), run.data.shape,
+                           run.workdir / "samples" / f"step_{step:08d}.png", class_names=run.data.class_names,
+                           device=run.device, decode=run.data.decode, **preview_contexts(run.data, run.config))
+        run.wandb.image("samples", path, step)
+    run.accelerator.wait_for_everyone()
+    return path
+
+
+def train_loop(run: Run, progress: Progress, stop: StopRequest, last_ckpt: Path | None) -> Path:
+    """Steps until train.steps or a stop request all processes agree on; returns the checkpoint of the step the
+    loop ended at (saving one unless the periodic save just did)."""
+    tc = run.config.train
+    batches = training_batches(run, progress.samples_seen)
+    window = Window(loss_sum=torch.zeros((), device=run.device))
+    bar = tqdm(total=tc.steps, initial=progress.step, disable=not run.is_main, desc="train", dynamic_ncols=True)
+    while progress.step < tc.steps and not stop.agreed(run.accelerator):
+        train_step(run, batches, progress, window)
         bar.update(1)
-
+        step = progress.step
         checkpoint_now = step % tc.ckpt_every == 0 or step == tc.steps
         if step % tc.log_every == 0 or checkpoint_now:
-            mean_loss = accelerator.reduce(loss_sum, reduction="mean").item() / window_steps
-            if not math.isfinite(mean_loss):
-                raise FloatingPointError(
-                    f"loss is {mean_loss} at step {step}; nothing was saved after {last_ckpt or 'the start'}. "
-                    f"Lower optim.lr, enable train.grad_clip, or use train.mixed_precision=bf16/no.")
-            elapsed = time.perf_counter() - window_start
-            throughput = window_steps * tc.batch_size / elapsed
-            bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", img_s=f"{throughput:.0f}")
-            log.info("step %d loss %.5f lr %.3e img/s %.1f", step, mean_loss, lr, throughput)
-            wandb_logger.log({"loss": mean_loss, "lr": lr, "img_per_sec": throughput}, step)
-            loss_sum.zero_()
-            window_start, window_steps = time.perf_counter(), 0
+            log_window(run, step, window, last_ckpt, bar)
         if checkpoint_now:
-            last_ckpt = save(step)
+            last_ckpt = save(run, progress)
         if tc.sample_every > 0 and step % tc.sample_every == 0 and step != tc.steps:
-            preview(step)
+            preview(run, step)
     bar.close()
+    if last_ckpt is not None and last_ckpt.name == f"step_{progress.step:08d}":
+        return last_ckpt
+    return save(run, progress)
 
-    final = last_ckpt if last_ckpt is not None and last_ckpt.name == f"step_{step:08d}" else save(step)
-    grid = preview(step)
-    if is_main:
-        metrics = evaluate(config, ema, objective, image_shape, accelerator.device)
+
+def finish(run: Run, progress: Progress, final: Path) -> Path:
+    """The final preview grid and evaluation, and the summary lines."""
+    grid = preview(run, progress.step)
+    if run.is_main:
+        metrics = evaluate(run.config, run.ema, run.objective, run.data.shape, run.device)
         if metrics:
-            log.info("step %d eval %s", step, metrics)
-            wandb_logger.log(metrics, step)
+            log.info("step %d eval %s", progress.step, metrics)
+            run.wandb.log(metrics, progress.step)
             (final / "eval.json").write_text(json.dumps(metrics, indent=2))
         print(f"[train] checkpoint: {final}", file=sys.stderr)
         print(f"[train] sample grid: {grid}", file=sys.stderr)
+        if run.skipped_images:
+            print(f"[train] {run.skipped_images} unreadable images were skipped (data.on_corrupt=skip); see "
+                  f"{run.workdir / 'log.txt'}", file=sys.stderr)
         for k, v in metrics.items():
             print(f"[train] {k}: {v:.4f}", file=sys.stderr)
-    wandb_logger.finish()
-    accelerator.end_training()
+    run.wandb.finish()
+    run.accelerator.end_training()
     return final
+
+
+def train(config, workdir: str | Path, allow_config_change: bool = False) -> Path:
+    """Train from ``config`` in ``workdir``, resuming from its newest intact checkpoint. Returns the final checkpoint.
+
+    Raises StoppedBySignal once a checkpoint is saved after SIGTERM/SIGINT/SIGUSR1; ConfigError for settings that
+    cannot work or that change the run being resumed (unless ``allow_config_change``); WorkdirBusyError when
+    another live run holds ``workdir``; CheckpointSaveError when a checkpoint cannot be written.
+    """
+    check_values(config)
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    with workdir_lock(workdir), StopRequest() as stop:
+        run = start_run(config, workdir)
+        progress, resumed, scaler_state = resume(run, allow_config_change)
+        prepare(run, scaler_state)
+        announce(run, progress, resumed)
+        final = train_loop(run, progress, stop, resumed)
+        if stop.agreed(run.accelerator):
+            run.wandb.finish()
+            raise StoppedBySignal(stop.signal_name or "a signal to another process", progress.step,
+                                  final if run.is_main else None)
+        return finish(run, progress, final)
 
 
 def evaluate(config, ema, objective, image_shape, device) -> dict:
