@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 
 from diffusion.checkpoint import latest_checkpoint, load_checkpoint_dir, read_weights_file
-from diffusion.config import ConfigError, apply_override, load_config
+from diffusion.config import ConfigError, apply_override, describe_config, load_config
 from diffusion.registry import build_model, build_objective, resolve_model_kwargs
 from diffusion.released import RELEASED, released_config
 from diffusion.sampling import (
@@ -315,13 +315,35 @@ def run(args, overrides) -> str:
             f"{f'; PNGs in {args.png_dir}' if args.png_dir else ''}")
 
 
+def print_help(rest: list[str], overrides) -> int:
+    """Usage and flags; with --config, that config's keys and values (the ones --config.key=value can set)."""
+    build_parser().print_help()
+    paths = [a.partition("=")[2] for a in rest if a.startswith("--config=")]
+    paths += [rest[i + 1] for i, a in enumerate(rest[:-1]) if a == "--config"]
+    if not paths:
+        print("\nAdd --config=FILE to list that config's keys and values.")
+        return 0
+    try:
+        config = load_config(paths[-1])
+        for key, value in overrides:
+            apply_override(config, key, value)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"\nKeys of {paths[-1]} with the overrides given (set any with --config.<key>=<value>):")
+    print(describe_config(config))
+    return 0
+
+
 def main(argv: list[str]) -> int:
     try:
         overrides, rest = split_overrides(argv)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    args = build_parser().parse_args(rest)  # --help prints usage and exits 0; bad flags exit 2
+    if "-h" in rest or "--help" in rest:
+        return print_help(rest, overrides)
+    args = build_parser().parse_args(rest)  # bad flags exit 2
     start = time.perf_counter()
     try:
         summary = run(args, overrides)

@@ -126,9 +126,10 @@ def save_checkpoint(workdir: str | Path, step: int, *, model_state: dict, ema_st
         files = _write_files(tmp, model_state, ema_state, config, meta, train_state)
         (tmp / "meta.json").write_text(json.dumps({**meta, "step": step, "files": files}, indent=2))
         _fsync(tmp / "meta.json")
-    except Exception as err:  # noqa: BLE001 -- whatever failed, the half-written directory must go
+    except Exception as err:  # noqa: BLE001 -- whatever failed, the half-written directory must go; a full disk
+        # is named by its message: OSError, torch's RuntimeError and safetensors' error all carry the strerror
         shutil.rmtree(tmp, ignore_errors=True)
-        full = isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+        full = any(os.strerror(code) in str(err) for code in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG))
         hint = "the disk (or quota) is full: free space" if full else "check the disk"
         older = latest_checkpoint(workdir)
         raise CheckpointSaveError(
@@ -213,8 +214,8 @@ def load_checkpoint_dir(path: str | Path, weights: str = "ema"):
     try:
         meta = verify_checkpoint(path, (f"{weights}.safetensors", "config.json"))
     except CheckpointError as err:
-        others = [p.name for p in checkpoint_dirs(path.parent) if p != path]
-        hint = f"; pass another checkpoint directory, e.g. --ckpt={path.parent / others[-1]}" if others else ""
+        others = [p for p in checkpoint_dirs(path.parent.parent) if p != path]  # run/checkpoints/step_X
+        hint = f"; pass another checkpoint directory, e.g. --ckpt={others[-1]}" if others else ""
         raise CheckpointError(f"{err}{hint}") from None
     state = _read(path / f"{weights}.safetensors", load_file)
     return state, config_from_json((path / "config.json").read_text()), meta
@@ -256,13 +257,13 @@ def read_weights_file(path: str | Path, prefer: str = "ema") -> dict:
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
             obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
+    except Exception as err:  # noqa: BLE001 -- torch raises UnpicklingError, RuntimeError, KeyError, EOFError
         found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(err))
-        what = f"an object of class {found.group(1)}" if found else "objects other than tensors"
-        raise UnsafeWeightsError(f"{path} is not a weights file: it pickles {what}, which is never unpickled "
-                                 f"here; {EXPECTED_WEIGHTS}") from None
-    except Exception as err:  # noqa: BLE001 -- torch raises RuntimeError, KeyError, EOFError for damaged files
-        reason = str(err).split(". ")[0] or type(err).__name__
+        if found:
+            raise UnsafeWeightsError(f"{path} is not a weights file: it pickles an object of class {found.group(1)}, "
+                                     f"which is never unpickled here; {EXPECTED_WEIGHTS}") from None
+        unpickler = re.search(r"WeightsUnpickler error: \s*(.+)", str(err))  # not torch's advice, only its reason
+        reason = unpickler.group(1).strip() if unpickler else str(err).split(". ")[0] or type(err).__name__
         raise CheckpointError(f"{path} is not a readable PyTorch checkpoint ({reason}); a truncated download or "
                               f"a file of another kind? {EXPECTED_WEIGHTS}") from None
     if isinstance(obj, dict) and prefer in obj and isinstance(obj[prefer], dict):

@@ -12,6 +12,7 @@ import ast
 import difflib
 import importlib.util
 import json
+import shlex
 import traceback
 from pathlib import Path
 
@@ -389,16 +390,22 @@ def flatten_config(config: ml_collections.ConfigDict | dict, prefix: str = "") -
     return flat
 
 
+def override_flag(key: str, value) -> str:
+    """``--config.<key>=<value>`` as typed in a shell (quoted where needed); parses back to ``value``."""
+    return shlex.quote(f"--config.{key}={value}")
+
+
 def describe_config(config: ml_collections.ConfigDict) -> str:
     """The config's keys and values as ``--config.<key>=<value>`` lines (for ``--help``), plus the keys that are
     settable although the file leaves them at their defaults (backbone keywords, diffusion settings)."""
-    lines = [f"  --config.{key}={value!r}" for key, value in flatten_config(config).items()]
+    lines = [f"  {override_flag(key, value)}" for key, value in flatten_config(config).items()]
     from diffusion.registry import constructor_keywords  # the registry imports this module
 
     for section, names in (("model", constructor_keywords(config.model.get("name", ""))),
                            ("diffusion", DIFFUSION_KEYWORDS.get(config.diffusion.get("kind", ""), ()))):
         unset = sorted(set(names) - set(config[section]))
         if unset:
-            lines.append(f"  also settable, at the {section} default now: "
+            default = "the preset's or the constructor's" if section == "model" else "the builder's"
+            lines.append(f"  also settable (now at {default} default): "
                          + ", ".join(f"{section}.{name}" for name in unset))
     return "\n".join(lines)

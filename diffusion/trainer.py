@@ -23,7 +23,6 @@ import json
 import logging
 import math
 import os
-import shlex
 import signal
 import sys
 import threading
@@ -40,7 +39,7 @@ from accelerate.utils import broadcast_object_list
 from tqdm.auto import tqdm
 
 from diffusion import checkpoint as ckpt
-from diffusion.config import ConfigError, check_values, config_to_json, flatten_config
+from diffusion.config import ConfigError, check_values, config_to_json, flatten_config, override_flag
 from diffusion.data import (
     InfiniteSampler,
     StreamItems,
@@ -462,12 +461,8 @@ def _resumable(key: str) -> bool:
     return key in RESUMABLE_CHANGES or f"{key.split('.')[0]}.*" in RESUMABLE_CHANGES
 
 
-def _override(key: str, value) -> str:
-    """The command-line flag that sets ``key`` back to ``value``, quoted for a shell."""
-    if value == _UNSET:
-        return f"(drop --config.{key})"
-    text = value if isinstance(value, str) else str(value)
-    return shlex.quote(f"--config.{key}={text}")
+def _restore_flag(key: str, value) -> str:
+    return f"(drop --config.{key})" if value == _UNSET else override_flag(key, value)
 
 
 def config_changes(saved, config, saved_meta: dict, meta: dict) -> dict[str, tuple]:
@@ -489,7 +484,7 @@ def check_config_changes(run: Run, found: ckpt.Checkpoint, allow: bool) -> None:
     refused = {k: v for k, v in changes.items() if not _resumable(k)}
     if refused and not allow:
         listing = "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in refused.items())
-        restore = " ".join(_override(k, old) for k, (old, _) in refused.items())
+        restore = " ".join(_restore_flag(k, old) for k, (old, _) in refused.items())
         what = (f"{run.workdir} holds a run of a different model ({found.path})"
                 if any(k.startswith("model.") for k in refused) else f"resuming {found.path} with a changed config")
         raise ConfigError(f"{what}: {listing}. Such changes alter what the run trains. To continue the run, restore "
@@ -713,19 +708,18 @@ def train_loop(run: Run, progress: Progress, stop: StopRequest, last_ckpt: Path 
     tc = run.config.train
     batches = training_batches(run, progress.samples_seen)
     window = Window(loss_sum=torch.zeros((), device=run.device))
-    bar = tqdm(total=tc.steps, initial=progress.step, disable=not run.is_main, desc="train", dynamic_ncols=True)
-    while progress.step < tc.steps and not stop.agreed(run.accelerator):
-        train_step(run, batches, progress, window)
-        bar.update(1)
-        step = progress.step
-        checkpoint_now = step % tc.ckpt_every == 0 or step == tc.steps
-        if step % tc.log_every == 0 or checkpoint_now:
-            log_window(run, step, window, last_ckpt, bar)
-        if checkpoint_now:
-            last_ckpt = save(run, progress)
-        if tc.sample_every > 0 and step % tc.sample_every == 0 and step != tc.steps:
-            preview(run, step)
-    bar.close()
+    with tqdm(total=tc.steps, initial=progress.step, disable=not run.is_main, desc="train", dynamic_ncols=True) as bar:
+        while progress.step < tc.steps and not stop.agreed(run.accelerator):
+            train_step(run, batches, progress, window)
+            bar.update(1)
+            step = progress.step
+            checkpoint_now = step % tc.ckpt_every == 0 or step == tc.steps
+            if step % tc.log_every == 0 or checkpoint_now:
+                log_window(run, step, window, last_ckpt, bar)
+            if checkpoint_now:
+                last_ckpt = save(run, progress)
+            if tc.sample_every > 0 and step % tc.sample_every == 0 and step != tc.steps:
+                preview(run, step)
     if last_ckpt is not None and last_ckpt.name == f"step_{progress.step:08d}":
         return last_ckpt
     return save(run, progress)
