@@ -211,15 +211,6 @@ def _parse_value(text: str, current):
     return tuple(value) if isinstance(current, tuple) and isinstance(value, list) else value
 
 
-def _backbone_keyword(config: ml_collections.ConfigDict, parts: list[str]) -> bool:
-    """``model.<kwarg>`` for any constructor keyword of the configured backbone (presets fill in the rest)."""
-    if len(parts) != 2 or parts[0] != "model" or "model" not in config:
-        return False
-    from diffusion.registry import constructor_keywords  # the registry imports this module
-
-    return parts[1] in constructor_keywords(config.model.get("name", ""))
-
-
 # Settings each diffusion kind's builder reads from the ``diffusion`` section besides ``kind`` (the builders in
 # diffusion.objectives / diffusion.iddpm hold their defaults; tests/test_config.py checks that every one is accepted).
 DIFFUSION_KEYWORDS = {
@@ -229,22 +220,30 @@ DIFFUSION_KEYWORDS = {
 }
 
 
-def _diffusion_keyword(config: ml_collections.ConfigDict, parts: list[str]) -> bool:
-    """``diffusion.<setting>`` for any setting of the configured kind, also where the config leaves it default."""
-    if len(parts) != 2 or parts[0] != "diffusion" or "diffusion" not in config:
-        return False
-    return parts[1] in DIFFUSION_KEYWORDS.get(config.diffusion.get("kind", ""), ())
+def _settable_keywords(config: ml_collections.ConfigDict, section: str) -> tuple[str, ...]:
+    """Keys of ``model`` (the backbone's constructor keywords) or ``diffusion`` (the kind's builder settings) that
+    may be set although the config file leaves them out."""
+    if section not in config:
+        return ()
+    if section == "diffusion":
+        return DIFFUSION_KEYWORDS.get(config.diffusion.get("kind", ""), ())
+    from diffusion.registry import constructor_keywords  # the registry imports this module
+
+    return tuple(sorted(constructor_keywords(config.model.get("name", ""))))
 
 
 def apply_override(config: ml_collections.ConfigDict, dotted_key: str, text: str) -> None:
     node, parts = config, dotted_key.split(".")
-    if (_backbone_keyword(config, parts) or _diffusion_keyword(config, parts)) and parts[1] not in config[parts[0]]:
+    if (len(parts) == 2 and parts[0] in ("model", "diffusion") and parts[1] not in config.get(parts[0], {})
+            and parts[1] in _settable_keywords(config, parts[0])):
         config[parts[0]][parts[1]] = _parse_value(text, None)
         return
     for depth, part in enumerate(parts):
         if not isinstance(node, ml_collections.ConfigDict) or part not in node:
             where = ".".join(parts[:depth]) or "config"
             known = list(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
+            if depth == 1 and parts[0] in ("model", "diffusion"):  # plus the keywords its builder accepts
+                known = sorted(set(known) | set(_settable_keywords(config, parts[0])))
             close = difflib.get_close_matches(part, known, n=3)
             hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
             raise ConfigError(f"unknown config key '{dotted_key}': {where} has no '{part}'.{hint} "
@@ -399,11 +398,8 @@ def describe_config(config: ml_collections.ConfigDict) -> str:
     """The config's keys and values as ``--config.<key>=<value>`` lines (for ``--help``), plus the keys that are
     settable although the file leaves them at their defaults (backbone keywords, diffusion settings)."""
     lines = [f"  {override_flag(key, value)}" for key, value in flatten_config(config).items()]
-    from diffusion.registry import constructor_keywords  # the registry imports this module
-
-    for section, names in (("model", constructor_keywords(config.model.get("name", ""))),
-                           ("diffusion", DIFFUSION_KEYWORDS.get(config.diffusion.get("kind", ""), ()))):
-        unset = sorted(set(names) - set(config[section]))
+    for section in ("model", "diffusion"):
+        unset = sorted(set(_settable_keywords(config, section)) - set(config[section]))
         if unset:
             default = "the preset's or the constructor's" if section == "model" else "the builder's"
             lines.append(f"  also settable (now at {default} default): "

@@ -123,3 +123,45 @@ def test_model_keys_override_presets():
     assert (kwargs["embed_dim"], kwargs["depth"], kwargs["skip_mode"], kwargs["num_heads"]) == (64, 2, "add", 8)
     with pytest.raises(ConfigError, match="model.embed_dimm"):
         apply_override(config, "model.embed_dimm", "3")
+
+
+BUILDER_VALUES = {"beta_min": "0.1", "beta_max": "20.0", "num_steps": "1000", "linear_start": "0.00085",
+                  "linear_end": "0.012", "beta_schedule": "linear", "learn_sigma": "True", "timestep_respacing": "",
+                  "sigma_small": "False", "clip_denoised": "False"}
+
+
+@pytest.mark.parametrize("kind", ["vp_sde", "sd_discrete", "iddpm"])
+def test_every_diffusion_setting_is_settable_and_accepted_by_its_builder(kind):
+    """Settings a config file leaves at the builder's default can still be set from the command line."""
+    import inspect
+
+    from diffusion.config import DIFFUSION_KEYWORDS
+    from diffusion.iddpm import build_iddpm
+    from diffusion.registry import build_objective
+
+    flags = [f"--config.diffusion.{key}={BUILDER_VALUES[key]}" for key in DIFFUSION_KEYWORDS[kind]]
+    config, _ = parse_command_line(["--config=configs/digits_uvit.py", f"--config.diffusion.kind={kind}", *flags])
+    assert set(DIFFUSION_KEYWORDS[kind]) <= set(config.diffusion)
+    build_objective(config.diffusion)  # the builders refuse settings they do not know
+    if kind == "iddpm":
+        assert set(DIFFUSION_KEYWORDS[kind]) == set(inspect.signature(build_iddpm).parameters)
+    with pytest.raises(ConfigError, match=r"diffusion has no 'beta_mn'.*Known keys there: .*kind"):
+        apply_override(config, "diffusion.beta_mn", "1")
+
+
+def test_model_keywords_are_checked_against_the_backbone():
+    config, _ = parse_command_line(["--config=configs/digits_dit.py", "--config.model.learn_sigma=False"])
+    assert config.model.learn_sigma is False
+    with pytest.raises(ConfigError, match=r"model has no 'hiden_size'.*Did you mean 'hidden_size'"):
+        apply_override(config, "model.hiden_size", "3")
+
+
+def test_switch_flags_take_no_value():
+    flags = {"workdir": None, "allow_config_change": False}
+    _, values = parse_command_line(["--config=configs/digits_uvit.py", "--allow_config_change", "--workdir", "w"],
+                                   flags)
+    assert values["allow_config_change"] is True and values["workdir"] == "w"
+    _, values = parse_command_line(["--config=configs/digits_uvit.py", "--allow_config_change=false"], flags)
+    assert values["allow_config_change"] is False
+    with pytest.raises(ConfigError, match="bad value for --allow_config_change"):
+        parse_command_line(["--config=configs/digits_uvit.py", "--allow_config_change=maybe"], flags)
