@@ -140,3 +140,35 @@ def make_tiny_clip(folder, seed: int = 0, hidden_size: int = 32) -> Path:
                             bos_token_id=vocab[BOS], eos_token_id=vocab[EOS], pad_token_id=vocab[EOS])
     CLIPTextModel(config).save_pretrained(folder)
     return folder
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# FID Inception
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def make_random_fid_inception(path, seed: int = 0) -> Path:
+    """pytorch-fid's FID Inception architecture with random weights, saved as a plain state_dict ``.pth`` like
+    ``pt_inception-2015-12-05-6726825d.pth``; returns the path.
+
+    Full size (its 2048/1008/2023-d outputs are what the code under test handles), so no smaller version exists.
+    Random convolutions would shrink or blow up the signal over ~90 layers, so the BatchNorm running statistics are
+    set from one train-mode forward of smooth random images: the features then vary like real ones."""
+    from diffusion.evaluation.inception import build_fid_inception
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    generator = torch.Generator().manual_seed(seed)
+    net = build_fid_inception()
+    with torch.no_grad():
+        for p in net.parameters():
+            p.copy_(torch.randn(p.shape, generator=generator) * (2.0 / max(p[0].numel(), 1)) ** 0.5)
+        for module in net.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.momentum = None  # cumulative average: one batch sets the running statistics
+                module.reset_running_stats()
+        smooth = torch.nn.functional.interpolate(torch.rand(4, 3, 8, 8, generator=generator), size=(299, 299),
+                                                 mode="bilinear") * 2 - 1
+        net.train()(smooth)
+    torch.save(net.eval().state_dict(), path)
+    return path

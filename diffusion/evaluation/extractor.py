@@ -1,0 +1,56 @@
+"""The feature-extractor interface every metric reads: uint8 images in, named feature matrices out.
+
+    extractor = build_feature_extractor("inception", weights="", device="cuda")
+    features = extractor(images)        # uint8 (N, H, W, 3) numpy array or tensor, as the FID tools store samples
+    features["pool"]                    # (N, D) float32 on extractor.device: FID, precision/recall
+    features["logits"]                  # (N, classes): Inception Score
+    features["spatial"]                 # (N, 2023), Inception only: sFID
+
+``extractor.id`` names the network and its weights; caches of features and statistics are keyed by it.
+``extractor.dims`` maps each output to its width (what :class:`~diffusion.evaluation.metrics.RunningStatistics`
+needs before any image is seen).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from diffusion.evaluation.metrics import full_precision
+
+EXTRACTORS = ("inception", "digits")
+
+
+class FeatureExtractor:
+    """Base class: checks and moves the images, runs :meth:`forward` without autograd and TF32."""
+
+    id: str
+    dims: dict[str, int]
+    device: torch.device
+
+    def __call__(self, images: np.ndarray | torch.Tensor) -> dict[str, torch.Tensor]:
+        x = torch.as_tensor(images)
+        if x.dtype != torch.uint8 or x.ndim != 4 or x.shape[-1] not in (1, 3):
+            raise ValueError(f"images must be uint8 (N, H, W, 1 or 3) as the FID tools store samples (see "
+                             f"diffusion.sampling.to_uint8), got {x.dtype} {tuple(x.shape)}")
+        with torch.inference_mode(), full_precision():
+            return self.forward(x.to(self.device))
+
+    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """uint8 (N, H, W, C) on ``self.device`` -> {"pool": (N, D), ...} float32."""
+        raise NotImplementedError
+
+
+def build_feature_extractor(name: str = "inception", *, weights: str = "", device: torch.device | str = "cpu"
+                            ) -> FeatureExtractor:
+    """``inception``: pytorch-fid's FID Inception (``weights``: its .pth; "" = pytorch-fid's torch-hub cache).
+    ``digits``: a small classifier fit on scikit-learn's 8x8 digits (CPU quickstart; ``weights`` unused)."""
+    if name == "inception":
+        from diffusion.evaluation.inception import InceptionExtractor
+
+        return InceptionExtractor(weights, device=device)
+    if name == "digits":
+        from diffusion.evaluation.digits import DigitsExtractor
+
+        return DigitsExtractor(device=device)
+    raise ValueError(f"unknown feature extractor {name!r}; choose one of {', '.join(EXTRACTORS)}")

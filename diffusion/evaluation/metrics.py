@@ -1,0 +1,197 @@
+"""The numbers: Gaussian statistics, Frechet distance (FID, sFID), Inception Score, precision and recall.
+
+Every function takes features as numpy arrays or tensors (N, D) and follows the evaluators the papers' numbers come
+from: pytorch-fid / TTUR for the Frechet distance (float64, ``scipy.linalg.sqrtm``), openai/improved-gan and ADM's
+``evaluations/evaluator.py`` for the Inception Score (10 splits; 5,000 samples each for 50K) and ADM's
+``ManifoldEstimator`` (after Kynkaanniemi et al. 2019, k = 3) for precision and recall.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import numpy as np
+import torch
+from scipy import linalg
+
+ArrayLike = np.ndarray | torch.Tensor
+
+
+@contextmanager
+def full_precision() -> Iterator[None]:
+    """No TF32 in CUDA convolutions and matmuls inside: features and distances do not depend on the trainer's TF32
+    switch (``train.tf32``) or on cuDNN's default (TF32 convolutions). No effect on the CPU."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+def _float64(features: ArrayLike) -> np.ndarray:
+    if isinstance(features, torch.Tensor):
+        features = features.detach().cpu().numpy()
+    x = np.asarray(features, dtype=np.float64)
+    if x.ndim != 2:
+        raise ValueError(f"features must be a 2-D array (N, D), got shape {x.shape}")
+    return x
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Gaussian statistics and the Frechet distance
+
+
+def statistics(features: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
+    """(mu, sigma) of features (N, D) in float64: the mean and the unbiased covariance, as pytorch-fid computes them."""
+    x = _float64(features)
+    if len(x) < 2:
+        raise ValueError(f"statistics need at least 2 feature vectors, got {len(x)}")
+    return x.mean(axis=0), np.cov(x, rowvar=False)
+
+
+class RunningStatistics:
+    """Mean and covariance accumulated batch by batch, for sets too large to hold (ImageNet's 1.28M training images)
+    or drawn on many processes (FID during training).
+
+    Keeps float64 sums of x and of x x^T on ``device``; :meth:`all_reduce` adds them over the processes of a
+    ``torch.distributed`` run (every process must call it, also one that saw no batch), and :meth:`compute` gives
+    (mu, sigma) as :func:`statistics` would for all the rows together (up to float64 rounding).
+    """
+
+    def __init__(self, dim: int, device: torch.device | str = "cpu") -> None:
+        self.count = torch.zeros((), dtype=torch.float64, device=device)
+        self.sum = torch.zeros(dim, dtype=torch.float64, device=device)
+        self.outer = torch.zeros(dim, dim, dtype=torch.float64, device=device)
+
+    def update(self, features: ArrayLike) -> None:
+        x = torch.as_tensor(features).to(self.sum.device, torch.float64)
+        if x.ndim != 2 or x.shape[1] != len(self.sum):
+            raise ValueError(f"expected features (N, {len(self.sum)}), got {tuple(x.shape)}")
+        self.count += len(x)
+        self.sum += x.sum(dim=0)
+        self.outer += x.T @ x
+
+    def all_reduce(self) -> None:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            for tensor in (self.count, self.sum, self.outer):
+                torch.distributed.all_reduce(tensor)
+
+    def compute(self) -> tuple[np.ndarray, np.ndarray]:
+        n = int(self.count.item())
+        if n < 2:
+            raise ValueError(f"statistics need at least 2 feature vectors, got {n}")
+        mu = self.sum / n
+        sigma = (self.outer - n * torch.outer(mu, mu)) / (n - 1)
+        return mu.cpu().numpy(), sigma.cpu().numpy()
+
+
+def frechet_distance(mu1: ArrayLike, sigma1: ArrayLike, mu2: ArrayLike, sigma2: ArrayLike, eps: float = 1e-6
+                     ) -> float:
+    """||mu1 - mu2||^2 + Tr(sigma1 + sigma2 - 2 (sigma1 sigma2)^(1/2)), in float64 (Heusel et al. 2017).
+
+    As pytorch-fid and ADM: ``scipy.linalg.sqrtm`` of the product; if that is not finite (a singular product, e.g.
+    fewer samples than dimensions), ``eps * I`` is added to both covariances; an imaginary part of the root is
+    rounding noise and dropped when its diagonal is below 1e-3, otherwise the statistics are broken and it is an
+    error.
+    """
+    mu1, mu2 = (np.atleast_1d(np.asarray(m, dtype=np.float64)) for m in (_numpy(mu1), _numpy(mu2)))
+    sigma1, sigma2 = (np.atleast_2d(np.asarray(s, dtype=np.float64)) for s in (_numpy(sigma1), _numpy(sigma2)))
+    if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape or sigma1.shape != (len(mu1), len(mu1)):
+        raise ValueError(f"statistics of different feature spaces: mu {mu1.shape} vs {mu2.shape}, sigma "
+                         f"{sigma1.shape} vs {sigma2.shape} (were both made with the same feature extractor?)")
+    covmean = linalg.sqrtm(sigma1 @ sigma2)
+    if not np.isfinite(covmean).all():
+        offset = np.eye(len(mu1)) * eps
+        covmean = linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
+    if np.iscomplexobj(covmean):
+        if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
+            raise ValueError(f"the square root of sigma1 sigma2 has an imaginary part of up to "
+                             f"{np.abs(covmean.imag).max():.3g}: the covariances are not valid (NaN features or "
+                             f"statistics from different extractors?)")
+        covmean = covmean.real
+    diff = mu1 - mu2
+    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
+
+
+def _numpy(x: ArrayLike) -> np.ndarray:
+    return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Inception Score
+
+
+def inception_score(logits: ArrayLike, splits: int = 10) -> tuple[float, float]:
+    """(mean, std) over ``splits`` equal parts of exp(E_x KL(p(y|x) || p(y))), p(y) the part's mean prediction.
+
+    ``logits`` (N, classes) are softmaxed in float64 (ADM: pool3 times the Inception's softmax weights, 1008 classes).
+    Part i holds samples [i N / splits, (i + 1) N / splits), as openai/improved-gan; for 50K samples these are ADM's
+    5,000-sample splits. Uniform predictions give 1; confident predictions spread evenly over K classes give K.
+    """
+    x = _float64(logits)
+    if len(x) < splits:
+        raise ValueError(f"the Inception Score over {splits} splits needs at least {splits} samples, got {len(x)}")
+    log_p = x - x.max(axis=1, keepdims=True)
+    log_p -= np.log(np.exp(log_p).sum(axis=1, keepdims=True))
+    p = np.exp(log_p)
+    scores = []
+    for i in range(splits):
+        part_p, part_log_p = (a[i * len(x) // splits:(i + 1) * len(x) // splits] for a in (p, log_p))
+        log_marginal = np.log(part_p.mean(axis=0, keepdims=True))
+        kl = np.where(part_p > 0, part_p * (part_log_p - log_marginal), 0.0).sum(axis=1)  # 0 log 0 = 0
+        scores.append(np.exp(kl.mean()))
+    return float(np.mean(scores)), float(np.std(scores))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Precision and recall (k-nearest-neighbour manifolds)
+
+
+def _squared_distances(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """(len(a), len(b)) squared Euclidean distances, clamped at 0 as ADM's DistanceBlock."""
+    return ((a * a).sum(1, keepdim=True) - 2 * a @ b.T + (b * b).sum(1)[None]).clamp_(min=0)
+
+
+def manifold_radii(features: torch.Tensor, k: int = 3, max_elements: int = 2**28) -> torch.Tensor:
+    """Squared distance from every point to its k-th nearest neighbour in the same set (itself excluded), computed
+    a block of rows at a time so that ``max_elements`` bounds the distance matrix held (50K x 50K fits)."""
+    if len(features) <= k:
+        raise ValueError(f"a k = {k} nearest-neighbour manifold needs more than {k} points, got {len(features)}")
+    radii = torch.empty(len(features), dtype=features.dtype, device=features.device)
+    rows = max(1, max_elements // len(features))
+    for start in range(0, len(features), rows):
+        block = _squared_distances(features[start:start + rows], features)
+        radii[start:start + rows] = block.kthvalue(k + 1, dim=1).values  # the smallest is the point itself
+    return radii
+
+
+def _inside_any_ball(points: torch.Tensor, centres: torch.Tensor, radii: torch.Tensor, max_elements: int
+                     ) -> torch.Tensor:
+    inside = torch.empty(len(points), dtype=torch.bool, device=points.device)
+    rows = max(1, max_elements // len(centres))
+    for start in range(0, len(points), rows):
+        inside[start:start + rows] = (_squared_distances(points[start:start + rows], centres) <= radii[None]).any(1)
+    return inside
+
+
+@torch.no_grad()
+def precision_recall(reference: ArrayLike, samples: ArrayLike, k: int = 3, device: torch.device | str = "cpu",
+                     max_elements: int = 2**28) -> tuple[float, float]:
+    """Improved precision and recall (Kynkaanniemi et al. 2019) as ADM computes them on pool features.
+
+    Each set spans a manifold: the union of balls around its points, each reaching its k-th nearest neighbour.
+    Precision is the fraction of samples inside the reference manifold, recall the fraction of reference points
+    inside the sample manifold. Distances are computed in float32 on ``device`` (ADM: float16 with a float32
+    fallback), ``max_elements`` distances at a time (2**28: 1 GiB).
+    """
+    ref = torch.as_tensor(_float64(reference), dtype=torch.float32, device=device)
+    gen = torch.as_tensor(_float64(samples), dtype=torch.float32, device=device)
+    if ref.shape[1] != gen.shape[1]:
+        raise ValueError(f"reference features are {ref.shape[1]}-d, sample features {gen.shape[1]}-d")
+    with full_precision():
+        ref_radii, gen_radii = manifold_radii(ref, k, max_elements), manifold_radii(gen, k, max_elements)
+        precision = _inside_any_ball(gen, ref, ref_radii, max_elements).double().mean().item()
+        recall = _inside_any_ball(ref, gen, gen_radii, max_elements).double().mean().item()
+    return precision, recall

@@ -1,0 +1,212 @@
+"""FID (and sFID, Inception Score, precision/recall) of samples against a reference; reference statistics files.
+
+    python eval_fid.py samples.npz fid_stats_imagenet256_guided_diffusion.npz            # FID (U-ViT's stats)
+    python eval_fid.py samples.npz VIRTUAL_imagenet256_labeled.npz --metrics fid,sfid,is,pr --json scores.json
+    python eval_fid.py samples/ configs/cifar10_uvit_s2.py --config.data.root=data     # reference: CIFAR-10 train
+    accelerate launch --num_processes=8 eval_fid.py samples.npz VIRTUAL_imagenet256_labeled.npz --metrics fid,pr
+    python eval_fid.py --save-stats fid_stats_cifar10_train.npz configs/cifar10_uvit_s2.py --config.data.root=data
+    python eval_fid.py --save-stats fid_stats_imagenet64_train.npz imagenet/train --resolution 64   # ADM crop
+    python eval_fid.py --save-stats fid_stats_mscoco256_val.npz coco/ --coco val                    # U-ViT's COCO
+    python eval_fid.py samples.npz configs/digits_uvit.py                                # quickstart (digits)
+
+SAMPLES: an .npz (arr_0 uint8 (N, H, W, 3), as sample.py writes) or an image folder. REFERENCE: a statistics file
+(mu, sigma[, mu_s, sigma_s]), an ADM reference batch (arr_0 + statistics; its statistics are recomputed from its
+images with this Inception unless --adm_stats), an image folder (--resolution R: ADM's centre crop), a dataset config
+(its training images as the dataset prepares them, flips off; --config.key=value overrides) or an MS-COCO 2014 root
+(--coco SPLIT). Metrics: fid, sfid (spatial features, needs them on both sides), is (Inception Score, 10 splits), pr
+(precision/recall, k = 3; needs reference images, not a statistics file).
+
+Features come from pytorch-fid's FID Inception (pt_inception-2015-12-05-6726825d.pth, read from pytorch-fid's
+torch-hub cache or --inception PATH; never downloaded here), or from the digits classifier (--extractor digits; the
+default for a digits config). They are cached beside each .npz / folder (NAME.features-<extractor>.npz) or in
+--cache_dir and reused until the file or folder changes. Under `accelerate launch` every process extracts a share.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from diffusion.config import ConfigError
+from diffusion.evaluation import (
+    EXTRACTORS,
+    build_feature_extractor,
+    cached_features,
+    frechet_distance,
+    inception_score,
+    load_reference,
+    open_images,
+    precision_recall,
+    save_statistics,
+)
+from diffusion.evaluation.features import accumulate_statistics, statistics_of_features
+from diffusion.evaluation.sources import load_config_with_overrides
+
+METRICS = ("fid", "sfid", "is", "pr")
+NEEDS = {"sfid": "spatial", "is": "logits"}  # metric -> extractor output it needs besides pool
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="eval_fid.py", description=__doc__, allow_abbrev=False,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("paths", nargs="+", metavar="PATH", help="SAMPLES REFERENCE, or SOURCE with --save-stats")
+    p.add_argument("--save-stats", "--save_stats", dest="save_stats", metavar="OUT.npz",
+                   help="write the statistics (mu, sigma[, mu_s, sigma_s]) of SOURCE to OUT.npz")
+    p.add_argument("--metrics", default="fid", help=f"comma-separated, of {','.join(METRICS)} (default: fid)")
+    p.add_argument("--json", help="also write the scores to this JSON file")
+    p.add_argument("--extractor", choices=EXTRACTORS, help="default: a config's eval.feature_extractor, else inception")
+    p.add_argument("--inception", default="", metavar="PATH",
+                   help="FID Inception weights (default: a config's eval.inception_weights, else pytorch-fid's cache)")
+    p.add_argument("--resolution", type=int, help="ADM centre crop of an image-folder reference/source (ImageNet); "
+                   "MS-COCO's size (default 256)")
+    p.add_argument("--coco", choices=("train", "val"), metavar="SPLIT",
+                   help="the reference/source is an MS-COCO 2014 root: its captioned SPLIT images (U-ViT: val)")
+    p.add_argument("--adm_stats", action="store_true",
+                   help="use an ADM reference batch's stored statistics (from ADM's TensorFlow evaluator)")
+    p.add_argument("--batch_size", type=int, default=250, help="images per network batch and process")
+    p.add_argument("--num_workers", type=int, default=4, help="image-decoding workers (folders, datasets)")
+    p.add_argument("--cache_dir", help="where feature caches go (default: beside the .npz/folder when writable, "
+                   "else ~/.cache/transformer-diffusion/eval)")
+    p.add_argument("--no_cache", action="store_true", help="neither read nor write feature caches")
+    p.add_argument("--device", help="default: the process's GPU, else cpu")
+    return p
+
+
+def split_overrides(argv: list[str]) -> tuple[list[tuple[str, str]], list[str]]:
+    """Pull ``--config.key=value`` (or ``--config.key value``) out of argv; the rest goes to argparse."""
+    overrides, rest, args = [], [], list(argv)
+    while args:
+        arg = args.pop(0)
+        if not arg.startswith("--config."):
+            rest.append(arg)
+            continue
+        key, eq, value = arg[len("--config."):].partition("=")
+        if not eq:
+            if not args:
+                raise ConfigError(f"flag {arg} needs a value")
+            value = args.pop(0)
+        overrides.append((key, value))
+    return overrides, rest
+
+
+def make_extractor(args, overrides, config_spec: str, device):
+    """The extractor the flags ask for; a dataset config's ``eval`` section supplies the defaults."""
+    name, weights = args.extractor, args.inception
+    if config_spec.endswith(".py"):
+        config = load_config_with_overrides(config_spec, overrides)
+        name = name or config.eval.feature_extractor
+        weights = weights or config.eval.inception_weights
+    return build_feature_extractor(name or "inception", weights=weights, device=device)
+
+
+def save_stats(args, overrides, state, device) -> str:
+    if len(args.paths) != 1:
+        raise ConfigError(f"--save-stats takes one SOURCE (a config, image folder, .npz or --coco root), got "
+                          f"{len(args.paths)} paths")
+    if not args.save_stats.endswith(".npz"):
+        raise ConfigError(f"--save-stats writes an .npz file, got {args.save_stats}")
+    source = open_images(args.paths[0], resolution=args.resolution, coco_split=args.coco, overrides=overrides)
+    extractor = make_extractor(args, overrides, args.paths[0], device)
+    stats = accumulate_statistics(source, extractor, batch_size=args.batch_size, num_workers=args.num_workers,
+                                  state=state)
+    if not state.is_main_process:
+        return ""
+    path = save_statistics(args.save_stats, stats)
+    spatial = " + mu_s/sigma_s" if "mu_s" in stats else ""
+    return (f"wrote {path}: mu/sigma ({len(stats['mu'])}-d){spatial} of {len(source)} images of {source.description}, "
+            f"{extractor.id}")
+
+
+def compute_metrics(metrics: list[str], samples: dict, reference, device) -> dict:
+    scores = {}
+    sample_stats = statistics_of_features(samples)
+    if "fid" in metrics:
+        scores["fid"] = frechet_distance(sample_stats["mu"], sample_stats["sigma"], reference.statistics["mu"],
+                                         reference.statistics["sigma"])
+    if "sfid" in metrics:
+        if "mu_s" not in reference.statistics:
+            raise ValueError(f"sFID needs spatial statistics (mu_s, sigma_s); the reference {reference.description} "
+                             f"has none")
+        scores["sfid"] = frechet_distance(sample_stats["mu_s"], sample_stats["sigma_s"], reference.statistics["mu_s"],
+                                          reference.statistics["sigma_s"])
+    if "is" in metrics:
+        scores["inception_score"], scores["inception_score_std"] = inception_score(samples["logits"])
+    if "pr" in metrics:
+        scores["precision"], scores["recall"] = precision_recall(reference.features["pool"], samples["pool"],
+                                                                 device=device)
+    return scores
+
+
+def summary_line(scores: dict) -> str:
+    parts = [f"{name} {scores[key]:.4f}" for key, name in (("fid", "FID"), ("sfid", "sFID")) if key in scores]
+    if "inception_score" in scores:
+        parts.append(f"IS {scores['inception_score']:.3f} ± {scores['inception_score_std']:.3f}")
+    if "precision" in scores:
+        parts.append(f"precision {scores['precision']:.4f} recall {scores['recall']:.4f}")
+    return "  ".join(parts)
+
+
+def evaluate(args, overrides, state, device) -> str:
+    if len(args.paths) != 2:
+        raise ConfigError(f"give SAMPLES and REFERENCE (or --save-stats OUT.npz SOURCE), got {len(args.paths)} paths")
+    samples_spec, reference_spec = args.paths
+    if samples_spec.endswith(".py"):
+        raise ConfigError("SAMPLES must be an .npz or an image folder; a dataset config can only be the REFERENCE")
+    metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
+    unknown = [m for m in metrics if m not in METRICS]
+    if unknown or not metrics:
+        raise ConfigError(f"unknown metrics {unknown or args.metrics!r}; choose from {', '.join(METRICS)}")
+    extractor = make_extractor(args, overrides, reference_spec, device)
+    missing = [m for m in metrics if NEEDS.get(m, "pool") not in extractor.dims]
+    if missing:
+        raise ConfigError(f"the {extractor.id} extractor has no {NEEDS[missing[0]]} features, needed by {missing[0]}")
+    common = dict(cache_dir=args.cache_dir, use_cache=not args.no_cache, batch_size=args.batch_size,
+                  num_workers=args.num_workers, state=state)
+    reference = load_reference(reference_spec, extractor, need_features="pr" in metrics, file_statistics=args.adm_stats,
+                               resolution=args.resolution, coco_split=args.coco, overrides=overrides, **common)
+    samples = open_images(samples_spec)
+    features, cached = cached_features(samples, extractor, **common)
+    if not state.is_main_process:
+        return ""
+    scores = compute_metrics(metrics, features, reference, device)
+    if args.json:
+        record = {**scores, "num_samples": len(samples), "samples": str(Path(samples_spec).resolve()),
+                  "reference": reference.record(), "extractor": extractor.id, "metrics": metrics}
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(record, indent=2) + "\n")
+    ref_count = f"{reference.num_images} images, " if reference.num_images else ""
+    return (f"{summary_line(scores)}\n  {len(samples)} samples of {samples.description}"
+            f"{' (cached features)' if cached else ''} vs {reference.description} ({ref_count}statistics from "
+            f"{reference.statistics_from}{', cached features' if reference.cached else ''}); {extractor.id}")
+
+
+def main(argv: list[str]) -> int:
+    try:
+        overrides, rest = split_overrides(argv)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    args = build_parser().parse_args(rest)  # --help prints usage and exits 0; bad flags exit 2
+    start = time.perf_counter()
+    try:
+        from accelerate import PartialState
+
+        state = PartialState(cpu=args.device == "cpu" or not torch.cuda.is_available())
+        device = torch.device(args.device) if args.device else state.device
+        run = save_stats if args.save_stats else evaluate
+        summary = run(args, overrides, state, device)
+    except (ConfigError, FileNotFoundError, ValueError, OSError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if summary:
+        print(f"{summary} [{time.perf_counter() - start:.1f} s]")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
