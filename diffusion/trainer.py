@@ -550,6 +550,13 @@ def resume(run: Run, allow_config_change: bool) -> tuple[Progress, Path | None, 
 # ----------------------------------------------------------------------------------------------------------
 
 
+def ignore_stop_signals(worker_id: int) -> None:
+    """DataLoader workers leave stop signals to the main process. A terminal's Ctrl-C and a scheduler's SIGTERM
+    reach the whole process group; a worker killed by one would end the run before its checkpoint is saved."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+
+
 def training_batches(run: Run, samples_seen: int):
     """This process's micro-batches from global stream position ``samples_seen`` on, endlessly."""
     cfg = run.config.data
@@ -557,7 +564,8 @@ def training_batches(run: Run, samples_seen: int):
                               start_index=samples_seen, with_positions=True)
     loader = torch.utils.data.DataLoader(StreamItems(run.data.dataset, run.config.seed), batch_size=run.micro_batch,
                                          sampler=sampler, num_workers=cfg.num_workers, drop_last=True,
-                                         pin_memory=run.device.type == "cuda", persistent_workers=cfg.num_workers > 0)
+                                         pin_memory=run.device.type == "cuda", persistent_workers=cfg.num_workers > 0,
+                                         worker_init_fn=ignore_stop_signals)
     return iter(loader)
 
 

@@ -89,15 +89,20 @@ def wait_for(predicate, timeout: float = 90.0) -> None:
         time.sleep(0.05)
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
-def test_signal_saves_at_a_step_boundary_and_the_run_resumes_bit_identically(tmp_path, sig):
+@pytest.mark.parametrize("sig, workers", [(signal.SIGTERM, 1), (signal.SIGINT, 0)], ids=["SIGTERM", "SIGINT"])
+def test_signal_saves_at_a_step_boundary_and_the_run_resumes_bit_identically(tmp_path, sig, workers):
+    """SIGTERM goes to the whole process group, DataLoader worker included (as a scheduler or a terminal sends it);
+    SIGINT to the trainer alone."""
     work = tmp_path / "stopped"
-    proc = subprocess.Popen([*TRAIN_PY, "--config.train.steps=100000", "--config.train.ckpt_every=100000",
-                             f"--workdir={work}"], cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+    common = ["--config.train.ckpt_every=100000", f"--config.data.num_workers={workers}"]
+    proc = subprocess.Popen([*TRAIN_PY, "--config.train.steps=100000", *common, f"--workdir={work}"], cwd=REPO,
+                            env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     log = work / "log.txt"
     wait_for(lambda: log.is_file() and "step 5 loss" in log.read_text())
-    proc.send_signal(sig)
+    if workers:
+        os.killpg(proc.pid, sig)
+    else:
+        proc.send_signal(sig)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == train_py.EXIT_STOPPED, err[-2000:]
     (saved,) = checkpoint_dirs(work)
@@ -108,8 +113,8 @@ def test_signal_saves_at_a_step_boundary_and_the_run_resumes_bit_identically(tmp
     assert not (work / "train.lock").exists()
 
     end = step + 7  # resume (train.steps is a change a resume accepts) and compare with a run that never stopped
-    train(tiny(f"--config.train.steps={end}", "--config.train.ckpt_every=100000"), work)
-    train(tiny(f"--config.train.steps={end}", "--config.train.ckpt_every=100000"), tmp_path / "straight")
+    train(tiny(f"--config.train.steps={end}", *common), work)
+    train(tiny(f"--config.train.steps={end}", *common), tmp_path / "straight")
     a, b = work / "checkpoints" / f"step_{end:08d}", tmp_path / "straight" / "checkpoints" / f"step_{end:08d}"
     assert_same_weights(a, b)
     oa, ob = load_train_state(a)["optimizer"], load_train_state(b)["optimizer"]
