@@ -306,7 +306,8 @@ class StopRequest:
         name = signal.Signals(signum).name
         if self.signal_name is None:
             self.signal_name, self._first = name, time.monotonic()
-            self._say(f"{name}: saving a checkpoint at the end of this step (send it again to exit at once)")
+            self._say(f"{name}: saving a checkpoint at the end of this step (a signal 2 s later or more exits at "
+                      f"once, without saving)")
         elif time.monotonic() - self._first > self.REPEAT_GRACE:
             self._say(f"{name} again: exiting now without saving")
             os._exit(128 + signum)
@@ -522,11 +523,14 @@ def find_checkpoint(run: Run) -> ckpt.Checkpoint | None:
     return found
 
 
-def load_state(module: torch.nn.Module, state: dict, source: Path) -> None:
+def load_state(target, state: dict, source: Path) -> None:
+    """``target.load_state_dict(state)`` (a module or the optimizer); a mismatch -- reachable only through
+    --allow_config_change -- is one error naming the file and torch's first findings."""
     try:
-        module.load_state_dict(state)
-    except RuntimeError as err:
-        raise ConfigError(f"{source} does not fit the configured model: {str(err).splitlines()[1:3]}") from None
+        target.load_state_dict(state)
+    except (RuntimeError, ValueError, KeyError) as err:
+        findings = "; ".join(line.strip() for line in str(err).splitlines()[-3:] if line.strip())
+        raise ConfigError(f"{source} does not fit the configured model: {findings}") from None
 
 
 def resume(run: Run, allow_config_change: bool) -> tuple[Progress, Path | None, dict]:
@@ -539,7 +543,7 @@ def resume(run: Run, allow_config_change: bool) -> tuple[Progress, Path | None, 
     load_state(run.net, found.model, found.path / "model.safetensors")
     load_state(run.ema, found.ema, found.path / "ema.safetensors")
     state = found.train_state
-    run.optimizer.load_state_dict(state["optimizer"])
+    load_state(run.optimizer, state["optimizer"], found.path / "train_state.pt")
     # Checkpoints from before samples_seen was recorded consumed step x their own batch size.
     samples_seen = state.get("samples_seen", state["step"] * found.config.train.batch_size)
     return Progress(step=state["step"], samples_seen=samples_seen), found.path, state.get("scaler") or {}
