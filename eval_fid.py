@@ -7,7 +7,7 @@
     python eval_fid.py --save-stats fid_stats_cifar10_train.npz configs/cifar10_uvit_s2.py --config.data.root=data
     python eval_fid.py --save-stats fid_stats_imagenet64_train.npz imagenet/train --resolution 64   # ADM crop
     python eval_fid.py --save-stats fid_stats_mscoco256_val.npz coco/ --coco val                    # U-ViT's COCO
-    python eval_fid.py samples.npz configs/digits_uvit.py                                # quickstart (digits)
+    python eval_fid.py samples.npz configs/digits_uvit.py --extractor digits             # quickstart (digits)
 
 SAMPLES: an .npz (arr_0 uint8 (N, H, W, 3), as sample.py writes) or an image folder. REFERENCE: a statistics file
 (mu, sigma[, mu_s, sigma_s]), an ADM reference batch (arr_0 + statistics; its statistics are recomputed from its
@@ -17,9 +17,10 @@ images with this Inception unless --adm_stats), an image folder (--resolution R:
 (precision/recall, k = 3; needs reference images, not a statistics file).
 
 Features come from pytorch-fid's FID Inception (pt_inception-2015-12-05-6726825d.pth, read from pytorch-fid's
-torch-hub cache or --inception PATH; never downloaded here), or from the digits classifier (--extractor digits; the
-default for a digits config). They are cached beside each .npz / folder (NAME.features-<extractor>.npz) or in
---cache_dir and reused until the file or folder changes. Under `accelerate launch` every process extracts a share.
+torch-hub cache or --inception PATH; never downloaded here), or from the digits classifier (--extractor digits).
+A config REFERENCE's eval.feature_extractor and eval.inception_weights are the defaults. Features are cached beside
+each .npz / folder (NAME.features-<extractor>.npz) or in --cache_dir and reused until the file or folder changes.
+Under `accelerate launch` every process extracts a share.
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ from diffusion.evaluation.sources import load_config_with_overrides
 
 METRICS = ("fid", "sfid", "is", "pr")
 NEEDS = {"sfid": "spatial", "is": "logits"}  # metric -> extractor output it needs besides pool
+STATISTICS_OF = {"fid": "pool", "sfid": "spatial"}  # metric -> features whose statistics it compares
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -124,7 +126,7 @@ def save_stats(args, overrides, state, device) -> str:
 
 def compute_metrics(metrics: list[str], samples: dict, reference, device) -> dict:
     scores = {}
-    sample_stats = statistics_of_features(samples)
+    sample_stats = statistics_of_features(samples, tuple(STATISTICS_OF[m] for m in metrics if m in STATISTICS_OF))
     if "fid" in metrics:
         scores["fid"] = frechet_distance(sample_stats["mu"], sample_stats["sigma"], reference.statistics["mu"],
                                          reference.statistics["sigma"])
@@ -167,8 +169,10 @@ def evaluate(args, overrides, state, device) -> str:
         raise ConfigError(f"the {extractor.id} extractor has no {NEEDS[missing[0]]} features, needed by {missing[0]}")
     common = dict(cache_dir=args.cache_dir, use_cache=not args.no_cache, batch_size=args.batch_size,
                   num_workers=args.num_workers, state=state)
-    reference = load_reference(reference_spec, extractor, need_features="pr" in metrics, file_statistics=args.adm_stats,
-                               resolution=args.resolution, coco_split=args.coco, overrides=overrides, **common)
+    reference = load_reference(reference_spec, extractor, need_features="pr" in metrics,
+                               statistics_of=tuple(STATISTICS_OF[m] for m in metrics if m in STATISTICS_OF),
+                               file_statistics=args.adm_stats, resolution=args.resolution, coco_split=args.coco,
+                               overrides=overrides, **common)
     samples = open_images(samples_spec)
     features, cached = cached_features(samples, extractor, **common)
     if not state.is_main_process:

@@ -29,6 +29,7 @@ from diffusion.evaluation import (
     RunningStatistics,
     build_feature_extractor,
     frechet_distance,
+    generated_statistics,
     inception_score,
     precision_recall,
     read_statistics,
@@ -437,7 +438,7 @@ def test_inception_matches_pytorch_fid(inception_file, tmp_path) -> None:
     torch.testing.assert_close(grey, ours(np.repeat(images[..., :1], 3, -1))["pool"])
 
 
-def test_missing_or_wrong_inception_weights(tmp_path, inception_file) -> None:
+def test_missing_or_wrong_inception_weights(tmp_path, capsys) -> None:
     with pytest.raises(InceptionWeightsNotFoundError, match="pytorch-fid/releases"):
         load_fid_inception("")
     torch.save({"conv.weight": torch.zeros(1)}, tmp_path / "other.pth")
@@ -445,13 +446,14 @@ def test_missing_or_wrong_inception_weights(tmp_path, inception_file) -> None:
         load_fid_inception(tmp_path / "other.pth")
     np.savez(tmp_path / "s.npz", arr_0=np.zeros((4, 8, 8, 3), np.uint8))
     np.savez(tmp_path / "r.npz", mu=np.zeros(2048), sigma=np.eye(2048))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TORCH_HOME": str(tmp_path / "empty_torch_home")}
-    for extra in ([], ["--inception", str(tmp_path / "nowhere.pth")]):
-        proc = subprocess.run([sys.executable, "eval_fid.py", tmp_path / "s.npz", tmp_path / "r.npz", *extra],
-                              cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
-        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
-        assert "https://github.com/mseitzer/pytorch-fid/releases" in proc.stderr
-        assert str(tmp_path / "empty_torch_home" / "hub" / "checkpoints" / WEIGHTS_FILE) in proc.stderr
+    expected_place = str(tmp_path / "torch_home" / "hub" / "checkpoints" / WEIGHTS_FILE)  # TORCH_HOME's hub cache
+    code, _, err = _run_cli(capsys, tmp_path / "s.npz", tmp_path / "r.npz", "--inception", tmp_path / "nowhere.pth")
+    assert code == 2 and "nowhere.pth" in err and expected_place in err
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # the command itself: exit 2, one line, no traceback
+    proc = subprocess.run([sys.executable, "eval_fid.py", tmp_path / "s.npz", tmp_path / "r.npz"], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and len(proc.stderr.splitlines()) == 1
+    assert "https://github.com/mseitzer/pytorch-fid/releases" in proc.stderr and expected_place in proc.stderr
 
 
 def _fid_from_features(a: np.ndarray, b: np.ndarray) -> float:
@@ -515,35 +517,73 @@ def test_eval_fid_inception_end_to_end(inception_file, tmp_path, capsys) -> None
     assert (tmp_path / f"sample_pngs.features-{extractor.id}.npz").is_file()
 
 
-def _launch(num_processes: int, args: list) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    if num_processes == 1:
-        cmd = [sys.executable, "eval_fid.py"]
-    else:
-        with socket.socket() as s:  # a free port: other test runs may be using accelerate's default one
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", f"--num_processes={num_processes}",
-               "--num_machines=1", "--mixed_precision=no", "--dynamo_backend=no", f"--main_process_port={port}",
-               "eval_fid.py"]
-    return subprocess.run([*cmd, *map(str, args)], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+def _launch_two(script: Path, *args) -> subprocess.CompletedProcess:
+    with socket.socket() as s:  # a free port: other test runs may be using accelerate's default one
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes=2", "--num_machines=1",
+           "--mixed_precision=no", "--dynamo_backend=no", f"--main_process_port={port}", str(script), *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
 
 
-def test_two_process_extraction_equals_one(inception_file, tmp_path) -> None:
+def test_two_processes_equal_one(inception_file, tmp_path, capsys) -> None:
+    """Features gathered from two processes (Inception) and statistics all-reduced over two (--save-stats, digits)
+    equal one process's (in this process, on one thread like the launched ones). One launch runs both commands."""
     images = _smooth_images(10, 12, seed=3)  # batches of 3: rank 0 takes [0, 3) and [6, 9), rank 1 the rest
     np.savez(tmp_path / "ref.npz", mu=np.zeros(2048), sigma=np.eye(2048))
-    features = {}
+    config = REPO / "configs" / "digits_uvit.py"
+    commands = {}
     for procs in (1, 2):
         folder = tmp_path / f"run{procs}"
         folder.mkdir()
         np.savez(folder / "samples.npz", arr_0=images)
-        proc = _launch(procs, [folder / "samples.npz", tmp_path / "ref.npz", "--metrics", "is", "--inception",
-                               inception_file, "--batch_size", 3, "--json", folder / "scores.json"])
-        assert proc.returncode == 0 and f"({procs} proc)" in proc.stderr, proc.stderr[-3000:]
+        commands[procs] = [
+            [folder / "samples.npz", tmp_path / "ref.npz", "--metrics", "is", "--inception", inception_file,
+             "--batch_size", 3, "--json", folder / "scores.json"],
+            ["--save-stats", folder / "digits.npz", config, "--batch_size", 100, *DIGITS]]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert [_run_cli(capsys, *argv)[0] for argv in commands[1]] == [0, 0]
+    finally:
+        torch.set_num_threads(threads)
+    script = tmp_path / "run_both.py"
+    script.write_text("import json, sys\nimport eval_fid\n"
+                      "sys.exit(max(eval_fid.main(argv) for argv in json.loads(sys.argv[1])))\n")
+    proc = _launch_two(script, json.dumps([[str(a) for a in argv] for argv in commands[2]]))
+    assert proc.returncode == 0 and proc.stderr.count("(2 proc)") >= 2, proc.stderr[-3000:]
+
+    features, stats, scores = {}, {}, {}
+    for procs in (1, 2):
+        folder = tmp_path / f"run{procs}"
         (cache,) = folder.glob("samples.features-inception-*.npz")
         with np.load(cache) as data:
             features[procs] = {key: data[key] for key in ("pool", "logits", "spatial")}
+        stats[procs] = read_statistics(folder / "digits.npz")
+        scores[procs] = json.loads((folder / "scores.json").read_text())
     for key in features[1]:
         np.testing.assert_array_equal(features[2][key], features[1][key])
-    scores = [json.loads((tmp_path / f"run{p}" / "scores.json").read_text()) for p in (1, 2)]
-    assert scores[0]["inception_score"] == scores[1]["inception_score"]
+    assert scores[1]["inception_score"] == scores[2]["inception_score"]
+    for key in ("mu", "sigma"):  # the digits classifier is fit in each process: equal up to float rounding
+        np.testing.assert_allclose(stats[2][key], stats[1][key], rtol=1e-5, atol=1e-7)
+
+
+def test_generated_statistics_for_training(tmp_path) -> None:
+    """FID during training: images drawn on the fly against the config's reference statistics."""
+    extractor = build_feature_extractor("digits")
+    config = load_config(REPO / "configs" / "digits_uvit.py")
+    reference = reference_statistics_for_config(config, extractor, tmp_path)
+    real = np.repeat(real_digits_uint8()[0], 3, axis=-1)
+    drawn = []
+
+    def draw(indices: range) -> np.ndarray:
+        drawn.append(indices)
+        return real[indices.start:indices.stop]
+
+    stats = generated_statistics(draw, len(real), extractor, batch_size=500)
+    assert [len(r) for r in drawn] == [500, 500, 500, 297] and set(stats) == {"mu", "sigma"}
+    assert frechet_distance(stats["mu"], stats["sigma"], reference["mu"], reference["sigma"]) == pytest.approx(
+        0, abs=1e-6)
+    half = generated_statistics(lambda r: real[::2][r.start:r.stop], len(real) // 2, extractor)
+    assert frechet_distance(half["mu"], half["sigma"], reference["mu"], reference["sigma"]) > 1e-3

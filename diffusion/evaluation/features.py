@@ -16,7 +16,7 @@ lie beside the .npz file or folder (``samples.npz`` -> ``samples.features-<extra
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -48,21 +48,49 @@ def _stack(images: list[np.ndarray]) -> np.ndarray:
     return np.stack(images)
 
 
-def _run(source: ImageSource, extractor: FeatureExtractor, consume: Callable[[range, dict], None], *,
-         batch_size: int, num_workers: int, state, progress: bool) -> None:
-    """``consume(batch indices, features)`` for this process's batches."""
+def _my_batches(num_images: int, batch_size: int, state) -> list[range]:
+    """This process's share of the global batches [0, B), [B, 2B), ...: every world-th one from its rank."""
+    if num_images < 1 or batch_size < 1:
+        raise ValueError(f"need at least one image and a positive batch size, got {num_images} and {batch_size}")
+    rank, world = rank_and_world(state)
+    return [range(s, min(s + batch_size, num_images)) for s in range(0, num_images, batch_size)][rank::world]
+
+
+def _source_batches(source: ImageSource, batch_size: int, num_workers: int, state
+                    ) -> Iterator[tuple[range, np.ndarray]]:
+    """(indices, uint8 images) of this process's batches of ``source``, decoded by ``num_workers`` workers."""
     if len(source) == 0:
         raise ValueError(f"{source.description} holds no images")
-    rank, world = rank_and_world(state)
-    plan = [range(s, min(s + batch_size, len(source))) for s in range(0, len(source), batch_size)]
-    mine = plan[rank::world]
+    mine = _my_batches(len(source), batch_size, state)
     loader = DataLoader(source, batch_sampler=[list(r) for r in mine], collate_fn=_stack,
                         num_workers=num_workers if source.decodes else 0)
+    return zip(mine, loader)
+
+
+def _features(batches: Iterable[tuple[range, np.ndarray]], extractor: FeatureExtractor, total: int, state,
+              progress: bool) -> Iterator[tuple[range, dict[str, torch.Tensor]]]:
+    """(indices, features) of each batch, with a progress bar on rank 0."""
+    rank, world = rank_and_world(state)
     label = f"{extractor.id} features ({world} proc)"
-    with tqdm(total=len(source), unit="img", desc=label, disable=not progress or rank != 0, dynamic_ncols=True) as bar:
-        for indices, images in zip(mine, loader):
-            consume(indices, extractor(images))
-            bar.update(min(len(indices) * world, len(source) - bar.n))  # rank 0's pace stands for every rank's
+    with tqdm(total=total, unit="img", desc=label, disable=not progress or rank != 0, dynamic_ncols=True) as bar:
+        for indices, images in batches:
+            yield indices, extractor(images)
+            bar.update(min(len(indices) * world, total - bar.n))  # rank 0's pace stands for every rank's
+
+
+def _statistics(features: Iterable[tuple[range, dict[str, torch.Tensor]]], extractor: FeatureExtractor,
+                keys: Iterable[str]) -> dict[str, np.ndarray]:
+    """Running statistics of the ``keys`` features over every process (all must call it), in the file format."""
+    keys = [key for key in keys if key in extractor.dims]
+    running = {key: RunningStatistics(extractor.dims[key], extractor.device) for key in keys}
+    for _, batch in features:
+        for key in keys:
+            running[key].update(batch[key])
+    out = {}
+    for key in keys:
+        running[key].all_reduce()
+        out.update(zip(STATISTICS_KEYS[key], running[key].compute()))
+    return out
 
 
 def _gather_on_main(obj, state) -> list | None:
@@ -88,9 +116,9 @@ def extract_features(source: ImageSource, extractor: FeatureExtractor, *, batch_
                      num_workers: int = 0, state=None, progress: bool = True) -> dict[str, np.ndarray] | None:
     """Every image's features, float32 (N, D) per output of the extractor, in source order, on rank 0; None on the
     other processes (all must call it)."""
-    parts: list[tuple[int, dict[str, np.ndarray]]] = []
-    _run(source, extractor, lambda r, f: parts.append((r.start, {k: v.float().cpu().numpy() for k, v in f.items()})),
-         batch_size=batch_size, num_workers=num_workers, state=state, progress=progress)
+    batches = _source_batches(source, batch_size, num_workers, state)
+    parts = [(indices.start, {key: value.float().cpu().numpy() for key, value in features.items()})
+             for indices, features in _features(batches, extractor, len(source), state, progress)]
     gathered = _gather_on_main(parts, state)
     if gathered is None:
         return None
@@ -102,27 +130,32 @@ def accumulate_statistics(source: ImageSource, extractor: FeatureExtractor, *, b
                           num_workers: int = 0, state=None, progress: bool = True) -> dict[str, np.ndarray]:
     """Statistics of the source's pool (and spatial) features in the reference-file format (``mu``, ``sigma``,
     ``mu_s``, ``sigma_s``; float64), from running sums: any number of images; the result on every process."""
-    keys = [key for key in STATISTICS_KEYS if key in extractor.dims]
-    running = {key: RunningStatistics(extractor.dims[key], extractor.device) for key in keys}
+    batches = _source_batches(source, batch_size, num_workers, state)
+    return _statistics(_features(batches, extractor, len(source), state, progress), extractor, STATISTICS_KEYS)
 
-    def consume(_, features):
-        for key in keys:
-            running[key].update(features[key])
 
-    _run(source, extractor, consume, batch_size=batch_size, num_workers=num_workers, state=state, progress=progress)
+def generated_statistics(draw: Callable[[range], np.ndarray | torch.Tensor], num_images: int,
+                         extractor: FeatureExtractor, *, batch_size: int = 250, keys: tuple[str, ...] = ("pool",),
+                         state=None, progress: bool = False) -> dict[str, np.ndarray]:
+    """Statistics of ``num_images`` images made on the fly (FID during training), on every process.
+
+    ``draw(indices)`` returns uint8 (len(indices), H, W, C) images for those global sample numbers, e.g.
+    ``lambda i: sample_source.uint8(i)[0]`` (:class:`diffusion.sampling.SampleSource`: sample i depends only on the
+    seed and i). Process r draws the batches r, r + w, ... of ``batch_size``; only running sums are kept, then
+    all-reduced. ``keys``: "pool" (FID) and/or "spatial" (sFID).
+    """
+    batches = ((indices, draw(indices)) for indices in _my_batches(num_images, batch_size, state))
+    return _statistics(_features(batches, extractor, num_images, state, progress), extractor, keys)
+
+
+def statistics_of_features(features: dict[str, np.ndarray], keys: tuple[str, ...] = tuple(STATISTICS_KEYS)
+                           ) -> dict[str, np.ndarray]:
+    """The reference-file format (``mu``, ``sigma``[, ``mu_s``, ``sigma_s``]) of extracted features, for the
+    ``keys`` among pool / spatial that the features have (a 2048 x 2048 covariance of 50K rows takes seconds)."""
     out = {}
     for key in keys:
-        running[key].all_reduce()
-        out.update(zip(STATISTICS_KEYS[key], running[key].compute()))
-    return out
-
-
-def statistics_of_features(features: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """The reference-file format (``mu``, ``sigma``[, ``mu_s``, ``sigma_s``]) of extracted features."""
-    out = {}
-    for key, names in STATISTICS_KEYS.items():
         if key in features:
-            out.update(zip(names, statistics(features[key])))
+            out.update(zip(STATISTICS_KEYS[key], statistics(features[key])))
     return out
 
 

@@ -83,7 +83,8 @@ class Reference:
 
 
 def load_reference(spec: str | os.PathLike, extractor: FeatureExtractor, *, need_features: bool = False,
-                   file_statistics: bool = False, resolution: int | None = None, coco_split: str | None = None,
+                   statistics_of: tuple[str, ...] = ("pool", "spatial"), file_statistics: bool = False,
+                   resolution: int | None = None, coco_split: str | None = None,
                    overrides: list[tuple[str, str]] = (), cache_dir: str | os.PathLike | None = None,
                    use_cache: bool = True, batch_size: int = 250, num_workers: int = 0, state=None,
                    progress: bool = True) -> Reference | None:
@@ -91,7 +92,8 @@ def load_reference(spec: str | os.PathLike, extractor: FeatureExtractor, *, need
     dataset config, an MS-COCO root): on rank 0, None on the other processes (all must call it).
 
     Image features are extracted (or read from their cache) when statistics must be computed or ``need_features``
-    (precision/recall); ``file_statistics`` takes an ADM batch's own ``mu``/``sigma``/``mu_s``/``sigma_s``.
+    (precision/recall). Statistics computed from images are those of the ``statistics_of`` features (pool: FID,
+    spatial: sFID); ``file_statistics`` takes an ADM batch's own ``mu``/``sigma``/``mu_s``/``sigma_s`` instead.
     """
     main = rank_and_world(state)[0] == 0
     path = Path(spec)
@@ -116,7 +118,8 @@ def load_reference(spec: str | os.PathLike, extractor: FeatureExtractor, *, need
     if file_statistics:
         stats = check_dimensions(read_statistics(path), extractor, str(path))
         return Reference(source.description, stats, features, len(source), "file", cached)
-    return Reference(source.description, statistics_of_features(features), features, len(source), "images", cached)
+    stats = statistics_of_features(features, statistics_of)
+    return Reference(source.description, stats, features, len(source), "images", cached)
 
 
 def reference_statistics_for_config(config: ml_collections.ConfigDict, extractor: FeatureExtractor,
