@@ -167,13 +167,13 @@ def evaluate(args, overrides, state, device) -> str:
     missing = [m for m in metrics if NEEDS.get(m, "pool") not in extractor.dims]
     if missing:
         raise ConfigError(f"the {extractor.id} extractor has no {NEEDS[missing[0]]} features, needed by {missing[0]}")
+    samples = open_images(samples_spec)  # a missing or malformed samples file fails before any extraction
     common = dict(cache_dir=args.cache_dir, use_cache=not args.no_cache, batch_size=args.batch_size,
                   num_workers=args.num_workers, state=state)
     reference = load_reference(reference_spec, extractor, need_features="pr" in metrics,
                                statistics_of=tuple(STATISTICS_OF[m] for m in metrics if m in STATISTICS_OF),
                                file_statistics=args.adm_stats, resolution=args.resolution, coco_split=args.coco,
                                overrides=overrides, **common)
-    samples = open_images(samples_spec)
     features, cached = cached_features(samples, extractor, **common)
     if not state.is_main_process:
         return ""
@@ -204,7 +204,7 @@ def main(argv: list[str]) -> int:
         device = torch.device(args.device) if args.device else state.device
         run = save_stats if args.save_stats else evaluate
         summary = run(args, overrides, state, device)
-    except (ConfigError, FileNotFoundError, ValueError, OSError) as err:
+    except (ValueError, OSError) as err:  # ConfigError, missing files and weights, unreadable images: one line
         print(f"error: {err}", file=sys.stderr)
         return 2
     if summary:

@@ -371,9 +371,14 @@ def test_eval_fid_clear_errors(tmp_path, capsys) -> None:
         (["s.npz", str(REPO / "configs" / "imagenet256_uvit_l2.py")], "not images"),
         (["s.npz", str(REPO / "configs" / "digits_uvit.py"), "--config.data.nope=1"], "unknown config key"),
         (["s.npz"], "give SAMPLES and REFERENCE"),
+        (["broken", "digit_stats.npz"], "cannot read image file"),
+        (["--save-stats", "out.txt", "broken"], "writes an .npz"),
     ]
+    _write_pngs(tmp_path / "broken", real[:3])
+    (tmp_path / "broken" / "0001.png").write_bytes(b"not a png")
     for argv, message in cases:
-        code, out, err = _run_cli(capsys, *[tmp_path / a if a.endswith(".npz") else a for a in argv], *DIGITS)
+        paths = [tmp_path / a if a.endswith(".npz") or a == "broken" else a for a in argv]
+        code, out, err = _run_cli(capsys, *paths, *DIGITS)
         assert code == 2 and message in err and "Traceback" not in err, (argv, err)
 
 

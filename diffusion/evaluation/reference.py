@@ -104,8 +104,11 @@ def load_reference(spec: str | os.PathLike, extractor: FeatureExtractor, *, need
                              f"sigma): give an ADM reference batch, an image folder or a dataset config")
         stats = check_dimensions(read_statistics(path), extractor, str(path))
         return Reference(str(path), stats, statistics_from="file") if main else None
-    if file_statistics and (arrays is None or "mu" not in arrays):
-        raise ValueError(f"--adm_stats takes the statistics stored in an ADM reference batch; {path} has none")
+    file_stats = None
+    if file_statistics:
+        if arrays is None or "mu" not in arrays:
+            raise ValueError(f"--adm_stats takes the statistics stored in an ADM reference batch; {path} has none")
+        file_stats = check_dimensions(read_statistics(path), extractor, str(path))
     source: ImageSource = NpzImages(path) if arrays is not None else open_images(
         spec, resolution=resolution, coco_split=coco_split, overrides=overrides)
     features, cached = None, False
@@ -115,9 +118,8 @@ def load_reference(spec: str | os.PathLike, extractor: FeatureExtractor, *, need
                                            progress=progress)
     if not main:
         return None
-    if file_statistics:
-        stats = check_dimensions(read_statistics(path), extractor, str(path))
-        return Reference(source.description, stats, features, len(source), "file", cached)
+    if file_stats is not None:
+        return Reference(source.description, file_stats, features, len(source), "file", cached)
     stats = statistics_of_features(features, statistics_of)
     return Reference(source.description, stats, features, len(source), "images", cached)
 
