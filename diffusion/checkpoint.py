@@ -258,10 +258,10 @@ def read_weights_file(path: str | Path, prefer: str = "ema") -> dict:
         with torch.serialization.safe_globals([argparse.Namespace]):
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 -- torch raises UnpicklingError, RuntimeError, KeyError, EOFError
-        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(err))
+        found = re.search(r"GLOBAL ([\w.]+)", str(err))  # torch names the class or function it refused
         if found:
-            raise UnsafeWeightsError(f"{path} is not a weights file: it pickles an object of class {found.group(1)}, "
-                                     f"which is never unpickled here; {EXPECTED_WEIGHTS}") from None
+            raise UnsafeWeightsError(f"{path} is not a weights file: it pickles {found.group(1)}, which is never "
+                                     f"unpickled here; {EXPECTED_WEIGHTS}") from None
         unpickler = re.search(r"WeightsUnpickler error: \s*(.+)", str(err))  # not torch's advice, only its reason
         reason = unpickler.group(1).strip() if unpickler else str(err).split(". ")[0] or type(err).__name__
         raise CheckpointError(f"{path} is not a readable PyTorch checkpoint ({reason}); a truncated download or "

@@ -351,7 +351,7 @@ def test_damaged_and_foreign_weights_files_are_named_without_torch_advice(base_r
     (tmp_path / "notes.pt").write_text("not a checkpoint")
     torch.save([1, 2], tmp_path / "list.pt")
     cases = {loose: f"{loose} is not a readable safetensors file",
-             tmp_path / "object.pt": "is not a weights file: it pickles an object of class",
+             tmp_path / "object.pt": "NotWeights, which is never unpickled here",
              tmp_path / "notes.pt": f"{tmp_path / 'notes.pt'} is not a readable PyTorch checkpoint",
              tmp_path / "list.pt": "holds no weights"}
     for path, expected in cases.items():
