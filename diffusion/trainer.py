@@ -47,6 +47,7 @@ from diffusion.data import (
     build_dataset,
     digits_classifier_accuracy,
 )
+from diffusion.evaluation.training import FidHistory, TrainingFID, fid_name
 from diffusion.registry import build_model, build_objective, label_dropout, resolve_model_kwargs
 from diffusion.sampling import class_rows, generate, num_real_classes, preview_settings, sample_grid
 
@@ -356,6 +357,8 @@ class Run:
     micro_batch: int
     wandb: WandbLogger | None = None
     skipped_images: int = 0
+    fid: TrainingFID | None = None  # FID during training (eval.every / eval.final_n_samples)
+    fid_history: FidHistory | None = None
 
     @property
     def device(self) -> torch.device:
@@ -714,6 +717,54 @@ def preview(run: Run, step: int) -> Path | None:
     return path
 
 
+def start_fid(run: Run) -> None:
+    """Feature extractor and reference statistics for FID during training, when the config asks for it."""
+    ev = run.config.eval
+    if ev.every <= 0 and ev.final_n_samples <= 0:
+        return
+    run.fid = TrainingFID(run.config, run.workdir, state=run.accelerator, device=run.device, data=run.data,
+                          class_counts=run.data.class_counts, image_shape=run.data.shape, objective=run.objective)
+    run.fid_history = FidHistory.load(run.workdir)
+
+
+def score_fid(run: Run, progress: Progress, last_ckpt: Path | None) -> Path:
+    """FID-``eval.n_samples`` of the EMA weights with the evaluation sampler and guidance; the step gets a checkpoint
+    (so the best one can be scored in full later) and the score goes to the console, log.txt, wandb and fid.json."""
+    step = progress.step
+    if last_ckpt is None or last_ckpt.name != f"step_{step:08d}":
+        last_ckpt = save(run, progress)
+    fid = run.fid(run.ema, run.config.eval.n_samples, progress=run.is_main)
+    if run.is_main:
+        run.fid_history.add(step, fid)
+        best = run.fid_history.best_step
+        text = (f"step {step} FID-{run.config.eval.n_samples} {fid:.4f} ({run.config.sample.sampler}, "
+                f"{run.config.sample.steps} steps, guidance {run.config.sample.guidance_scale:g}; best {best})")
+        log.info("%s", text)
+        print(f"[train] {text}", file=sys.stderr)
+        run.wandb.log({fid_name(run.config.eval.n_samples): fid}, step)
+    run.accelerator.wait_for_everyone()
+    return last_ckpt
+
+
+def score_best_checkpoint(run: Run) -> dict:
+    """U-ViT's recipe after training: the best in-training checkpoint scored with ``eval.final_n_samples``."""
+    history, n = run.fid_history, run.config.eval.final_n_samples
+    best = history.best_step if history is not None else None
+    if n <= 0 or best is None:
+        return {}
+    path = run.workdir / ckpt.CHECKPOINTS / f"step_{best:08d}"
+    if not path.is_dir():
+        report(run, f"the best checkpoint {path} is gone (train.keep_checkpoints); FID-{n} not computed")
+        return {}
+    model = copy.deepcopy(run.ema)
+    model.load_state_dict(ckpt.load_checkpoint_dir(path, weights="ema")[0])
+    fid = run.fid(model, n, progress=run.is_main)
+    history.final = {"step": best, "n_samples": n, "fid": fid, "checkpoint": str(path)}
+    if run.is_main:
+        history.write()
+    return {f"best_{fid_name(n)}": fid, "best_step": best}
+
+
 def train_loop(run: Run, progress: Progress, stop: StopRequest, last_ckpt: Path | None) -> Path:
     """Steps until train.steps or a stop request all processes agree on; returns the checkpoint of the step the
     loop ended at (saving one unless the periodic save just did)."""
@@ -730,6 +781,8 @@ def train_loop(run: Run, progress: Progress, stop: StopRequest, last_ckpt: Path 
                 log_window(run, step, window, last_ckpt, bar)
             if checkpoint_now:
                 last_ckpt = save(run, progress)
+            if run.fid is not None and run.config.eval.every > 0 and step % run.config.eval.every == 0:
+                last_ckpt = score_fid(run, progress, last_ckpt)
             if tc.sample_every > 0 and step % tc.sample_every == 0 and step != tc.steps:
                 preview(run, step)
     if last_ckpt is not None and last_ckpt.name == f"step_{progress.step:08d}":
@@ -740,8 +793,9 @@ def train_loop(run: Run, progress: Progress, stop: StopRequest, last_ckpt: Path 
 def finish(run: Run, progress: Progress, final: Path) -> Path:
     """The final preview grid and evaluation, and the summary lines."""
     grid = preview(run, progress.step)
+    best = score_best_checkpoint(run) if run.fid is not None else {}
     if run.is_main:
-        metrics = evaluate(run.config, run.ema, run.objective, run.data.shape, run.device)
+        metrics = {**evaluate(run.config, run.ema, run.objective, run.data.shape, run.device), **best}
         if metrics:
             log.info("step %d eval %s", progress.step, metrics)
             run.wandb.log(metrics, progress.step)
@@ -773,6 +827,7 @@ def train(config, workdir: str | Path, allow_config_change: bool = False) -> Pat
         progress, resumed, scaler_state = resume(run, allow_config_change)
         prepare(run, scaler_state)
         announce(run, progress, resumed)
+        start_fid(run)
         final = train_loop(run, progress, stop, resumed)
         if stop.agreed(run.accelerator):
             run.wandb.finish()

@@ -22,7 +22,8 @@ from tests.tiny_models import make_tiny_autoencoder, make_tiny_clip
 
 REPO = Path(__file__).resolve().parents[1]
 RES = 32  # pixels -> 4x4x4 latents with the tiny autoencoder
-COMMON = ["--config.wandb.mode=disabled", "--config.eval.metric=", "--config.train.batch_size=4",
+COMMON = ["--config.wandb.mode=disabled", "--config.eval.metric=", "--config.eval.every=0",
+          "--config.train.batch_size=4",
           "--config.train.steps=4", "--config.train.log_every=2", "--config.train.ckpt_every=4",
           "--config.train.sample_every=2", "--config.data.num_workers=0", "--config.train.mixed_precision=no",
           "--config.sample.per_class=2", "--config.preview.steps=2", "--config.sample.steps=2",

@@ -18,6 +18,7 @@ from diffusion.trainer import train
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--config.model.embed_dim=32", "--config.model.depth=2", "--config.model.num_heads=2",
         "--config.wandb.mode=disabled", "--config.train.sample_every=0", "--config.eval.metric=",
+        "--config.eval.every=0",
         "--config.sample.steps=4", "--config.sample.per_class=2", "--config.train.batch_size=32"]
 
 
@@ -142,10 +143,31 @@ def test_short_quickstart_draws_the_requested_digits(tmp_path):
     recognise the requested class far above chance (10%); measured 58% here, the full 3,000-step run ~99%."""
     cfg, _ = parse_command_line([f"--config={REPO / 'configs/digits_uvit.py'}", "--config.train.steps=1200",
                                  "--config.train.sample_every=0", "--config.train.ckpt_every=1200",
-                                 "--config.wandb.mode=disabled", "--config.eval.per_class=30"])
+                                 "--config.wandb.mode=disabled", "--config.eval.per_class=30",
+                                 "--config.eval.every=400", "--config.eval.n_samples=200"])
     final = train(cfg, tmp_path)
     accuracy = json.loads((final / "eval.json").read_text())["digits_accuracy"]
     assert accuracy > 0.3, accuracy
+    # FID during training (digits classifier features, the guided evaluation sampler) logs a falling curve
+    fids = json.loads((tmp_path / "fid.json").read_text())["scores"]
+    assert list(fids) == ["400", "800", "1200"] and fids["1200"] < fids["400"], fids
+    logged = re.findall(r"FID-200 [0-9.]+ \(dpm_solver\+\+2m, 50 steps, guidance 2", (tmp_path / "log.txt").read_text())
+    assert len(logged) == 3
+
+
+def test_fid_during_training_keeps_the_best_checkpoint_and_scores_it_in_full(tmp_path):
+    """Every eval.every steps a checkpoint and an FID; at the end the best step is scored with final_n_samples."""
+    final = train(tiny_config("--config.train.steps=6", "--config.train.ckpt_every=6", "--config.train.log_every=3",
+                              "--config.eval.every=3", "--config.eval.n_samples=40", "--config.eval.batch_size=20",
+                              "--config.eval.final_n_samples=60", "--config.eval.feature_extractor=digits"), tmp_path)
+    history = json.loads((tmp_path / "fid.json").read_text())
+    assert list(history["scores"]) == ["3", "6"] and all(v > 0 for v in history["scores"].values())
+    best = history["best_step"]
+    assert history["best_fid"] == min(history["scores"].values())
+    assert history["final"]["step"] == best and history["final"]["n_samples"] == 60
+    assert history["final"]["fid"] != history["scores"][str(best)]  # another sample count, another estimate
+    assert (tmp_path / "checkpoints" / f"step_{best:08d}").is_dir()
+    assert json.loads((final / "eval.json").read_text())["best_fid60"] == history["final"]["fid"]
 
 
 def test_bf16_autocast_with_clipping_keeps_fp32_master_weights(tmp_path):
