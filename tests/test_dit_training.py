@@ -20,7 +20,8 @@ from tests.test_train import logged_losses
 REPO = Path(__file__).resolve().parents[1]
 TINY_DIT = ["--config.model.hidden_size=32", "--config.model.depth=2", "--config.model.num_heads=2",
             "--config.wandb.mode=disabled", "--config.train.sample_every=0", "--config.eval.metric=",
-            "--config.eval.every=0", "--config.sample.steps=4", "--config.sample.per_class=2", "--config.train.batch_size=32"]
+            "--config.eval.every=0", "--config.sample.steps=4", "--config.sample.per_class=2",
+            "--config.train.batch_size=32"]
 
 
 def tiny_dit(*overrides):
