@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from diffusion.config import ConfigError
+from diffusion.config import ConfigError, split_overrides
 from diffusion.evaluation import (
     EXTRACTORS,
     build_feature_extractor,
@@ -77,23 +77,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no_cache", action="store_true", help="neither read nor write feature caches")
     p.add_argument("--device", help="default: the process's GPU, else cpu")
     return p
-
-
-def split_overrides(argv: list[str]) -> tuple[list[tuple[str, str]], list[str]]:
-    """Pull ``--config.key=value`` (or ``--config.key value``) out of argv; the rest goes to argparse."""
-    overrides, rest, args = [], [], list(argv)
-    while args:
-        arg = args.pop(0)
-        if not arg.startswith("--config."):
-            rest.append(arg)
-            continue
-        key, eq, value = arg[len("--config."):].partition("=")
-        if not eq:
-            if not args:
-                raise ConfigError(f"flag {arg} needs a value")
-            value = args.pop(0)
-        overrides.append((key, value))
-    return overrides, rest
 
 
 def make_extractor(args, overrides, config_spec: str, device):

@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 
 from diffusion.checkpoint import latest_checkpoint, load_checkpoint_dir, read_weights_file
-from diffusion.config import ConfigError, apply_override, describe_config, load_config
+from diffusion.config import ConfigError, apply_override, describe_config, load_config, split_overrides
 from diffusion.registry import build_model, build_objective, resolve_model_kwargs
 from diffusion.released import RELEASED, released_config
 from diffusion.sampling import (
@@ -90,23 +90,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ema", type=str2bool, default=True, help="EMA weights (default) or the raw ones")
     p.add_argument("--device", help="default: the process's GPU, else cpu")
     return p
-
-
-def split_overrides(argv: list[str]) -> tuple[list[tuple[str, str]], list[str]]:
-    """Pull ``--config.key=value`` (or ``--config.key value``) out of argv; the rest goes to argparse."""
-    overrides, rest, args = [], [], list(argv)
-    while args:
-        arg = args.pop(0)
-        if arg.startswith("--config."):
-            key, eq, value = arg[len("--config."):].partition("=")
-            if not eq:
-                if not args:
-                    raise ConfigError(f"flag {arg} needs a value")
-                value = args.pop(0)
-            overrides.append((key, value))
-        else:
-            rest.append(arg)
-    return overrides, rest
 
 
 # ----------------------------------------------------------------------------------------------------------

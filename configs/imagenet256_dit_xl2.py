@@ -8,18 +8,8 @@ Trains on cached latents (``scripts/extract_latents.py``); the original's way, e
 step, is ``--config.data.name=imagenet --config.data.root=data/imagenet``.
 """
 
-from diffusion.config import base_config, dit_paper_recipe
+from diffusion.config import base_config, dit_imagenet_recipe
 
 
 def get_config():
-    config = dit_paper_recipe(base_config())
-    config.seed = 0
-    config.model.update(preset="DiT-XL/2", input_size=32, in_channels=4, num_classes=1000)
-    config.data.update(name="latents", root="data/imagenet256_latents", image_size=256, random_flip=True,
-                       num_workers=8, verify_checksums=False)
-    config.autoencoder.update(pretrained="stabilityai/sd-vae-ft-ema", scale_factor=0.18215)
-    config.train.update(steps=7_000_000, log_every=100, ckpt_every=50_000, sample_every=10_000)
-    config.sample.update(sampler="ddpm", steps=250, guidance_scale=1.5, guidance_channels="3", labels="uniform",
-                         per_class=4)
-    config.preview.update(sampler="ddim", steps=50)
-    return config
+    return dit_imagenet_recipe(base_config(), resolution=256, steps=7_000_000)
