@@ -49,8 +49,10 @@ def print_help(argv: list[str]) -> int:
 def main(argv: list[str]) -> int:
     if "-h" in argv or "--help" in argv:
         return print_help(argv)
+    from diffusion.autoencoder import WeightsNotFoundError  # SD VAE, CLIP
     from diffusion.checkpoint import CheckpointError, CheckpointSaveError, WorkdirBusyError
     from diffusion.data import DatasetNotFoundError, UnreadableDataError
+    from diffusion.evaluation.inception import InceptionWeightsNotFoundError
     from diffusion.trainer import StoppedBySignal, train
 
     try:
@@ -63,7 +65,7 @@ def main(argv: list[str]) -> int:
                   f"{stopped.checkpoint}; rerun the same command to resume", file=sys.stderr)
         return EXIT_STOPPED
     except (ConfigError, DatasetNotFoundError, UnreadableDataError, CheckpointError, CheckpointSaveError,
-            WorkdirBusyError, FloatingPointError) as err:
+            WorkdirBusyError, FloatingPointError, WeightsNotFoundError, InceptionWeightsNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:  # Ctrl-C before training started: nothing to save yet

@@ -4,6 +4,7 @@ MS-COCO features (tiny real autoencoder and CLIP saved to disk), decoded preview
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -135,3 +136,21 @@ def test_latent_config_refuses_a_cache_from_another_autoencoder(assets, tmp_path
                   "--config.autoencoder.pretrained=")
     with pytest.raises(ConfigError, match="autoencoder.pretrained"):
         train(cfg, tmp_path / "run3")
+
+
+@pytest.mark.parametrize("what", ["autoencoder", "inception"])
+def test_missing_pretrained_weights_are_one_clear_error(tmp_path, what):
+    """Weights that cannot be downloaded here: train.py says which file and how to get it (exit 2, no traceback)."""
+    if what == "autoencoder":
+        args = ["--config=configs/imagenet256_dit_xl2.py", "--config.data.name=imagenet",
+                f"--config.data.root={tmp_path}", f"--config.autoencoder.pretrained={tmp_path / 'vae.pth'}"]
+    else:
+        args = ["--config=configs/digits_uvit.py", "--config.eval.feature_extractor=inception", "--config.eval.every=1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TORCH_HOME": str(tmp_path / "torch_home"), "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "train.py", *args, "--config.wandb.mode=disabled",
+                           f"--workdir={tmp_path / 'run'}"], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    expected = "vae.pth" if what == "autoencoder" else "pt_inception-2015-12-05"
+    assert expected in proc.stderr and "error:" in proc.stderr
