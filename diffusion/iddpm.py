@@ -296,6 +296,10 @@ class GaussianDiffusion:
         nll = -discretized_gaussian_log_likelihood(x0, out["mean"], 0.5 * out["log_variance"])
         return torch.where(t == 0, mean_flat(nll) / math.log(2.0), kl)
 
+    def sample_time(self, batch: int, device, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Training steps: uniform indices of this (respaced) process, as the objectives' common ``sample_time``."""
+        return torch.randint(0, self.num_timesteps, (batch,), device=device, generator=generator)
+
     def training_losses(self, model, x0: torch.Tensor, cond: dict | None = None, t: torch.Tensor | None = None,
                         noise: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Hybrid loss per sample: ``{"loss": mse + vb, "mse", "vb"}`` (B,) each; ``{"loss", "mse"}`` with a fixed
@@ -303,7 +307,7 @@ class GaussianDiffusion:
         uniformly from [0, T) unless given."""
         x0 = self._work(x0)
         if t is None:
-            t = torch.randint(0, self.num_timesteps, (x0.shape[0],), device=x0.device)
+            t = self.sample_time(x0.shape[0], x0.device)
         noise = torch.randn_like(x0) if noise is None else noise.to(x0.dtype)
         x_t = self.q_sample(x0, t, noise)
         out = model(x_t, self.model_timesteps(t), **(cond or {})).to(x0.dtype)

@@ -590,14 +590,6 @@ def count_skipped(run: Run, skipped: list[str]) -> int:
     return len(errors)
 
 
-def sample_times(objective, n: int, device, generator: torch.Generator) -> torch.Tensor:
-    """Training times as ``objective.training_losses`` draws them: the VP objectives' ``sample_time``; the
-    learned-variance diffusion's uniform (respaced) step index in [0, num_timesteps)."""
-    if hasattr(objective, "sample_time"):
-        return objective.sample_time(n, device, generator)
-    return torch.randint(0, objective.num_timesteps, (n,), device=device, generator=generator)
-
-
 @dataclass
 class StepDraws:
     """Times, noise and dropout draws of one step for the whole global batch, rows in stream order."""
@@ -618,7 +610,7 @@ def step_draws(run: Run, step: int) -> StepDraws:
     same numbers for any process count, micro-batch size or accumulation."""
     n = run.config.train.batch_size
     generator = torch.Generator(run.device).manual_seed((run.config.seed + 1) * 6_364_136_223_846_793 + step)
-    t = sample_times(run.objective, n, run.device, generator)
+    t = run.objective.sample_time(n, run.device, generator)
     uniform = torch.rand(n, device=run.device, generator=generator)
     noise = torch.randn((n, *run.data.shape), device=run.device, generator=generator)
     return StepDraws(t=t, noise=noise, uniform=uniform)
