@@ -726,8 +726,9 @@ def score_fid(run: Run, progress: Progress, last_ckpt: Path | None) -> Path:
     if last_ckpt is None or last_ckpt.name != f"step_{step:08d}":
         last_ckpt = save(run, progress)
     fid = run.fid(run.ema, run.config.eval.n_samples, progress=run.is_main)
+    run.fid_history.add(step, fid)
     if run.is_main:
-        run.fid_history.add(step, fid)
+        run.fid_history.write()
         best = run.fid_history.best_step
         text = (f"step {step} FID-{run.config.eval.n_samples} {fid:.4f} ({run.config.sample.sampler}, "
                 f"{run.config.sample.steps} steps, guidance {run.config.sample.guidance_scale:g}; best {best})")

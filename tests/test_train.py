@@ -1,6 +1,7 @@
 """The training loop end to end on the bundled digits: learning, checkpoints, exact resume, sampling, errors."""
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -190,15 +191,20 @@ def test_wandb_offline_needs_no_account(tmp_path, monkeypatch):
 
 
 def test_two_process_ddp_on_cpu(tmp_path):
-    """accelerate launch with 2 processes on a CPU-only machine (DDP over gloo): the global batch is split and
-    only rank 0 writes checkpoints."""
+    """accelerate launch with 2 processes on a CPU-only machine (DDP over gloo): the global batch is split, only
+    rank 0 writes checkpoints, and FID during training (collectives on every process) neither hangs nor diverges."""
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes=2", "--num_machines=1",
            "--mixed_precision=no", "--dynamo_backend=no", "train.py", "--config=configs/digits_uvit.py", *TINY,
            "--config.train.steps=6", "--config.train.ckpt_every=3", "--config.train.log_every=3",
-           f"--workdir={tmp_path}"]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+           "--config.eval.every=3", "--config.eval.n_samples=40", "--config.eval.batch_size=10",
+           "--config.eval.final_n_samples=40", f"--workdir={tmp_path}"]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     log = (tmp_path / "log.txt").read_text()
     assert "2 process(es), micro-batch 16 x 1 accum" in log
     assert [p.name for p in checkpoint_dirs(tmp_path)] == ["step_00000003", "step_00000006"]
     assert load_train_state(checkpoint_dirs(tmp_path)[-1])["step"] == 6
+    history = json.loads((tmp_path / "fid.json").read_text())
+    assert list(history["scores"]) == ["3", "6"] and history["final"]["step"] == history["best_step"]
+    assert log.count("FID-40 ") == 2

@@ -55,8 +55,8 @@ class FidHistory:
         return min(self.scores, key=self.scores.get) if self.scores else None
 
     def add(self, step: int, fid: float) -> None:
+        """Every process keeps the same history (the score is broadcast), so all agree on the best step."""
         self.scores[step] = fid
-        self.write()
 
     def write(self) -> None:
         best = self.best_step
