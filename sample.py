@@ -19,7 +19,7 @@ sampler flags override them. Guidance w is eps_u + w (eps_c - eps_u); U-ViT's pa
 OUT.parts/ as they finish, recorded with their settings in OUT.job.json; every process takes its share; rerun the
 same command after a crash and finished chunks are kept. The result is ADM's format: arr_0 uint8 (N, H, W, 3),
 arr_1 the labels (class-conditional models). Sample i depends only on (--seed, i): the file is the same for any
-number of processes or batch size.
+number of processes, and for any batch size up to floating-point rounding (bit-identical on CPU).
 """
 
 from __future__ import annotations

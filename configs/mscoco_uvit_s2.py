@@ -3,7 +3,7 @@ tokens, discrete "stable diffusion" schedule (U-ViT paper: FID 5.95 on 30K val20
 w = 2, DPM-Solver++ 50 evaluations).
 
     accelerate launch scripts/extract_coco.py --root data/coco --split train --out data/mscoco256_features/train \\
-        --autoencoder assets/stable-diffusion/autoencoder_kl_ema.pth --clip openai/clip-vit-large-patch14
+        --autoencoder assets/stable-diffusion/autoencoder_kl.pth --clip openai/clip-vit-large-patch14
     accelerate launch --multi_gpu --num_processes 4 train.py --config=configs/mscoco_uvit_s2.py
 """
 

@@ -269,6 +269,9 @@ def read_weights_file(path: str | Path, prefer: str = "ema") -> dict:
     if isinstance(obj, dict) and prefer in obj and isinstance(obj[prefer], dict):
         return obj[prefer]
     if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        if prefer != "ema":  # a plain state_dict is one set of weights (the released files: EMA); say so, not "raw"
+            raise CheckpointError(f"{path} is a plain state_dict, one set of weights: choosing {prefer!r} weights "
+                                  f"applies to training checkpoints {{'model', 'ema', ...}} only; drop --ema false")
         return obj
     raise CheckpointError(f"{path} holds no weights ({EXPECTED_WEIGHTS}; top-level "
                           f"{f'keys: {list(obj)[:8]}' if isinstance(obj, dict) else type(obj).__name__})")

@@ -72,7 +72,9 @@ def base_config() -> ml_collections.ConfigDict:
                 eta=0.0,  # DDIM stochasticity
                 guidance_scale=1.0,  # eps_u + w (eps_c - eps_u); 1 = no guidance (U-ViT's s = w - 1)
                 guidance_channels="all",  # or "k": guide only the first k channels (DiT's released CFG: "3")
-                clip_denoised=False,  # clamp x0 predictions to [-1, 1] (pixel models; latents are never clipped)
+                # clamp x0 predictions to [-1, 1] (pixel models; latents are never clipped); None: the objective's
+                # own setting (iddpm: diffusion.clip_denoised; the VP objectives: off)
+                clip_denoised=None,
                 labels="uniform",  # evaluation labels: uniform (DiT) | balanced | train_freq (U-ViT ImageNet 64)
                 per_class=8,  # grid columns for conditional models
                 num_unconditional=64,
@@ -145,7 +147,8 @@ def uvit_latent_recipe(config: ml_collections.ConfigDict, resolution: int, prese
                        random_flip=True, num_workers=8, verify_checksums=False)
     config.autoencoder.update(pretrained=autoencoder, scale_factor=0.18215)
     config.optim.update(lr=2e-4, betas=(0.99, 0.99), weight_decay=0.03, warmup_steps=5000)
-    config.train.update(steps=300_000 if kind == "vp_sde" else 500_000, batch_size=1024, mixed_precision="fp16",
+    steps = 300_000 if kind == "vp_sde" and resolution == 256 else 500_000  # only ImageNet-256 L/2 stops at 300K
+    config.train.update(steps=steps, batch_size=1024, mixed_precision="fp16",
                         ema_decay=0.9999, log_every=100, ckpt_every=50_000, sample_every=5_000)
     sampler = dict(sampler="dpm_solver", t_end=1e-4, skip_type="logSNR") if kind == "vp_sde" else dict(
         sampler="dpm_solver++", t_end=1e-3, skip_type="time_uniform")
@@ -165,7 +168,7 @@ def uvit_t2i_recipe(config: ml_collections.ConfigDict, preset: str) -> ml_collec
     config.cond.p_uncond = 0.1
     config.data.update(name="coco_latents", root="data/mscoco256_features/train", image_size=256, random_flip=False,
                        num_workers=8, verify_checksums=False)
-    config.autoencoder.update(pretrained="assets/stable-diffusion/autoencoder_kl_ema.pth", scale_factor=0.23010)
+    config.autoencoder.update(pretrained="assets/stable-diffusion/autoencoder_kl.pth", scale_factor=0.23010)
     config.text_encoder.update(pretrained="openai/clip-vit-large-patch14", max_length=77)
     config.optim.update(lr=2e-4, betas=(0.9, 0.9), weight_decay=0.03, warmup_steps=5000)
     config.train.update(steps=1_000_000, batch_size=256, mixed_precision="fp16", ema_decay=0.9999, log_every=100,
@@ -408,6 +411,13 @@ def check_values(config: ml_collections.ConfigDict) -> None:
         problem = _choice(key, value, choices)
         if problem:
             problems.append(problem)
+    ev = config.eval
+    if ev.final_n_samples > 0 and ev.every <= 0:
+        problems.append(f"eval.final_n_samples={ev.final_n_samples} scores the best in-training FID checkpoint, but "
+                        f"eval.every=0 computes none: e.g. --config.eval.every={max(tc.ckpt_every, 1)}")
+    if ev.every > 0 and ev.n_samples < 2:
+        problems.append(f"eval.n_samples must be >= 2 for an FID, got {ev.n_samples}: e.g. "
+                        f"--config.eval.n_samples=10000")
     if problems:
         raise ConfigError("; ".join(problems))
 

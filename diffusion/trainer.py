@@ -49,7 +49,16 @@ from diffusion.data import (
 )
 from diffusion.evaluation.training import FidHistory, TrainingFID, fid_name
 from diffusion.registry import build_model, build_objective, label_dropout, resolve_model_kwargs
-from diffusion.sampling import class_rows, generate, num_real_classes, preview_settings, sample_grid
+from diffusion.sampling import (
+    LABEL_MODES,
+    check_settings,
+    class_rows,
+    generate,
+    num_real_classes,
+    preview_settings,
+    sample_grid,
+    sample_settings,
+)
 
 log = logging.getLogger("diffusion.train")
 
@@ -222,6 +231,22 @@ def check_conditioning(net, data: TrainData, p_uncond: float) -> None:
     if num_real_classes(net) > 0 and p_uncond > 0 and getattr(net, "null_label", None) is None:
         raise ConfigError("cond.p_uncond > 0 needs a model with a null label (U-ViT: num_classes = classes + 1 "
                           "and null_label = classes; DiT: class_dropout_prob > 0)")
+
+
+def check_sampling(config, objective, net, data: TrainData) -> None:
+    """The evaluation and preview samplers and the FID labels are used thousands of steps in: refuse a setting they
+    cannot run now, not at the first preview."""
+    try:
+        check_settings(objective, sample_settings(config.sample))
+        check_settings(objective, sample_settings(preview_settings(config)))
+    except ValueError as err:
+        raise ConfigError(f"sample / preview section: {err} (e.g. --config.preview.sampler=...)") from None
+    if config.sample.labels not in LABEL_MODES:
+        raise ConfigError(f"sample.labels={config.sample.labels!r}; choose one of {', '.join(LABEL_MODES)}")
+    if (config.eval.every > 0 and num_real_classes(net) and config.sample.labels == "train_freq"
+            and data.class_counts is None):
+        raise ConfigError("sample.labels=train_freq needs the training set's class counts, which this dataset does "
+                          "not provide: --config.sample.labels=uniform")
 
 
 def batch_conditioning(net, batch: dict, data: TrainData, p_uncond: float, device,
@@ -402,6 +427,7 @@ def start_run(config, workdir: Path) -> Run:
     objective = build_objective(config.diffusion)
     p_uncond = label_dropout(config, model_name, model_kwargs)
     check_conditioning(net, data, p_uncond)
+    check_sampling(config, objective, net, data)
     meta = {"model_name": model_name, "model_kwargs": json.loads(json.dumps(model_kwargs)),
             "image_shape": list(data.shape), "class_names": data.class_names, "class_counts": data.class_counts,
             "torch": torch.__version__}

@@ -2,7 +2,7 @@
 and the CLIP last hidden state of every caption, plus the empty caption's encoding and the captions as text.
 
     accelerate launch scripts/extract_coco.py --root data/coco --split train --out data/mscoco256_features/train \\
-        --autoencoder assets/stable-diffusion/autoencoder_kl_ema.pth --clip openai/clip-vit-large-patch14
+        --autoencoder assets/stable-diffusion/autoencoder_kl.pth --clip openai/clip-vit-large-patch14
 
 ROOT holds train2014/, val2014/ and annotations/captions_{train,val}2014.json. Same sharded, multi-process, resumable
 machinery as scripts/extract_latents.py. Train on the result with --config.data.name=coco_latents

@@ -95,6 +95,16 @@ def test_paper_configs_default_to_the_paper_sampler(name):
     assert config.autoencoder.scale_factor == (0.23010 if name.startswith("mscoco") else 0.18215)
 
 
+@pytest.mark.parametrize("name, steps", [("cifar10_uvit_s2", 500_000), ("celeba64_uvit_s4", 500_000),
+                                         ("imagenet64_uvit_m4", 300_000), ("imagenet64_uvit_l4", 300_000),
+                                         ("imagenet256_uvit_l2", 300_000), ("imagenet256_uvit_h2", 500_000),
+                                         ("imagenet512_uvit_l4", 500_000), ("imagenet512_uvit_h4", 500_000),
+                                         ("mscoco_uvit_s2", 1_000_000), ("mscoco_uvit_s2_deep", 1_000_000)])
+def test_uvit_training_steps_follow_the_paper(name, steps):
+    config, _ = parse_command_line([f"--config={REPO / 'configs' / name}.py"])
+    assert config.train.steps == steps
+
+
 def test_dit_recipe_in_full():
     config, _ = parse_command_line([f"--config={REPO / 'configs/imagenet256_dit_xl2.py'}"])
     assert (config.train.steps, config.train.batch_size, config.train.ckpt_every, config.train.log_every) == (

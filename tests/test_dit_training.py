@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from diffusion.checkpoint import read_weights_file
+from diffusion.checkpoint import CheckpointError, read_weights_file
 from diffusion.config import parse_command_line
 from diffusion.registry import build_model
 from diffusion.trainer import train
@@ -69,6 +69,11 @@ def test_original_training_format_loads_without_arbitrary_unpickling(tmp_path):
     assert all(torch.equal(state[k], v) for k, v in ema.state_dict().items())
     assert torch.equal(read_weights_file(path, prefer="model")["x_embedder.proj.weight"],
                        model.state_dict()["x_embedder.proj.weight"])
+    released = tmp_path / "DiT-XL-2-256x256.pt"  # a plain (EMA) state_dict: one set of weights, no "raw" to pick
+    torch.save(ema.state_dict(), released)
+    assert read_weights_file(released).keys() == ema.state_dict().keys()
+    with pytest.raises(CheckpointError, match="one set of weights.*drop --ema false"):
+        read_weights_file(released, prefer="model")
 
     out = tmp_path / "grid.png"
     overrides = [f"--config={REPO / 'configs/digits_dit.py'}", *TINY_DIT]

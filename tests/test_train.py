@@ -13,7 +13,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from diffusion.checkpoint import checkpoint_dirs, load_train_state
-from diffusion.config import parse_command_line
+from diffusion.config import ConfigError, parse_command_line
 from diffusion.trainer import train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -208,3 +208,16 @@ def test_two_process_ddp_on_cpu(tmp_path):
     history = json.loads((tmp_path / "fid.json").read_text())
     assert list(history["scores"]) == ["3", "6"] and history["final"]["step"] == history["best_step"]
     assert log.count("FID-40 ") == 2
+
+
+@pytest.mark.parametrize("override, message", [
+    ("--config.preview.sampler=ddpm", "unknown sampler 'ddpm'"),
+    ("--config.sample.steps=0", "steps must be a positive"),
+    ("--config.sample.labels=zipf", "sample.labels='zipf'"),
+    ("--config.eval.final_n_samples=50", "eval.every=0 computes none"),
+])
+def test_sampling_settings_are_checked_before_training(tmp_path, override, message):
+    """A sampler setting first used at a preview or FID thousands of steps in is refused at the start."""
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        train(tiny_config("--config.train.steps=2", override), tmp_path)
+    assert checkpoint_dirs(tmp_path) == []
