@@ -79,6 +79,12 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def cached_reference(reference) -> str:
+    if not reference.cached:
+        return ""
+    return ", cached features" if reference.features is not None else ", cached statistics"
+
+
 def make_extractor(args, overrides, config_spec: str, device):
     """The extractor the flags ask for; a dataset config's ``eval`` section supplies the defaults."""
     name, weights = args.extractor, args.inception
@@ -169,7 +175,7 @@ def evaluate(args, overrides, state, device) -> str:
     ref_count = f"{reference.num_images} images, " if reference.num_images else ""
     return (f"{summary_line(scores)}\n  {len(samples)} samples of {samples.description}"
             f"{' (cached features)' if cached else ''} vs {reference.description} ({ref_count}statistics from "
-            f"{reference.statistics_from}{', cached features' if reference.cached else ''}); {extractor.id}")
+            f"{reference.statistics_from}{cached_reference(reference)}); {extractor.id}")
 
 
 def main(argv: list[str]) -> int:

@@ -298,8 +298,10 @@ def test_eval_fid_feature_cache_reused_and_invalidated(tmp_path, capsys) -> None
 
     code, out, _ = _run_cli(capsys, samples, *reference, "--metrics", "is")  # a second metric: features reused
     assert code == 0 and "(cached features)" in out and cache.stat().st_mtime_ns == written
-    # the config reference's features are cached in the cache folder
-    assert list((tmp_path / "xdg_cache" / "transformer-diffusion" / "eval").glob("digits8-*.features-digits-*.npz"))
+    # an FID-only reference keeps running statistics, not every image's features, cached in the cache folder
+    cache_dir = tmp_path / "xdg_cache" / "transformer-diffusion" / "eval"
+    assert list(cache_dir.glob("reference-digits8-*-digits-*.npz"))
+    assert not list(cache_dir.glob("digits8-*.features-*.npz"))
 
     time.sleep(0.01)
     np.savez(samples, arr_0=np.repeat(real[300:600], 3, -1))  # other images: the cache must not be used
@@ -501,7 +503,11 @@ def test_eval_fid_inception_end_to_end(inception_file, tmp_path, capsys) -> None
     written = cache.stat().st_mtime_ns
     code, out, _ = _run_cli(capsys, tmp_path / "samples.npz", tmp_path / "VIRTUAL_batch.npz", "--metrics", "is",
                             *weights)
-    assert code == 0 and out.count("cached features") == 2 and cache.stat().st_mtime_ns == written
+    assert code == 0 and cache.stat().st_mtime_ns == written
+    assert out.count("cached features") == 1  # the samples'; the reference's statistics are now computed and cached
+    code, out, _ = _run_cli(capsys, tmp_path / "samples.npz", tmp_path / "VIRTUAL_batch.npz", "--metrics", "is",
+                            *weights)
+    assert code == 0 and out.count("cached features") == 1 and "cached statistics" in out
 
     # --save-stats from a folder (round trip with the features of its images), then folder samples against it
     _write_pngs(tmp_path / "ref_pngs", reference)

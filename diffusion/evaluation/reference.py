@@ -23,9 +23,11 @@ import numpy as np
 
 from diffusion.evaluation.extractor import FeatureExtractor
 from diffusion.evaluation.features import (
+    STATISTICS_KEYS,
     accumulate_statistics,
     broadcast_from_main,
     cached_features,
+    default_cache_dir,
     rank_and_world,
     read_cache,
     statistics_of_features,
@@ -111,8 +113,13 @@ def load_reference(spec: str | os.PathLike, extractor: FeatureExtractor, *, need
         file_stats = check_dimensions(read_statistics(path), extractor, str(path))
     source: ImageSource = NpzImages(path) if arrays is not None else open_images(
         spec, resolution=resolution, coco_split=coco_split, overrides=overrides)
+    if not need_features and file_stats is None:  # FID/sFID only: running statistics, never all the features
+        stats, cached = cached_statistics(source, extractor, cache_dir, use_cache=use_cache, state=state,
+                                          batch_size=batch_size, num_workers=num_workers, progress=progress)
+        stats = {k: stats[k] for key in statistics_of for k in STATISTICS_KEYS[key] if k in stats}
+        return Reference(source.description, stats, None, len(source), "images", cached) if main else None
     features, cached = None, False
-    if need_features or not file_statistics:
+    if need_features:
         features, cached = cached_features(source, extractor, cache_dir=cache_dir, use_cache=use_cache,
                                            batch_size=batch_size, num_workers=num_workers, state=state,
                                            progress=progress)
@@ -145,15 +152,26 @@ def reference_statistics_for_config(config: ml_collections.ConfigDict, extractor
         source: ImageSource = NpzImages(path)
     else:
         source = DatasetImages(config, description="data")
-    cache = Path(cache_dir) / f"reference-{source.cache_name}-{extractor.id}.npz"
+    return cached_statistics(source, extractor, cache_dir, state=state, batch_size=batch_size,
+                             num_workers=num_workers, progress=progress)[0]
+
+
+def cached_statistics(source: ImageSource, extractor: FeatureExtractor, cache_dir: str | os.PathLike | None, *,
+                      use_cache: bool = True, state=None, batch_size: int = 250, num_workers: int = 0,
+                      progress: bool = False) -> tuple[dict[str, np.ndarray], bool]:
+    """(statistics, read from the cache) of a (possibly huge) image source from running sums -- no per-image
+    features are kept -- cached in ``cache_dir`` as ``reference-<source>-<extractor id>.npz`` while the source and
+    extractor are unchanged; on every process (all must call it)."""
+    cache = Path(cache_dir or default_cache_dir()) / f"reference-{source.cache_name}-{extractor.id}.npz"
     main = rank_and_world(state)[0] == 0
-    stats = read_cache(cache, source.fingerprint(), extractor.id) if main else None
+    stats = read_cache(cache, source.fingerprint(), extractor.id) if main and use_cache else None
     stats = broadcast_from_main(stats, state)
-    if stats is None:
-        stats = accumulate_statistics(source, extractor, batch_size=batch_size, num_workers=num_workers, state=state,
-                                      progress=progress)
-        if main:
-            write_npz_atomic(cache, {**stats, "_fingerprint": np.array(source.fingerprint()),
-                                     "_extractor": np.array(extractor.id)})
-    return stats
+    if stats is not None:
+        return stats, True
+    stats = accumulate_statistics(source, extractor, batch_size=batch_size, num_workers=num_workers, state=state,
+                                  progress=progress)
+    if main and use_cache:
+        write_npz_atomic(cache, {**stats, "_fingerprint": np.array(source.fingerprint()),
+                                 "_extractor": np.array(extractor.id)})
+    return stats, False
 
