@@ -184,6 +184,13 @@ class TrainData:
     class_names: list[str] | None
     class_counts: list[int] | None  # per-class training counts (sample.py's train_freq labels)
 
+    def caption_contexts(self, count: int, seed: int) -> torch.Tensor:
+        """(count, tokens, dim) caption contexts of the first training images, each image's caption choice fixed
+        by ``seed``: what text-to-image previews and FID samples are conditioned on."""
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            return torch.stack([self.dataset[i]["context"] for i in range(min(count, len(self.dataset)))])
+
 
 def class_counts(dataset) -> list[int] | None:
     counts = getattr(dataset, "class_counts", None)
@@ -265,9 +272,7 @@ def preview_contexts(data: TrainData, config) -> dict:
     """Text-to-image previews: the captions of the first training images (a fixed choice), one row each."""
     if data.null_context is None:
         return {}
-    with torch.random.fork_rng():
-        torch.manual_seed(config.sample.seed)
-        contexts = torch.stack([data.dataset[i]["context"] for i in range(min(4, len(data.dataset)))])
+    contexts = data.caption_contexts(4, config.sample.seed)
     return {"contexts": contexts.to(data.null_context.device), "null_context": data.null_context}
 
 
@@ -741,7 +746,7 @@ def start_fid(run: Run) -> None:
     if ev.every <= 0 and ev.final_n_samples <= 0:
         return
     run.fid = TrainingFID(run.config, run.workdir, state=run.accelerator, device=run.device, data=run.data,
-                          class_counts=run.data.class_counts, image_shape=run.data.shape, objective=run.objective)
+                          objective=run.objective)
     run.fid_history = FidHistory.load(run.workdir)
 
 

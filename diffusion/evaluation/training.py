@@ -17,8 +17,6 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
 from diffusion.evaluation.extractor import build_feature_extractor
 from diffusion.evaluation.features import broadcast_from_main, generated_statistics, rank_and_world
 from diffusion.evaluation.metrics import frechet_distance
@@ -70,27 +68,23 @@ class FidHistory:
 class TrainingFID:
     """Scores a model: ``fid(model, n_samples) -> float`` on every process (all must call it)."""
 
-    def __init__(self, config, workdir: Path, *, state, device, data, class_counts: list[int] | None,
-                 image_shape: tuple[int, ...], objective):
+    def __init__(self, config, workdir: Path, *, state, device, data, objective):
+        """``data``: the trainer's TrainData (shape, decode, null context, class counts, caption contexts)."""
         ev = config.eval
-        self.config, self.state, self.device = config, state, device
-        self.data, self.class_counts, self.image_shape, self.objective = data, class_counts, image_shape, objective
+        self.config, self.state, self.device, self.data, self.objective = config, state, device, data, objective
         self.extractor = build_feature_extractor(ev.feature_extractor, weights=ev.inception_weights, device=device)
         self.reference = reference_statistics_for_config(config, self.extractor, workdir / "eval", state=state,
                                                          batch_size=ev.batch_size)
 
     def _source(self, model) -> SampleSource:
         sample_cfg = self.config.sample
-        source = SampleSource(model, self.objective, sample_cfg, self.image_shape, seed=self.config.eval.seed,
+        source = SampleSource(model, self.objective, sample_cfg, self.data.shape, seed=self.config.eval.seed,
                               decode=self.data.decode, device=self.device)
         if self.data.null_context is not None:  # text-to-image: the training captions' contexts, cycled
-            count = min(MAX_CONTEXTS, len(self.data.dataset))
-            with torch.random.fork_rng():
-                torch.manual_seed(self.config.eval.seed)
-                source.contexts = torch.stack([self.data.dataset[i]["context"] for i in range(count)])
+            source.contexts = self.data.caption_contexts(MAX_CONTEXTS, self.config.eval.seed)
             source.null_context = self.data.null_context
         elif num_real_classes(model):
-            counts = self.class_counts if sample_cfg.labels == "train_freq" else None
+            counts = self.data.class_counts if sample_cfg.labels == "train_freq" else None
             source.labels = LabelPlan(sample_cfg.labels, num_real_classes(model), seed=self.config.eval.seed,
                                       class_counts=counts)
         return source
