@@ -56,6 +56,7 @@ from tqdm import tqdm
 from diffusion.autoencoder import Autoencoder, sample_posterior
 from diffusion.config import ConfigError
 from diffusion.data import CocoCaptions, DatasetNotFoundError, center_crop_arr
+from diffusion.files import write_atomic
 from diffusion.text_encoder import TextEncoder
 
 FORMAT = "transformer-diffusion/cached-features"
@@ -76,18 +77,8 @@ def _shard_name(k: int) -> str:
     return f"shard_{k:06d}"
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Write to a hidden temporary file, then rename: a reader (or a rerun after a kill) sees all or nothing."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def _write_json(path: Path, obj: Any) -> None:
-    _write_atomic(path, (json.dumps(obj, indent=1, ensure_ascii=False) + "\n").encode())
+    write_atomic(path, lambda f: f.write((json.dumps(obj, indent=1, ensure_ascii=False) + "\n").encode()))
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -226,7 +217,7 @@ class CocoFeatures:
         captions = [entry for record in records for entry in record["captions"]]
         _write_json(out / CAPTIONS, captions)
         null = self.text_encoder.null_context().float().cpu().contiguous()
-        _write_atomic(out / NULL_CONTEXT, save({"null_context": null}))
+        write_atomic(out / NULL_CONTEXT, lambda f: f.write(save({"null_context": null})))
         return {"counts": {"captions": sum(len(entry["captions"]) for entry in captions)},
                 "captions": CAPTIONS, "null_context": NULL_CONTEXT}
 
@@ -289,7 +280,7 @@ def _write_shard(out: Path, k: int, span: tuple[int, int], parts: dict[str, list
             tensors[key] = (tensor.to(dtype) if tensor.is_floating_point() else tensor).cpu().contiguous()
         data = save(tensors, metadata={"format": FORMAT})  # one key: safetensors writes a map's keys in any order
         record.update(file=f"{_shard_name(k)}.safetensors", bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
-        _write_atomic(out / record["file"], data)
+        write_atomic(out / record["file"], lambda f: f.write(data))
     record.update(job.shard_info(infos))
     _write_json(out / f"{_shard_name(k)}.json", record)
 

@@ -29,6 +29,8 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 from tqdm.auto import tqdm
 
+from diffusion.files import write_atomic
+
 # objective.sample keyword arguments that come from the ``sample`` config section
 SAMPLER_KEYS = ("sampler", "steps", "order", "t_end", "skip_type", "eta", "guidance_scale", "guidance_channels",
                 "clip_denoised")
@@ -389,14 +391,6 @@ def _differences(old, new, prefix: str = "") -> list[str]:
     return [] if old == new else [prefix.rstrip(".")]
 
 
-def _atomic_write(path: Path, write: Callable) -> None:
-    """``write(file)`` to a temporary name beside ``path``, then rename: a reader never sees half a file."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        write(f)
-    os.replace(tmp, path)
-
-
 @dataclass
 class SampleJob:
     """``num_samples`` samples as chunks of ``chunk_size``: chunk ``c`` holds samples [c K, (c + 1) K) in
@@ -457,7 +451,7 @@ class SampleJob:
         self.out.parent.mkdir(parents=True, exist_ok=True)
         self.parts.mkdir(exist_ok=True)
         text = json.dumps(self._description(), indent=2, sort_keys=True).encode()
-        _atomic_write(self.record, lambda f: f.write(text))
+        write_atomic(self.record, lambda f: f.write(text))
 
     def done(self) -> bool:
         return self.out.is_file()
@@ -467,7 +461,7 @@ class SampleJob:
 
     def write_chunk(self, c: int, images: np.ndarray, labels: np.ndarray | None) -> None:
         arrays = {"images": images} if labels is None else {"images": images, "labels": labels}
-        _atomic_write(self.chunk_path(c), lambda f: np.savez(f, **arrays))
+        write_atomic(self.chunk_path(c), lambda f: np.savez(f, **arrays))
 
     def read_chunk(self, c: int) -> tuple[np.ndarray, np.ndarray | None]:
         with np.load(self.chunk_path(c)) as data:
@@ -503,7 +497,7 @@ class SampleJob:
                     with zf.open("arr_1.npy", "w", force_zip64=True) as arr:
                         np.lib.format.write_array(arr, labels.astype(np.int64))
 
-        _atomic_write(self.out, write)
+        write_atomic(self.out, write)
         shutil.rmtree(self.parts)
         return shape
 

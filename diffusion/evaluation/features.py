@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from diffusion.evaluation.extractor import FeatureExtractor
 from diffusion.evaluation.metrics import RunningStatistics, statistics
 from diffusion.evaluation.sources import ImageSource
+from diffusion.files import write_atomic
 
 STATISTICS_KEYS = {"pool": ("mu", "sigma"), "spatial": ("mu_s", "sigma_s")}  # features -> names in stats files
 
@@ -187,10 +188,7 @@ def read_cache(path: Path, fingerprint: str, extractor_id: str) -> dict[str, np.
 def write_npz_atomic(path: Path, arrays: dict[str, np.ndarray]) -> None:
     """np.savez to a hidden temporary file beside ``path``, then rename: readers never see half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        np.savez(f, **arrays)
-    os.replace(tmp, path)
+    write_atomic(path, lambda f: np.savez(f, **arrays))
 
 
 def cached_features(source: ImageSource, extractor: FeatureExtractor, *, cache_dir: str | os.PathLike | None = None,

@@ -13,7 +13,6 @@ images (computed once and cached in ``WORKDIR/eval``).
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,6 +20,7 @@ from diffusion.evaluation.extractor import build_feature_extractor
 from diffusion.evaluation.features import broadcast_from_main, generated_statistics, rank_and_world
 from diffusion.evaluation.metrics import frechet_distance
 from diffusion.evaluation.reference import reference_statistics_for_config
+from diffusion.files import write_atomic
 from diffusion.sampling import LabelPlan, SampleSource, num_real_classes
 
 HISTORY = "fid.json"
@@ -60,9 +60,7 @@ class FidHistory:
         best = self.best_step
         record = {"scores": {str(s): v for s, v in sorted(self.scores.items())}, "best_step": best,
                   "best_fid": self.scores.get(best), "final": self.final}
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(record, indent=2))
-        os.replace(tmp, self.path)
+        write_atomic(self.path, lambda f: f.write(json.dumps(record, indent=2).encode()))
 
 
 class TrainingFID:
