@@ -42,7 +42,8 @@ def base_config() -> ml_collections.ConfigDict:
             # CLIP text encoder (transformers) for text-to-image prompts: a hub id or a local folder.
             text_encoder=dict(pretrained="", max_length=77, dtype="fp32"),
             optim=dict(lr=2e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, warmup_steps=0,
-                       decay_all_params=True),  # False: no decay on norms, biases, embeddings
+                       decay_all_params=True,  # False: no decay on norms, biases, embeddings
+                       impl="auto"),  # AdamW kernel: auto (= fused) | fused | foreach | for_loop (diffusion/speed.py)
             train=dict(
                 steps=1000,
                 batch_size=128,  # global: all processes and accumulation steps together
@@ -59,8 +60,10 @@ def base_config() -> ml_collections.ConfigDict:
                 ckpt_every=5000,
                 keep_checkpoints=0,  # keep only the newest N checkpoints; 0 = keep all
                 sample_every=5000,  # preview grid of EMA samples; 0 = off
-                compile=False,
+                compile=False,  # torch.compile (inductor) of the backbone
                 tf32=False,  # TF32 matmuls and convolutions on NVIDIA GPUs (DiT's recipe); no effect on CPU
+                attention="auto",  # auto | sdpa | math: auto = explicit softmax(qk^T)v for bf16/fp16 on CPU, else SDPA
+                cpu_reuse_memory=True,  # CPU: keep freed activations in the heap (diffusion/speed.py); no GPU effect
             ),
             # The evaluation sampler: what sample.py uses by default and what stands behind the paper number.
             sample=dict(

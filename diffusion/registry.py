@@ -79,3 +79,15 @@ def build_objective(diffusion_cfg):
 
         return build_iddpm(**cfg)
     raise ConfigError(f"unknown diffusion.kind {kind!r}; known: vp_sde, sd_discrete, iddpm")
+
+
+def set_attention(net: nn.Module, path: str) -> nn.Module:
+    """Route every attention layer of ``net`` through ``path`` (the backbones' ATTENTION_PATHS: auto | sdpa | math).
+    A speed choice only: the paths compute the same function, and no weight or checkpoint key depends on it."""
+    layers = [m for m in net.modules() if hasattr(m, "attention_path")]
+    known = getattr(importlib.import_module(type(net).__module__), "ATTENTION_PATHS", ("auto", "sdpa", "math"))
+    if path not in known:
+        raise ConfigError(f"unknown attention path {path!r}; known: {', '.join(known)}")
+    for layer in layers:
+        layer.attention_path = path
+    return net

@@ -48,7 +48,7 @@ from diffusion.data import (
     digits_classifier_accuracy,
 )
 from diffusion.evaluation.training import FidHistory, TrainingFID, fid_name
-from diffusion.registry import build_model, build_objective, label_dropout, resolve_model_kwargs
+from diffusion.registry import build_model, build_objective, label_dropout, resolve_model_kwargs, set_attention
 from diffusion.sampling import (
     LABEL_MODES,
     check_settings,
@@ -59,6 +59,7 @@ from diffusion.sampling import (
     sample_grid,
     sample_settings,
 )
+from diffusion.speed import adamw, reuse_freed_memory
 
 log = logging.getLogger("diffusion.train")
 
@@ -424,10 +425,12 @@ def start_run(config, workdir: Path) -> Run:
         raise ConfigError(f"unknown eval.metric {config.eval.metric!r}; known: {', '.join(EVAL_METRICS[1:])}")
     if tc.tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    if tc.cpu_reuse_memory and accelerator.device.type == "cpu":
+        reuse_freed_memory()
 
     data = prepare_data(config, accelerator.device)
     torch.manual_seed(config.seed)  # identical initial weights on every rank and every launch
-    net = build_model(config.model)
+    net = set_attention(build_model(config.model), tc.attention)
     model_name, model_kwargs = resolve_model_kwargs(config.model)
     objective = build_objective(config.diffusion)
     p_uncond = label_dropout(config, model_name, model_kwargs)
@@ -437,8 +440,7 @@ def start_run(config, workdir: Path) -> Run:
             "image_shape": list(data.shape), "class_names": data.class_names, "class_counts": data.class_counts,
             "torch": torch.__version__}
     ema = copy.deepcopy(net).float().requires_grad_(False).eval()
-    optimizer = torch.optim.AdamW(param_groups(net, oc.weight_decay, oc.decay_all_params), lr=oc.lr,
-                                  betas=tuple(oc.betas), eps=oc.eps)
+    optimizer = adamw(param_groups(net, oc.weight_decay, oc.decay_all_params), oc.lr, oc.betas, oc.eps, oc.impl)
     return Run(config=config, workdir=workdir, accelerator=accelerator, data=data, net=net, ema=ema, model=net,
                optimizer=optimizer, objective=objective, p_uncond=p_uncond, meta=meta,
                micro_batch=tc.batch_size // per_step)
@@ -485,7 +487,8 @@ def report(run: Run, text: str) -> None:
 # and keys added later -- is refused unless train.py --allow_config_change.
 RESUMABLE_CHANGES = (
     "train.steps", "train.log_every", "train.ckpt_every", "train.keep_checkpoints", "train.sample_every",
-    "train.compile", "train.tf32", "train.mixed_precision", "train.grad_accum_steps", "train.grad_clip",
+    "train.compile", "train.tf32", "train.attention", "train.cpu_reuse_memory", "optim.impl",
+    "train.mixed_precision", "train.grad_accum_steps", "train.grad_clip",
     "optim.lr", "optim.warmup_steps", "data.num_workers", "data.verify_checksums", "data.download",
     "data.on_corrupt", "autoencoder.chunk_size", "sample.*", "preview.*", "eval.*", "wandb.*",
 )

@@ -30,6 +30,25 @@ TIME_CONDS = ("token", "adaln")
 CONV_POSITIONS = ("after", "before")
 PATCH_EMBEDS = ("linear", "conv")
 POS_EMBEDS = ("learned", "sincos", "none")
+ATTENTION_PATHS = ("auto", "sdpa", "math")  # see attend(); the Attention modules' attention_path
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, path: str = "auto",
+           scale: float | None = None) -> torch.Tensor:
+    """softmax(q k^T * scale) v over (B, heads, L, head_dim), scale 1/sqrt(head_dim) unless given.
+
+    ``sdpa``: F.scaled_dot_product_attention (flash / memory-efficient kernels on GPU, the fastest fp32 path on CPU).
+    ``math``: the explicit product, which autograd differentiates; on CPUs in bf16 it is 2-3x faster than SDPA in both
+    directions (README, Benchmarks). ``auto``: math for half precision on CPU, sdpa otherwise. Same values either way.
+    """
+    if path == "auto":
+        path = "math" if q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16) else "sdpa"
+    if path == "sdpa":
+        return F.scaled_dot_product_attention(q, k, v, scale=scale)
+    if path != "math":
+        raise ValueError(f"unknown attention path {path!r}; known: {', '.join(ATTENTION_PATHS)}")
+    weights = (q * (q.shape[-1] ** -0.5 if scale is None else scale)) @ k.transpose(-2, -1)
+    return weights.softmax(dim=-1) @ v
 
 
 def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -83,7 +102,7 @@ def sincos_2d_pos_embed(grid_size: int, dim: int, extras: int = 0) -> torch.Tens
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention through F.scaled_dot_product_attention in the input dtype (no upcast)."""
+    """Multi-head self-attention in the input dtype (no upcast), through :func:`attend`."""
 
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool = False, qk_scale: float | None = None):
         super().__init__()
@@ -91,12 +110,13 @@ class Attention(nn.Module):
         self.scale = qk_scale  # None -> SDPA's default 1/sqrt(head_dim)
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
+        self.attention_path = "auto"  # a speed choice, not a weight: see attend()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, length, dim = x.shape
         # qkv features are laid out [q | k | v], each [heads x head_dim]
         q, k, v = self.qkv(x).reshape(b, length, 3, self.num_heads, dim // self.num_heads).permute(2, 0, 3, 1, 4)
-        x = F.scaled_dot_product_attention(q, k, v, scale=self.scale)  # (B, heads, L, head_dim)
+        x = attend(q, k, v, self.attention_path, self.scale)  # (B, heads, L, head_dim)
         return self.proj(x.transpose(1, 2).reshape(b, length, dim))
 
 
