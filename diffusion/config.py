@@ -64,6 +64,10 @@ def base_config() -> ml_collections.ConfigDict:
                 tf32=False,  # TF32 matmuls and convolutions on NVIDIA GPUs (DiT's recipe); no effect on CPU
                 attention="auto",  # auto | sdpa | math: auto = explicit softmax(qk^T)v for bf16/fp16 on CPU, else SDPA
                 cpu_reuse_memory=True,  # CPU: keep freed activations in the heap (diffusion/speed.py); no GPU effect
+                # Shard weights, gradients and AdamW state over the processes (FSDP2, diffusion/distributed.py), one
+                # transformer block at a time: "" off (DDP) | full_shard (least memory) | shard_grad_op (weights
+                # stay gathered from forward to backward). Checkpoints stay full state dicts.
+                fsdp="",
             ),
             # The evaluation sampler: what sample.py uses by default and what stands behind the paper number.
             sample=dict(
@@ -369,6 +373,7 @@ def config_from_json(text: str) -> ml_collections.ConfigDict:
 # ----------------------------------------------------------------------------------------------------------
 
 MIXED_PRECISION = ("no", "fp16", "bf16")
+FSDP_MODES = ("", "full_shard", "shard_grad_op")
 ON_CORRUPT = ("skip", "error")
 
 
@@ -410,7 +415,8 @@ def check_values(config: ml_collections.ConfigDict) -> None:
     if oc.lr < 0 or oc.warmup_steps < 0:
         problems.append(f"optim.lr and optim.warmup_steps must be >= 0, got {oc.lr} and {oc.warmup_steps}")
     for key, value, choices in (("train.mixed_precision", tc.mixed_precision, MIXED_PRECISION),
-                                ("data.on_corrupt", config.data.on_corrupt, ON_CORRUPT)):
+                                ("data.on_corrupt", config.data.on_corrupt, ON_CORRUPT),
+                                ("train.fsdp", tc.fsdp, FSDP_MODES)):
         problem = _choice(key, value, choices)
         if problem:
             problems.append(problem)

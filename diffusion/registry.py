@@ -11,6 +11,8 @@ from torch import nn
 from diffusion.config import ConfigError
 
 BACKBONES = {"uvit": ("uvit", "UViT"), "dit": ("dit", "DiT")}
+# The repeated transformer block of each backbone: the unit train.fsdp shards and gathers one at a time.
+BLOCK_CLASSES = {"uvit": "Block", "dit": "DiTBlock"}
 
 
 def _backbone_module(name: str):
@@ -19,6 +21,12 @@ def _backbone_module(name: str):
     module_name, class_name = BACKBONES[name]
     module = importlib.import_module(module_name)
     return getattr(module, class_name), module.PRESETS
+
+
+def block_class(name: str) -> str:
+    """Class name of backbone ``name``'s transformer block (what FSDP wraps as one unit)."""
+    _backbone_module(name)  # an unknown name is a ConfigError
+    return BLOCK_CLASSES[name]
 
 
 def constructor_keywords(name: str) -> set[str]:

@@ -1,7 +1,8 @@
 """The training loop: one for every backbone, objective and dataset, read top to bottom.
 
-accelerate provides devices, DDP over processes and nodes, and mixed precision (autocast + fp16 grad scaler).
-Weights, optimizer state and the EMA stay fp32.
+accelerate provides devices, DDP over processes and nodes -- or, with ``train.fsdp``, sharded training
+(diffusion/distributed.py) -- and mixed precision (autocast + fp16 grad scaler). Weights, optimizer state and the EMA
+stay fp32.
 
 Determinism. The randomness of step s is a function of (seed, s): with ``train.global_noise`` the noise, times and
 label/caption dropout of the whole global batch come from one generator seeded by (seed, s) and each process takes
@@ -47,8 +48,24 @@ from diffusion.data import (
     build_dataset,
     digits_classifier_accuracy,
 )
+from diffusion.distributed import (
+    ShardedEMA,
+    autocast_forward,
+    enable_on_cpu,
+    fsdp_plugin,
+    full_state,
+    is_sharded,
+    shard_optimizer_state,
+)
 from diffusion.evaluation.training import FidHistory, TrainingFID, fid_name
-from diffusion.registry import build_model, build_objective, label_dropout, resolve_model_kwargs, set_attention
+from diffusion.registry import (
+    block_class,
+    build_model,
+    build_objective,
+    label_dropout,
+    resolve_model_kwargs,
+    set_attention,
+)
 from diffusion.sampling import (
     LABEL_MODES,
     check_settings,
@@ -380,7 +397,7 @@ class Run:
     data: TrainData
     net: torch.nn.Module  # the bare network: the weights saved and averaged into the EMA
     ema: torch.nn.Module
-    model: torch.nn.Module  # net as prepared by accelerate (DDP, compile): what the loss calls
+    model: torch.nn.Module  # net as prepared by accelerate (DDP or FSDP, compile): what the loss calls
     optimizer: torch.optim.Optimizer
     objective: object
     p_uncond: float
@@ -390,6 +407,11 @@ class Run:
     skipped_images: int = 0
     fid: TrainingFID | None = None  # FID during training (eval.every / eval.final_n_samples)
     fid_history: FidHistory | None = None
+    sharded_ema: ShardedEMA | None = None  # with FSDP: the EMA's running shards; ``ema`` is gathered from them
+
+    def full_ema(self) -> torch.nn.Module:
+        """The EMA module, up to date. With FSDP a collective: every process calls it before any of them reads."""
+        return self.sharded_ema.gather() if self.sharded_ema is not None else self.ema
 
     @property
     def device(self) -> torch.device:
@@ -413,8 +435,10 @@ def start_run(config, workdir: Path) -> Run:
     tc, oc = config.train, config.optim
     # A multi-process launch (torchrun / accelerate launch) on a machine without CUDA: DDP over gloo on the CPU.
     cpu_ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
-    accelerator = Accelerator(mixed_precision=tc.mixed_precision, cpu=cpu_ddp,
+    plugin = fsdp_plugin(tc.fsdp, block_class(config.model.name), tc.mixed_precision)
+    accelerator = Accelerator(mixed_precision=tc.mixed_precision, cpu=cpu_ddp, fsdp_plugin=plugin,
                               dynamo_backend="inductor" if tc.compile else None)
+    enable_on_cpu(accelerator, plugin)
     setup_logging(workdir, accelerator.is_main_process)
     per_step = accelerator.num_processes * tc.grad_accum_steps
     if tc.batch_size % per_step:
@@ -446,12 +470,22 @@ def start_run(config, workdir: Path) -> Run:
                micro_batch=tc.batch_size // per_step)
 
 
-def prepare(run: Run, scaler_state: dict) -> None:
-    """Hand the (resumed) network and optimizer to accelerate; the fp16 grad scaler exists only after this."""
+def prepare(run: Run, resumed: Path | None, train_state: dict) -> None:
+    """Hand the (resumed) network and optimizer to accelerate, then load the checkpoint's optimizer state (cut into
+    shards with FSDP, which replaces the parameters) and grad-scaler state (the scaler exists only after this)."""
     run.model, run.optimizer = run.accelerator.prepare(run.net, run.optimizer)
+    run.ema.to(run.device)
+    if is_sharded(run.net):
+        autocast_forward(run.model, run.accelerator)
+        run.sharded_ema = ShardedEMA(run.ema, run.net)
+    elif run.config.train.fsdp:
+        report(run, f"train.fsdp={run.config.train.fsdp} needs a multi-process launch; training unsharded")
+    if train_state:
+        load_state(run.optimizer, shard_optimizer_state(train_state["optimizer"], run.optimizer),
+                   resumed / "train_state.pt")
+    scaler_state = train_state.get("scaler") or {}
     if scaler_state and run.accelerator.scaler is not None:
         run.accelerator.scaler.load_state_dict(scaler_state)
-    run.ema.to(run.device)
 
 
 def announce(run: Run, progress: Progress, resumed: Path | None) -> None:
@@ -482,13 +516,14 @@ def report(run: Run, text: str) -> None:
 
 # Config keys whose change a resumed run accepts (and logs): they leave the meaning of the checkpoint's optimizer
 # state, EMA and data position intact. lr, warm-up and clipping are often changed on purpose mid-run; grad_accum_steps
-# splits the same global batch (the same run with train.global_noise). Every other key -- model, diffusion, data,
+# splits the same global batch (the same run with train.global_noise); train.fsdp computes the same step and saves the
+# same full state dicts (tests/test_fsdp.py). Every other key -- model, diffusion, data,
 # autoencoder, text encoder, seed, label dropout, batch size, optimizer betas/eps/weight decay, EMA, global_noise,
 # and keys added later -- is refused unless train.py --allow_config_change.
 RESUMABLE_CHANGES = (
     "train.steps", "train.log_every", "train.ckpt_every", "train.keep_checkpoints", "train.sample_every",
     "train.compile", "train.tf32", "train.attention", "train.cpu_reuse_memory", "optim.impl",
-    "train.mixed_precision", "train.grad_accum_steps", "train.grad_clip",
+    "train.mixed_precision", "train.grad_accum_steps", "train.grad_clip", "train.fsdp",
     "optim.lr", "optim.warmup_steps", "data.num_workers", "data.verify_checksums", "data.download",
     "data.on_corrupt", "autoencoder.chunk_size", "sample.*", "preview.*", "eval.*", "wandb.*",
 )
@@ -571,8 +606,8 @@ def load_state(target, state: dict, source: Path) -> None:
 
 
 def resume(run: Run, allow_config_change: bool) -> tuple[Progress, Path | None, dict]:
-    """Load the newest intact checkpoint into the run's network, EMA and optimizer, once its config is found to
-    continue this one. -> (progress, the checkpoint or None, grad-scaler state)."""
+    """Load the newest intact checkpoint into the run's network and EMA, once its config is found to continue this
+    one. -> (progress, the checkpoint or None, its train state: optimizer and grad scaler, loaded by prepare)."""
     found = find_checkpoint(run)
     if found is None:
         return Progress(), None, {}
@@ -580,10 +615,9 @@ def resume(run: Run, allow_config_change: bool) -> tuple[Progress, Path | None, 
     load_state(run.net, found.model, found.path / "model.safetensors")
     load_state(run.ema, found.ema, found.path / "ema.safetensors")
     state = found.train_state
-    load_state(run.optimizer, state["optimizer"], found.path / "train_state.pt")
     # Checkpoints from before samples_seen was recorded consumed step x their own batch size.
     samples_seen = state.get("samples_seen", state["step"] * found.config.train.batch_size)
-    return Progress(step=state["step"], samples_seen=samples_seen), found.path, state.get("scaler") or {}
+    return Progress(step=state["step"], samples_seen=samples_seen), found.path, state
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -691,7 +725,11 @@ def train_step(run: Run, batches, progress: Progress, window: Window) -> None:
         run.accelerator.clip_grad_norm_(run.model.parameters(), tc.grad_clip)
     run.optimizer.step()
     run.optimizer.zero_grad(set_to_none=True)
-    update_ema(run.ema, run.net, ema_decay_at(progress.step, tc.ema_decay, tc.ema_warmup))
+    decay = ema_decay_at(progress.step, tc.ema_decay, tc.ema_warmup)
+    if run.sharded_ema is not None:
+        run.sharded_ema.update(decay)
+    else:
+        update_ema(run.ema, run.net, decay)
     progress.step += 1
     progress.samples_seen += tc.batch_size
     window.steps += 1
@@ -717,14 +755,16 @@ def log_window(run: Run, step: int, window: Window, last_ckpt: Path | None, bar)
 
 
 def save(run: Run, progress: Progress) -> Path:
-    """Checkpoint the run at its current step (rank 0 writes; everyone waits)."""
+    """Checkpoint the run at its current step (rank 0 writes; everyone waits, and with FSDP gathers the shards)."""
     path = None
+    ema = run.full_ema()
+    model_state, optimizer_state = full_state(run.net.state_dict()), full_state(run.optimizer.state_dict())
     if run.is_main:
         scaler = run.accelerator.scaler
-        train_state = {"optimizer": run.optimizer.state_dict(), "step": progress.step,
+        train_state = {"optimizer": optimizer_state, "step": progress.step,
                        "samples_seen": progress.samples_seen, "scaler": scaler.state_dict() if scaler else {}}
-        path = ckpt.save_checkpoint(run.workdir, progress.step, model_state=run.net.state_dict(),
-                                    ema_state=run.ema.state_dict(), config=run.config, meta=run.meta,
+        path = ckpt.save_checkpoint(run.workdir, progress.step, model_state=model_state,
+                                    ema_state=ema.state_dict(), config=run.config, meta=run.meta,
                                     train_state=train_state, keep=run.config.train.keep_checkpoints)
         log.info("step %d: saved %s", progress.step, path)
     run.accelerator.wait_for_everyone()
@@ -733,9 +773,9 @@ def save(run: Run, progress: Progress) -> Path:
 
 def preview(run: Run, step: int) -> Path | None:
     """A grid of EMA samples in workdir/samples (rank 0)."""
-    path = None
+    path, ema = None, run.full_ema()
     if run.is_main:
-        path = sample_grid(run.ema, run.objective, preview_settings(run.config), run.data.shape,
+        path = sample_grid(ema, run.objective, preview_settings(run.config), run.data.shape,
                            run.workdir / "samples" / f"step_{step:08d}.png", class_names=run.data.class_names,
                            device=run.device, decode=run.data.decode, **preview_contexts(run.data, run.config))
         run.wandb.image("samples", path, step)
@@ -759,7 +799,7 @@ def score_fid(run: Run, progress: Progress, last_ckpt: Path | None) -> Path:
     step = progress.step
     if last_ckpt is None or last_ckpt.name != f"step_{step:08d}":
         last_ckpt = save(run, progress)
-    fid = run.fid(run.ema, run.config.eval.n_samples, progress=run.is_main)
+    fid = run.fid(run.full_ema(), run.config.eval.n_samples, progress=run.is_main)
     run.fid_history.add(step, fid)
     if run.is_main:
         run.fid_history.write()
@@ -821,8 +861,9 @@ def finish(run: Run, progress: Progress, final: Path) -> Path:
     """The final preview grid and evaluation, and the summary lines."""
     grid = preview(run, progress.step)
     best = score_best_checkpoint(run) if run.fid is not None else {}
+    ema = run.full_ema()
     if run.is_main:
-        metrics = {**evaluate(run.config, run.ema, run.objective, run.data.shape, run.device), **best}
+        metrics = {**evaluate(run.config, ema, run.objective, run.data.shape, run.device), **best}
         if metrics:
             log.info("step %d eval %s", progress.step, metrics)
             run.wandb.log(metrics, progress.step)
@@ -851,8 +892,8 @@ def train(config, workdir: str | Path, allow_config_change: bool = False) -> Pat
     workdir.mkdir(parents=True, exist_ok=True)
     with workdir_lock(workdir), StopRequest() as stop:
         run = start_run(config, workdir)
-        progress, resumed, scaler_state = resume(run, allow_config_change)
-        prepare(run, scaler_state)
+        progress, resumed, train_state = resume(run, allow_config_change)
+        prepare(run, resumed, train_state)
         announce(run, progress, resumed)
         start_fid(run)
         final = train_loop(run, progress, stop, resumed)

@@ -1,0 +1,85 @@
+"""train.fsdp: 2 processes on the CPU over gloo (torch's FSDP2 runs there too), held to DDP.
+
+Sharded training must be the same run as DDP (fp32: equal to rounding), and its checkpoints the same full state dicts
+(model, EMA, optimizer), so that they load into the bare network and resume across ``train.fsdp`` either way.
+"""
+
+import os
+import shutil
+import subprocess
+import sys
+
+import torch
+from safetensors.torch import load_file
+
+from diffusion.checkpoint import checkpoint_dirs, load_checkpoint_dir, load_train_state
+from diffusion.registry import build_model
+from tests.test_dit_training import TINY_DIT
+from tests.test_train import REPO, TINY
+
+RUN = ["--config.train.steps=4", "--config.train.ckpt_every=2", "--config.train.log_every=2",
+       "--config.train.grad_clip=0.05", "--config.train.ema_warmup=True"]
+UVIT = ["--config=configs/digits_uvit.py", *TINY, *RUN]
+DIT = ["--config=configs/digits_dit.py", *TINY_DIT, *RUN]
+
+
+def launch(workdir, *args):
+    """train.py under ``accelerate launch`` with 2 CPU processes (gloo)."""
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes=2", "--num_machines=1",
+           "--mixed_precision=no", "--dynamo_backend=no", "train.py", *args, f"--workdir={workdir}"]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def assert_close(a: dict, b: dict, what: str, rtol: float = 1e-5) -> None:
+    assert a.keys() == b.keys(), what
+    for k in a:
+        scale = b[k].abs().max().clamp(min=1e-8)
+        assert (a[k] - b[k]).abs().max() <= rtol * scale, (what, k, ((a[k] - b[k]).abs().max() / scale).item())
+
+
+def assert_same_checkpoint(a, b) -> None:
+    """Weights, EMA and AdamW moments of two checkpoints, equal to fp32 rounding."""
+    for name in ("model.safetensors", "ema.safetensors"):
+        assert_close(load_file(a / name), load_file(b / name), name)
+    oa, ob = load_train_state(a)["optimizer"], load_train_state(b)["optimizer"]
+    assert oa["param_groups"] == ob["param_groups"] and oa["state"].keys() == ob["state"].keys()
+    for i in oa["state"]:
+        assert float(oa["state"][i]["step"]) == float(ob["state"][i]["step"])
+        assert_close({k: oa["state"][i][k] for k in ("exp_avg", "exp_avg_sq")},
+                     {k: ob["state"][i][k] for k in ("exp_avg", "exp_avg_sq")}, f"optimizer state {i}")
+
+
+def test_fsdp_trains_like_ddp_and_checkpoints_resume_across_it(tmp_path):
+    """4 steps of a 2-process run with grad clipping: FSDP (full_shard) ends where DDP does; its checkpoints hold the
+    full keys and load into the bare network; DDP's step-2 checkpoint resumed with FSDP ends there too."""
+    ddp, fsdp, resumed = tmp_path / "ddp", tmp_path / "fsdp", tmp_path / "resumed"
+    launch(ddp, *UVIT)
+    launch(fsdp, *UVIT, "--config.train.fsdp=full_shard")
+    (resumed / "checkpoints").mkdir(parents=True)
+    shutil.copytree(ddp / "checkpoints" / "step_00000002", resumed / "checkpoints" / "step_00000002")
+    proc = launch(resumed, *UVIT, "--config.train.fsdp=full_shard")
+    assert "config changes since step_00000002: train.fsdp: '' -> 'full_shard'" in proc.stderr
+
+    a, b, c = (checkpoint_dirs(d)[-1] for d in (ddp, fsdp, resumed))
+    assert a.name == b.name == c.name == "step_00000004"
+    assert_same_checkpoint(b, a)
+    assert_same_checkpoint(c, a)
+    ema = load_file(b / "ema.safetensors")
+    assert not torch.equal(ema["decoder_pred.weight"], load_file(b / "model.safetensors")["decoder_pred.weight"])
+    state, config, _ = load_checkpoint_dir(b, weights="ema")
+    net = build_model(config.model)
+    assert net.load_state_dict(state, strict=True).missing_keys == []
+    assert state.keys() == net.state_dict().keys()
+
+
+def test_fsdp_dit_blocks_with_bf16(tmp_path):
+    """DiT's blocks as the FSDP units, bf16 autocast over bf16-gathered weights: the run trains and its checkpoint
+    keeps fp32 full weights that load into the bare DiT."""
+    launch(tmp_path, *DIT, "--config.train.fsdp=shard_grad_op", "--config.train.mixed_precision=bf16")
+    final = checkpoint_dirs(tmp_path)[-1]
+    state, config, _ = load_checkpoint_dir(final, weights="model")
+    assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in state.values())
+    build_model(config.model).load_state_dict(state, strict=True)
