@@ -1,0 +1,528 @@
+"""Training and sampling throughput of any config or preset, with the speed options side by side.
+
+Each variant (a precision plus speed options, see :class:`Variant`) runs in its own worker process, so options that
+are process-wide (the CPU allocator setting, torch.compile caches) never leak into the others and each worker's peak
+memory is its own. The parent measures the machine's matmul peak, then asks the workers for one timed repeat each in
+turn (interleaved, so drift of the machine hits every variant alike), and reports medians. Only one worker computes
+at any time. ``scripts/benchmark.py`` is the command line over this module.
+
+What one repeat times: ``train`` -- ``steps`` optimizer steps (forward, loss, backward, AdamW, EMA update; with
+``data="loader"`` also reading and, for on-the-fly latent training, VAE-encoding the batch); ``sample`` -- one batch
+drawn with the configured sampler at ``nfe`` network evaluations (with classifier-free guidance when ``guidance`` > 1,
+both halves in one batched forward). FLOPs are the forward's, counted on the meta device with the explicit attention
+path (FlopCounterMode does not see SDPA's CPU kernels); MFU = FLOPs actually needed per second / measured peak, with
+a training step costing 3x the forward.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import inspect
+import json
+import multiprocessing as mp
+import os
+import platform
+import resource
+import statistics
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+# Named option sets: "plain" is the path before any speed work (SDPA, torch's default AdamW loop on CPU, glibc's
+# default allocator); "fast" is what the trainer does by default; "compiled" adds torch.compile.
+OPTION_SETS = {
+    "plain": dict(attention="sdpa", optimizer="for_loop", reuse_memory=False, compile=False),
+    "fast": dict(attention="auto", optimizer="fused", reuse_memory=True, compile=False),
+    "compiled": dict(attention="auto", optimizer="fused", reuse_memory=True, compile=True),
+}
+
+
+@dataclass
+class Variant:
+    """One way of running the same workload. ``config`` holds dotted config overrides of this variant only."""
+
+    name: str
+    precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast; weights, optimizer and EMA stay fp32)
+    attention: str = "sdpa"  # auto | sdpa | math
+    optimizer: str = "for_loop"  # fused | foreach | for_loop
+    reuse_memory: bool = False  # diffusion.speed.reuse_freed_memory (CPU)
+    compile: bool = False  # torch.compile of the backbone (inductor)
+    checkpointing: bool = False  # gradient checkpointing of the transformer blocks (model.use_checkpoint)
+    channels_last: bool = False  # channels-last memory format for the convolutions
+    tf32: bool = False  # TF32 matmuls (CUDA)
+    data: str = "synthetic"  # synthetic: random tensors of the data shape; loader: the config's dataset
+    config: dict = field(default_factory=dict)
+
+
+def _parse_bool(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"expected true/false, got {text!r}")
+
+
+def parse_variant(spec: str) -> Variant:
+    """``NAME:key=value,key=value``: keys are :class:`Variant` fields, ``options=<set>`` (an OPTION_SETS entry) or
+    dotted config keys (``data.name=latents``), e.g. ``bf16-math:precision=bf16,options=plain,attention=math``."""
+    name, _, body = spec.partition(":")
+    fields = {f.name: f for f in dataclasses.fields(Variant)}
+    values, config = {}, {}
+    for item in filter(None, body.split(",")):
+        key, sep, text = item.partition("=")
+        if not sep:
+            raise ValueError(f"variant {spec!r}: {item!r} is not key=value")
+        if key == "options":
+            if text not in OPTION_SETS:
+                raise ValueError(f"variant {spec!r}: unknown option set {text!r}; known: {', '.join(OPTION_SETS)}")
+            values.update(OPTION_SETS[text])
+        elif "." in key:
+            config[key] = text
+        elif key in fields and key not in ("name", "config"):
+            values[key] = _parse_bool(text) if fields[key].type in ("bool", bool) else text
+        else:
+            raise ValueError(f"variant {spec!r}: unknown key {key!r}; known: options, "
+                             f"{', '.join(k for k in fields if k not in ('name', 'config'))}, or a dotted config key")
+    variant = Variant(name=name, config=config, **values)
+    check_variant(variant)
+    return variant
+
+
+def check_variant(variant: Variant) -> None:
+    from diffusion.speed import OPTIMIZER_IMPLS
+
+    for key, value, known in (("precision", variant.precision, tuple(PRECISIONS)),
+                              ("attention", variant.attention, ("auto", "sdpa", "math")),
+                              ("optimizer", variant.optimizer, OPTIMIZER_IMPLS),
+                              ("data", variant.data, ("synthetic", "loader"))):
+        if value not in known:
+            raise ValueError(f"variant {variant.name!r}: unknown {key} {value!r}; known: {', '.join(known)}")
+
+
+def standard_variants(precisions: list[str], option_sets: list[str]) -> list[Variant]:
+    """``<precision>-<option set>`` for every pair, e.g. fp32-plain, fp32-fast, bf16-plain, bf16-fast."""
+    return [Variant(name=f"{p}-{o}", precision=p, **OPTION_SETS[o]) for p in precisions for o in option_sets]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The workload of one worker
+# ----------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Setup:
+    """What every variant of one comparison shares."""
+
+    config_path: str = ""  # a config file, or empty with ``preset``
+    preset: str = ""  # e.g. U-ViT-S/2 or DiT-S/2: that backbone's defaults (U-ViT: vp_sde; DiT: its paper recipe)
+    overrides: dict = field(default_factory=dict)  # dotted key -> value text, as --config.a.b=v
+    task: str = "train"  # train | sample
+    batch: int = 8
+    steps: int = 1  # optimizer steps per timed repeat (train)
+    nfe: int = 0  # sampling: network evaluations; 0 = the config's sample.steps
+    sampler: str = ""  # sampling: empty = the config's sample.sampler
+    guidance: float = 0.0  # sampling: classifier-free guidance scale; 0 = the config's sample.guidance_scale
+    device: str = "cpu"
+    threads: int = 0  # torch threads per worker; 0 = torch's default
+    seed: int = 0
+
+
+def build_config(setup: Setup, variant: Variant):
+    from diffusion.config import apply_override, base_config, dit_paper_recipe, load_config
+
+    if setup.config_path:
+        config = load_config(setup.config_path)
+    else:
+        config = base_config()
+        if setup.preset.startswith("DiT"):
+            config = dit_paper_recipe(config)
+        config.model.update(name="dit" if setup.preset.startswith("DiT") else "uvit", preset=setup.preset)
+    for key, text in {**setup.overrides, **variant.config}.items():
+        apply_override(config, key, str(text))
+    if variant.checkpointing:
+        config.model.use_checkpoint = True
+    return config
+
+
+def input_shape(net: torch.nn.Module, model_kwargs: dict) -> tuple[int, int, int]:
+    """(C, H, W) the backbone takes, from its constructor keywords and their defaults."""
+    defaults = {k: p.default for k, p in inspect.signature(type(net)).parameters.items()}
+    kw = {**defaults, **model_kwargs}
+    channels = kw.get("in_chans", kw.get("in_channels"))
+    size = kw.get("img_size", kw.get("input_size"))
+    return int(channels), int(size), int(size)
+
+
+def synthetic_conditioning(net, batch: int, device, generator: torch.Generator) -> dict:
+    from diffusion.sampling import num_real_classes
+
+    if getattr(net, "clip_dim", None) is not None:
+        return {"context": torch.randn(batch, net.num_clip_token, net.clip_dim, generator=generator).to(device)}
+    classes = num_real_classes(net)
+    return {"y": torch.randint(0, classes, (batch,), generator=generator).to(device)} if classes > 0 else {}
+
+
+def forward_flops(config, shape: tuple[int, int, int], cond: dict) -> int:
+    """FLOPs (2 per multiply-add) of one forward for one sample, counted on the meta device."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from diffusion.registry import build_model, set_attention
+
+    with torch.device("meta"):
+        net = set_attention(build_model(config.model), "math").eval()
+        x = torch.zeros(1, *shape)
+        t = torch.zeros(1)
+        meta_cond = {k: torch.zeros((1, *v.shape[1:]), dtype=v.dtype) for k, v in cond.items()}
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        net(x, t, **meta_cond)
+    return int(counter.get_total_flops())
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
+
+
+def current_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.memory_allocated(device) / 2**20
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+class Workload:
+    """The model, data and step of one variant, built inside its worker."""
+
+    def __init__(self, setup: Setup, variant: Variant):
+        from diffusion.registry import build_model, build_objective, resolve_model_kwargs, set_attention
+        from diffusion.speed import adamw
+
+        self.setup, self.variant = setup, variant
+        self.device = torch.device(setup.device)
+        self.config = config = build_config(setup, variant)
+        torch.manual_seed(setup.seed)
+        self.net = set_attention(build_model(config.model), variant.attention).to(self.device)
+        if variant.channels_last:
+            self.net.to(memory_format=torch.channels_last)
+        self.model = torch.compile(self.net) if variant.compile else self.net
+        self.objective = build_objective(config.diffusion)
+        generator = torch.Generator().manual_seed(setup.seed)
+        self.shape = input_shape(self.net, resolve_model_kwargs(config.model)[1])
+        self.batches = self._loader() if variant.data == "loader" else None
+        self.x = torch.randn(setup.batch, *self.shape, generator=generator).to(self.device)
+        self.cond = synthetic_conditioning(self.net, setup.batch, self.device, generator)
+        self.flops = forward_flops(config, self.shape, self.cond)
+        self.autocast = torch.autocast(self.device.type, dtype=PRECISIONS[variant.precision],
+                                       enabled=variant.precision != "fp32")
+        if setup.task == "train":
+            self.net.train()
+            self.ema = copy.deepcopy(self.net).requires_grad_(False).eval()
+            oc = config.optim
+            self.optimizer = adamw(self.net.parameters(), oc.lr, oc.betas, oc.eps, variant.optimizer)
+            fp16_cuda = variant.precision == "fp16" and self.device.type == "cuda"
+            self.scaler = torch.amp.GradScaler("cuda") if fp16_cuda else None
+        else:
+            self.net.eval()
+        self.network_seconds, self.network_rows = 0.0, 0
+        self.model.register_forward_pre_hook(self._forward_starts)
+        self.model.register_forward_hook(self._forward_ends)
+        self.losses: list[float] = []
+
+    # -- data ------------------------------------------------------------------------------------------------
+
+    def _loader(self):
+        """The config's dataset through the trainer's data path (StreamItems, on-the-fly VAE encoding)."""
+        from diffusion.data import InfiniteSampler, StreamItems
+        from diffusion.trainer import prepare_data
+
+        self.data = prepare_data(self.config, self.device)
+        sampler = InfiniteSampler(len(self.data.dataset), seed=self.setup.seed, with_positions=True)
+        workers = self.config.data.num_workers
+        loader = torch.utils.data.DataLoader(StreamItems(self.data.dataset, self.setup.seed),
+                                             batch_size=self.setup.batch, sampler=sampler, num_workers=workers,
+                                             drop_last=True, pin_memory=self.device.type == "cuda",
+                                             persistent_workers=workers > 0)
+        return iter(loader)
+
+    def _next_batch(self) -> tuple[torch.Tensor, dict]:
+        if self.batches is None:
+            return self.x, self.cond
+        from diffusion.trainer import batch_conditioning
+
+        batch = next(self.batches)
+        x = batch["x"].to(self.device, non_blocking=True)
+        if self.data.encode is not None:
+            x = self.data.encode(x)
+        return x, batch_conditioning(self.net, batch, self.data, 0.0, self.device)
+
+    # -- timing ----------------------------------------------------------------------------------------------
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def _forward_starts(self, module, args) -> None:
+        self.network_rows += args[0].shape[0]
+        self._sync()
+        self._forward_start = time.perf_counter()
+
+    def _forward_ends(self, module, args, output) -> None:
+        self._sync()
+        self.network_seconds += time.perf_counter() - self._forward_start
+
+    # -- steps -----------------------------------------------------------------------------------------------
+
+    def train_step(self) -> None:
+        from diffusion.trainer import update_ema
+
+        x, cond = self._next_batch()
+        if self.variant.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with self.autocast:
+            loss = self.objective.training_losses(self.model, x, cond)["loss"].mean()
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            loss.backward()
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        update_ema(self.ema, self.net, 0.9999)
+        self.losses.append(loss.item())
+
+    def sample_batch(self) -> None:
+        from diffusion.sampling import sample_settings
+
+        cfg = self.config.sample
+        settings = sample_settings(cfg)
+        settings.update(steps=self.setup.nfe or settings["steps"], sampler=self.setup.sampler or settings["sampler"])
+        scale = self.setup.guidance or cfg.guidance_scale
+        settings["guidance_scale"] = scale
+        null_cond = None
+        if scale != 1.0 and "y" in self.cond:
+            null_cond = {"y": torch.full_like(self.cond["y"], self.net.null_label)}
+        elif scale != 1.0 and "context" in self.cond:
+            null_cond = {"context": torch.zeros_like(self.cond["context"])}
+        generator = torch.Generator(self.device).manual_seed(self.setup.seed)
+        with self.autocast, torch.no_grad():
+            self.objective.sample(self.model, self.x.clone(), self.cond, null_cond=null_cond, generator=generator,
+                                  **settings)
+
+    def repeat(self) -> dict:
+        """One timed repeat: seconds, the share spent inside the network, memory now and at peak."""
+        self.network_seconds, self.network_rows = 0.0, 0
+        self._sync()
+        start = time.perf_counter()
+        if self.setup.task == "train":
+            for _ in range(self.setup.steps):
+                self.train_step()
+        else:
+            self.sample_batch()
+        self._sync()
+        seconds = time.perf_counter() - start
+        return {"seconds": seconds, "network_seconds": self.network_seconds, "network_rows": self.network_rows}
+
+
+def _worker(conn, setup: Setup, variant: Variant) -> None:
+    """Build the variant's workload, then answer "repeat" requests until "stop"."""
+    try:
+        if setup.threads:
+            torch.set_num_threads(setup.threads)
+        if variant.reuse_memory and setup.device == "cpu":
+            from diffusion.speed import reuse_freed_memory
+
+            reuse_freed_memory()
+        if variant.tf32 and setup.device.startswith("cuda"):
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        work = Workload(setup, variant)
+        conn.send({"ready": True, "flops": work.flops, "memory_before_mb": current_memory_mb(work.device)})
+        while conn.recv() != "stop":
+            conn.send({**work.repeat(), "peak_memory_mb": peak_memory_mb(work.device)})
+        conn.send({"losses": work.losses})
+    except Exception as err:  # noqa: BLE001 -- reported by the parent with the variant's name
+        conn.send({"error": f"{type(err).__name__}: {err}"})
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The parent: peak, interleaved repeats, results
+# ----------------------------------------------------------------------------------------------------------
+
+
+def matmul_peak(dtype: torch.dtype, device: str, size: int = 0, repeats: int = 5) -> float:
+    """The best FLOP/s of square matmuls on this machine in ``dtype`` (CPU: 2048, GPU: 8192)."""
+    size = size or (8192 if device.startswith("cuda") else 2048)
+    a = torch.randn(size, size, device=device).to(dtype)
+    b = torch.randn(size, size, device=device).to(dtype)
+    out = torch.empty(size, size, device=device, dtype=dtype)
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    inner = 20 if device.startswith("cuda") else 3
+    torch.mm(a, b, out=out)
+    best = 0.0
+    for _ in range(repeats):
+        sync()
+        start = time.perf_counter()
+        for _ in range(inner):
+            torch.mm(a, b, out=out)
+        sync()
+        best = max(best, inner * 2 * size**3 / (time.perf_counter() - start))
+    return best
+
+
+def machine_info(device: str) -> dict:
+    import accelerate
+    import diffusers
+
+    cpu = platform.processor()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    info = {"cpu": cpu, "cpu_count": os.cpu_count(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "torch_threads": torch.get_num_threads(), "python": platform.python_version(), "torch": torch.__version__,
+            "diffusers": diffusers.__version__, "accelerate": accelerate.__version__, "platform": platform.platform()}
+    if device.startswith("cuda"):
+        info.update(gpu=torch.cuda.get_device_name(device), cuda=torch.version.cuda)
+    return info
+
+
+def _start(setup: Setup, variant: Variant):
+    parent, child = mp.get_context("spawn").Pipe()
+    process = mp.get_context("spawn").Process(target=_worker, args=(child, setup, variant), daemon=True)
+    process.start()
+    return process, parent
+
+
+def _receive(conn, variant: Variant) -> dict:
+    message = conn.recv()
+    if "error" in message:
+        raise RuntimeError(f"variant {variant.name!r} failed: {message['error']}")
+    return message
+
+
+def run_comparison(setup: Setup, variants: list[Variant], repeats: int = 5, warmup: int = 1,
+                   peaks: dict | None = None, progress=print) -> list[dict]:
+    """Every variant's workload, ``warmup`` untimed then ``repeats`` timed repeats, interleaved. One worker at a
+    time builds and computes (the others wait on their pipe), so variants never compete for cores."""
+    workers = []
+    try:
+        for variant in variants:  # built one after another, each waited for
+            process, conn = _start(setup, variant)
+            workers.append((variant, process, conn, _receive(conn, variant)))
+        timings = {v.name: [] for v in variants}
+        for round_ in range(warmup + repeats):
+            for variant, _, conn, _ in workers:
+                conn.send("repeat")
+                result = _receive(conn, variant)
+                if round_ >= warmup:
+                    timings[variant.name].append(result)
+            progress(f"[benchmark] {setup.task} batch {setup.batch}: round {round_ + 1}/{warmup + repeats} done")
+        results = []
+        for variant, _, conn, ready in workers:
+            conn.send("stop")
+            losses = _receive(conn, variant)["losses"]
+            results.append(summarize(setup, variant, ready, timings[variant.name], losses, peaks or {}))
+        return results
+    finally:
+        for _, process, _, _ in workers:
+            process.join(timeout=30)
+            if process.is_alive():
+                process.kill()
+
+
+def summarize(setup: Setup, variant: Variant, ready: dict, timings: list[dict], losses: list[float],
+              peaks: dict) -> dict:
+    seconds = statistics.median(t["seconds"] for t in timings)
+    network = statistics.median(t["network_seconds"] / t["seconds"] for t in timings)
+    images = setup.batch * setup.steps if setup.task == "train" else setup.batch
+    # rows through the network per repeat (guided sampling: both halves); backward costs 2 forwards
+    flops = ready["flops"] * timings[0]["network_rows"] * (3 if setup.task == "train" else 1)
+    peak = peaks.get(variant.precision)
+    result = {"variant": variant.name, "task": setup.task, "batch": setup.batch, **dataclasses.asdict(variant),
+              "images_per_s": images / seconds, "seconds_per_repeat": seconds,
+              "repeat_seconds": [t["seconds"] for t in timings], "forward_gflops_per_image": ready["flops"] / 1e9,
+              "network_share": network, "network_rows_per_repeat": timings[0]["network_rows"],
+              "peak_memory_mb": max(t["peak_memory_mb"] for t in timings),
+              "memory_before_mb": ready["memory_before_mb"],
+              "first_loss": losses[0] if losses else None}
+    result["mfu"] = flops / seconds / peak if peak and flops else None
+    return result
+
+
+def add_speedups(results: list[dict]) -> None:
+    """``speedup``: images/s over the ``<precision>-plain`` variant of the same task and batch (else the first)."""
+    for r in results:
+        same = [o for o in results if o["task"] == r["task"] and o["batch"] == r["batch"]]
+        base = next((o for o in same if o["variant"] == f"{r['precision']}-plain"), same[0])
+        r["baseline"] = base["variant"]
+        r["speedup"] = r["images_per_s"] / base["images_per_s"]
+
+
+def summary_line(results: list[dict], info: dict) -> str:
+    parts = [f"{r['task']} b{r['batch']} {r['variant']} {r['images_per_s']:.2f} img/s x{r['speedup']:.2f}"
+             + (f" MFU {100 * r['mfu']:.0f}%" if r.get("mfu") else "") for r in results]
+    where = info.get("gpu") or f"{info['cpu']} ({info['cpu_count']} cores)"
+    return f"[benchmark] {where}: " + "; ".join(parts)
+
+
+def write_report(path: str, results: list[dict], info: dict, peaks: dict, setup_args: dict) -> None:
+    report = {"machine": info, "matmul_peak_tflops": {k: v / 1e12 for k, v in peaks.items()}, "setup": setup_args,
+              "results": results}
+    with open(path, "w") as f:
+        json.dump(report, f, indent=2)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Latent training end to end: cached latents vs encoding with the SD VAE at every step
+# ----------------------------------------------------------------------------------------------------------
+
+# The Stable Diffusion KL-f8 autoencoder (stabilityai/sd-vae-ft-ema's config.json): randomly initialised it costs the
+# same time as the trained one.
+SD_VAE_CONFIG = dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(128, 256, 512, 512),
+                     down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                     layers_per_block=2, norm_num_groups=32, act_fn="silu", sample_size=256)
+
+
+def prepare_latent_fixture(folder: str, resolution: int = 256, images: int = 16, progress=print) -> dict:
+    """``folder``/imagenet/train (an ImageFolder of JPEGs, 2 classes), ``folder``/sd-vae (a random SD-architecture
+    AutoencoderKL saved with save_pretrained) and ``folder``/latents (their moments, extracted by
+    diffusion.latents.extract_imagefolder). Reused when already there. Returns the config overrides of the two data
+    paths: ``cached`` and ``vae`` (on-the-fly encoding, the original DiT's way)."""
+    from pathlib import Path
+
+    import numpy as np
+    from PIL import Image
+
+    from diffusion.latents import extract_imagefolder
+
+    root = Path(folder)
+    train = root / "imagenet" / "train"
+    vae = root / "sd-vae"
+    latents = root / "latents"
+    if not (train / "done").exists():
+        rng = np.random.default_rng(0)
+        for i in range(images):
+            (train / f"class_{i % 2}").mkdir(parents=True, exist_ok=True)
+            smooth = rng.random((resolution // 16, resolution // 16, 3)) * 255
+            image = Image.fromarray(smooth.astype(np.uint8)).resize((resolution + 32, resolution), Image.BICUBIC)
+            image.save(train / f"class_{i % 2}" / f"{i:05d}.JPEG", quality=90)
+        (train / "done").touch()
+    if not (vae / "config.json").exists():
+        from diffusers import AutoencoderKL
+
+        torch.manual_seed(0)
+        AutoencoderKL(**SD_VAE_CONFIG).save_pretrained(vae)
+    if not (latents / "manifest.json").exists():
+        progress(f"[benchmark] extracting the latents of {images} images with the SD VAE (once)")
+        extract_imagefolder(train, latents, resolution=resolution, autoencoder=str(vae), batch_size=8, num_workers=0)
+    common = {"autoencoder.pretrained": str(vae), "data.image_size": str(resolution), "data.num_workers": "0",
+              "data.verify_checksums": "false"}
+    return {"cached": {**common, "data.name": "latents", "data.root": str(latents)},
+            "vae": {**common, "data.name": "imagenet", "data.root": str(root / "imagenet")}}
