@@ -40,8 +40,9 @@ def fsdp_plugin(mode: str, block_class: str, mixed_precision: str) -> FullyShard
     from torch.distributed.fsdp import MixedPrecisionPolicy
 
     low = LOW_PRECISION.get(mixed_precision)
-    policy = (MixedPrecisionPolicy(param_dtype=low, reduce_dtype=torch.float32, output_dtype=torch.float32)
-              if low is not None else None)
+    # Inputs are not cast: timesteps and the residual stream between blocks stay fp32, as under autocast alone.
+    policy = (MixedPrecisionPolicy(param_dtype=low, reduce_dtype=torch.float32, output_dtype=torch.float32,
+                                   cast_forward_inputs=False) if low is not None else None)
     return FullyShardedDataParallelPlugin(
         fsdp_version=2, reshard_after_forward=mode == "full_shard", auto_wrap_policy="transformer_based_wrap",
         transformer_cls_names_to_wrap=[block_class], state_dict_type="FULL_STATE_DICT",

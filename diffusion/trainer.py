@@ -434,8 +434,9 @@ def start_run(config, workdir: Path) -> Run:
     """Accelerator, logging, data, model, objective, EMA and optimizer of a run, checked against each other."""
     tc, oc = config.train, config.optim
     # A multi-process launch (torchrun / accelerate launch) on a machine without CUDA: DDP over gloo on the CPU.
-    cpu_ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
-    plugin = fsdp_plugin(tc.fsdp, block_class(config.model.name), tc.mixed_precision)
+    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    cpu_ddp = launched and not torch.cuda.is_available()
+    plugin = fsdp_plugin(tc.fsdp, block_class(config.model.name), tc.mixed_precision) if launched else None
     accelerator = Accelerator(mixed_precision=tc.mixed_precision, cpu=cpu_ddp, fsdp_plugin=plugin,
                               dynamo_backend="inductor" if tc.compile else None)
     enable_on_cpu(accelerator, plugin)
@@ -497,9 +498,10 @@ def announce(run: Run, progress: Progress, resumed: Path | None) -> None:
     (run.workdir / "config.json").write_text(config_to_json(run.config))
     n_params = sum(p.numel() for p in run.net.parameters())
     what = f"resuming from {resumed} (step {progress.step})" if resumed else "starting from scratch"
-    log.info("%s | %s %s, %.2fM params | %d process(es), micro-batch %d x %d accum | %s", run.workdir,
-             run.meta["model_name"], run.config.model.get("preset") or "", n_params / 1e6, run.world, run.micro_batch,
-             tc.grad_accum_steps, what)
+    sharded = f" sharded ({tc.fsdp})" if run.sharded_ema is not None else ""
+    log.info("%s | %s %s, %.2fM params | %d process(es)%s, micro-batch %d x %d accum | %s", run.workdir,
+             run.meta["model_name"], run.config.model.get("preset") or "", n_params / 1e6, run.world, sharded,
+             run.micro_batch, tc.grad_accum_steps, what)
     print(f"[train] {what}; workdir {run.workdir}", file=sys.stderr)
 
 

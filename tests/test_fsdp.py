@@ -9,16 +9,19 @@ import shutil
 import subprocess
 import sys
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
 from diffusion.checkpoint import checkpoint_dirs, load_checkpoint_dir, load_train_state
+from diffusion.config import ConfigError
 from diffusion.registry import build_model
+from diffusion.trainer import train
 from tests.test_dit_training import TINY_DIT
-from tests.test_train import REPO, TINY
+from tests.test_train import REPO, TINY, tiny_config
 
 RUN = ["--config.train.steps=4", "--config.train.ckpt_every=2", "--config.train.log_every=2",
-       "--config.train.grad_clip=0.05", "--config.train.ema_warmup=True"]
+       "--config.train.grad_clip=0.05", "--config.train.ema_warmup=True", "--config.train.grad_accum_steps=2"]
 UVIT = ["--config=configs/digits_uvit.py", *TINY, *RUN]
 DIT = ["--config=configs/digits_dit.py", *TINY_DIT, *RUN]
 
@@ -53,8 +56,9 @@ def assert_same_checkpoint(a, b) -> None:
 
 
 def test_fsdp_trains_like_ddp_and_checkpoints_resume_across_it(tmp_path):
-    """4 steps of a 2-process run with grad clipping: FSDP (full_shard) ends where DDP does; its checkpoints hold the
-    full keys and load into the bare network; DDP's step-2 checkpoint resumed with FSDP ends there too."""
+    """4 steps of a 2-process run with gradient accumulation and clipping: FSDP (full_shard) ends where DDP does;
+    its checkpoints hold the full keys and load into the bare network; DDP's step-2 checkpoint resumed with FSDP
+    ends there too."""
     ddp, fsdp, resumed = tmp_path / "ddp", tmp_path / "fsdp", tmp_path / "resumed"
     launch(ddp, *UVIT)
     launch(fsdp, *UVIT, "--config.train.fsdp=full_shard")
@@ -63,6 +67,8 @@ def test_fsdp_trains_like_ddp_and_checkpoints_resume_across_it(tmp_path):
     proc = launch(resumed, *UVIT, "--config.train.fsdp=full_shard")
     assert "config changes since step_00000002: train.fsdp: '' -> 'full_shard'" in proc.stderr
 
+    assert "2 process(es), micro-batch" in (ddp / "log.txt").read_text()
+    assert "2 process(es) sharded (full_shard), micro-batch" in (fsdp / "log.txt").read_text()
     a, b, c = (checkpoint_dirs(d)[-1] for d in (ddp, fsdp, resumed))
     assert a.name == b.name == c.name == "step_00000004"
     assert_same_checkpoint(b, a)
@@ -79,7 +85,16 @@ def test_fsdp_dit_blocks_with_bf16(tmp_path):
     """DiT's blocks as the FSDP units, bf16 autocast over bf16-gathered weights: the run trains and its checkpoint
     keeps fp32 full weights that load into the bare DiT."""
     launch(tmp_path, *DIT, "--config.train.fsdp=shard_grad_op", "--config.train.mixed_precision=bf16")
+    assert "2 process(es) sharded (shard_grad_op)" in (tmp_path / "log.txt").read_text()
     final = checkpoint_dirs(tmp_path)[-1]
     state, config, _ = load_checkpoint_dir(final, weights="model")
     assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in state.values())
     build_model(config.model).load_state_dict(state, strict=True)
+
+
+def test_fsdp_mode_is_checked_and_one_process_trains_unsharded(tmp_path, capsys):
+    with pytest.raises(ConfigError, match="unknown train.fsdp 'zero3'"):
+        train(tiny_config("--config.train.fsdp=zero3"), tmp_path)
+    final = train(tiny_config("--config.train.steps=2", "--config.train.fsdp=full_shard"), tmp_path)
+    assert "train.fsdp=full_shard needs a multi-process launch; training unsharded" in capsys.readouterr().err
+    assert load_train_state(final)["step"] == 2
