@@ -51,7 +51,7 @@ class Variant:
     optimizer: str = "for_loop"  # fused | foreach | for_loop
     reuse_memory: bool = False  # diffusion.speed.reuse_freed_memory (CPU)
     compile: bool = False  # torch.compile of the backbone (inductor)
-    checkpointing: bool = False  # gradient checkpointing of the transformer blocks (model.use_checkpoint)
+    checkpointing: bool | None = None  # gradient checkpointing of the blocks (model.use_checkpoint); None: config's
     channels_last: bool = False  # channels-last memory format for the convolutions
     tf32: bool = False  # TF32 matmuls (CUDA)
     data: str = "synthetic"  # synthetic: random tensors of the data shape; loader: the config's dataset
@@ -83,7 +83,7 @@ def parse_variant(spec: str) -> Variant:
         elif "." in key:
             config[key] = text
         elif key in fields and key not in ("name", "config"):
-            values[key] = _parse_bool(text) if fields[key].type in ("bool", bool) else text
+            values[key] = _parse_bool(text) if "bool" in str(fields[key].type) else text
         else:
             raise ValueError(f"variant {spec!r}: unknown key {key!r}; known: options, "
                              f"{', '.join(k for k in fields if k not in ('name', 'config'))}, or a dotted config key")
@@ -143,8 +143,8 @@ def build_config(setup: Setup, variant: Variant):
         config.model.update(name="dit" if setup.preset.startswith("DiT") else "uvit", preset=setup.preset)
     for key, text in {**setup.overrides, **variant.config}.items():
         apply_override(config, key, str(text))
-    if variant.checkpointing:
-        config.model.use_checkpoint = True
+    if variant.checkpointing is not None:
+        config.model.use_checkpoint = variant.checkpointing
     return config
 
 
@@ -408,7 +408,7 @@ def _receive(conn, variant: Variant) -> dict:
 
 
 def run_comparison(setup: Setup, variants: list[Variant], repeats: int = 5, warmup: int = 1,
-                   peaks: dict | None = None, progress=print) -> list[dict]:
+                   progress=print) -> list[dict]:
     """Every variant's workload, ``warmup`` untimed then ``repeats`` timed repeats, interleaved. One worker at a
     time builds and computes (the others wait on their pipe), so variants never compete for cores."""
     workers = []
@@ -428,7 +428,7 @@ def run_comparison(setup: Setup, variants: list[Variant], repeats: int = 5, warm
         for variant, _, conn, ready in workers:
             conn.send("stop")
             losses = _receive(conn, variant)["losses"]
-            results.append(summarize(setup, variant, ready, timings[variant.name], losses, peaks or {}))
+            results.append(summarize(setup, variant, ready, timings[variant.name], losses))
         return results
     finally:
         for _, process, _, _ in workers:
@@ -437,14 +437,12 @@ def run_comparison(setup: Setup, variants: list[Variant], repeats: int = 5, warm
                 process.kill()
 
 
-def summarize(setup: Setup, variant: Variant, ready: dict, timings: list[dict], losses: list[float],
-              peaks: dict) -> dict:
+def summarize(setup: Setup, variant: Variant, ready: dict, timings: list[dict], losses: list[float]) -> dict:
     seconds = statistics.median(t["seconds"] for t in timings)
     network = statistics.median(t["network_seconds"] / t["seconds"] for t in timings)
     images = setup.batch * setup.steps if setup.task == "train" else setup.batch
     # rows through the network per repeat (guided sampling: both halves); backward costs 2 forwards
     flops = ready["flops"] * timings[0]["network_rows"] * (3 if setup.task == "train" else 1)
-    peak = peaks.get(variant.precision)
     result = {"variant": variant.name, "task": setup.task, "batch": setup.batch, **dataclasses.asdict(variant),
               "images_per_s": images / seconds, "seconds_per_repeat": seconds,
               "repeat_seconds": [t["seconds"] for t in timings], "forward_gflops_per_image": ready["flops"] / 1e9,
@@ -452,8 +450,15 @@ def summarize(setup: Setup, variant: Variant, ready: dict, timings: list[dict], 
               "peak_memory_mb": max(t["peak_memory_mb"] for t in timings),
               "memory_before_mb": ready["memory_before_mb"],
               "first_loss": losses[0] if losses else None}
-    result["mfu"] = flops / seconds / peak if peak and flops else None
+    result["achieved_tflops"] = flops / seconds / 1e12
     return result
+
+
+def add_mfu(results: list[dict], peaks: dict) -> None:
+    """``mfu``: the FLOP/s the workload needed over the matmul peak of its precision (FLOP/s) on this machine."""
+    for r in results:
+        peak = peaks.get(r["precision"])
+        r["mfu"] = r["achieved_tflops"] * 1e12 / peak if peak and r["achieved_tflops"] else None
 
 
 def add_speedups(results: list[dict]) -> None:

@@ -28,6 +28,7 @@ from diffusion.benchmark import (  # noqa: E402 -- after the path fix so that a 
     PRECISIONS,
     Setup,
     Variant,
+    add_mfu,
     add_speedups,
     machine_info,
     matmul_peak,
@@ -56,7 +57,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--variant", action="append", default=[], metavar="NAME:KEY=VALUE,...")
     parser.add_argument("--steps", type=int, default=1, help="optimizer steps per timed repeat (train)")
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--warmup", type=int, default=1, help="untimed repeats first (compilation happens here)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed repeats first (compilation happens here)")
     parser.add_argument("--nfe", type=int, default=0, help="sampling steps; 0 = the config's sample.steps")
     parser.add_argument("--sampler", default="", help="sampler; empty = the config's sample.sampler")
     parser.add_argument("--guidance", type=float, default=0.0, help="guidance scale; 0 = the config's, 1 = off")
@@ -100,9 +101,8 @@ def main(argv: list[str]) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     info = machine_info(device)
-    peaks = {p: matmul_peak(PRECISIONS[p], device) for p in sorted({v.precision for v in variants})}
-    print("[benchmark] matmul peak " + ", ".join(f"{p} {v / 1e12:.2f} TFLOP/s" for p, v in peaks.items()),
-          file=sys.stderr)
+    precisions = sorted({v.precision for v in variants})
+    peaks = {p: matmul_peak(PRECISIONS[p], device) for p in precisions}
     results = []
     for task in args.task:
         for batch in args.batch:
@@ -110,12 +110,17 @@ def main(argv: list[str]) -> int:
                           batch=batch, steps=args.steps, nfe=args.nfe, sampler=args.sampler, guidance=args.guidance,
                           device=device, threads=args.threads)
             try:
-                results += run_comparison(setup, variants, repeats=args.repeats, warmup=args.warmup, peaks=peaks,
+                results += run_comparison(setup, variants, repeats=args.repeats, warmup=args.warmup,
                                           progress=lambda text: print(text, file=sys.stderr))
             except RuntimeError as err:
                 print(f"error: {err}", file=sys.stderr)
                 return 1
+    # the best of a measurement before and one after: a peak disturbed by anything else running would inflate MFU
+    peaks = {p: max(peaks[p], matmul_peak(PRECISIONS[p], device)) for p in precisions}
+    print("[benchmark] matmul peak " + ", ".join(f"{p} {v / 1e12:.2f} TFLOP/s" for p, v in peaks.items()),
+          file=sys.stderr)
     add_speedups(results)
+    add_mfu(results, peaks)
     for r in results:
         mfu = f"{100 * r['mfu']:5.1f}%" if r["mfu"] else "   n/a"
         print(f"{r['task']:6} b{r['batch']:<4} {r['variant']:28} {r['images_per_s']:9.2f} img/s  x{r['speedup']:.2f} "

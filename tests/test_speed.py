@@ -94,7 +94,8 @@ def _train_steps(impl: str, steps: int = 3, precision: str = "fp32"):
         g = torch.Generator().manual_seed(step)
         x, t, y = torch.randn(4, 4, 8, 8, generator=g), torch.randint(0, 1000, (4,), generator=g), \
             torch.randint(0, 4, (4,), generator=g)
-        with torch.autocast("cpu", torch.bfloat16, enabled=precision == "bf16"):
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+        with torch.autocast("cpu", dtype or torch.bfloat16, enabled=dtype is not None):
             loss = net(x, t, y).float().square().mean()
         loss.backward()
         optimizer.step()
@@ -117,12 +118,14 @@ def test_adamw_implementations_give_the_same_weights():
         adamw([torch.zeros(1, requires_grad=True)], 1e-3, (0.9, 0.999), 1e-8, "apex")
 
 
-def test_bf16_autocast_training_stays_within_mixed_precision_tolerance():
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_autocast_training_stays_within_mixed_precision_tolerance(precision):
     _, _, fp32 = _train_steps("fused")
-    weights, _, bf16 = _train_steps("fused", precision="bf16")
+    weights, _, half = _train_steps("fused", precision=precision)
     assert all(w.dtype == torch.float32 for w in weights.values())  # fp32 master weights
-    for a, b in zip(fp32, bf16):
-        assert abs(a - b) < 2e-2 * abs(a), (fp32, bf16)
+    for a, b in zip(fp32, half):
+        assert abs(a - b) < 2e-2 * abs(a), (fp32, half)
+    assert fp32 != half  # autocast did run in half precision
 
 
 def test_reuse_freed_memory_is_applied_on_glibc():
