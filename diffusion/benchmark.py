@@ -238,17 +238,11 @@ class Workload:
 
     def _loader(self):
         """The config's dataset through the trainer's data path (StreamItems, on-the-fly VAE encoding)."""
-        from diffusion.data import InfiniteSampler, StreamItems
-        from diffusion.trainer import prepare_data
+        from diffusion.trainer import prepare_data, stream_batches
 
         self.data = prepare_data(self.config, self.device)
-        sampler = InfiniteSampler(len(self.data.dataset), seed=self.setup.seed, with_positions=True)
-        workers = self.config.data.num_workers
-        loader = torch.utils.data.DataLoader(StreamItems(self.data.dataset, self.setup.seed),
-                                             batch_size=self.setup.batch, sampler=sampler, num_workers=workers,
-                                             drop_last=True, pin_memory=self.device.type == "cuda",
-                                             persistent_workers=workers > 0)
-        return iter(loader)
+        return stream_batches(self.data.dataset, self.setup.seed, self.setup.batch, self.config.data.num_workers,
+                              self.device)
 
     def _next_batch(self) -> tuple[torch.Tensor, dict]:
         if self.batches is None:

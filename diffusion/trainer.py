@@ -634,16 +634,22 @@ def ignore_stop_signals(worker_id: int) -> None:
         signal.signal(sig, signal.SIG_IGN)
 
 
+def stream_batches(dataset, seed: int, batch_size: int, num_workers: int, device: torch.device, rank: int = 0,
+                   world: int = 1, samples_seen: int = 0):
+    """Batches of rank ``rank``'s share of the training stream from global position ``samples_seen`` on, endlessly
+    (also what scripts/benchmark.py reads, so it times the trainer's data path)."""
+    sampler = InfiniteSampler(len(dataset), rank=rank, world_size=world, seed=seed, start_index=samples_seen,
+                              with_positions=True)
+    loader = torch.utils.data.DataLoader(StreamItems(dataset, seed), batch_size=batch_size, sampler=sampler,
+                                         num_workers=num_workers, drop_last=True, pin_memory=device.type == "cuda",
+                                         persistent_workers=num_workers > 0, worker_init_fn=ignore_stop_signals)
+    return iter(loader)
+
+
 def training_batches(run: Run, samples_seen: int):
     """This process's micro-batches from global stream position ``samples_seen`` on, endlessly."""
-    cfg = run.config.data
-    sampler = InfiniteSampler(len(run.data.dataset), rank=run.rank, world_size=run.world, seed=run.config.seed,
-                              start_index=samples_seen, with_positions=True)
-    loader = torch.utils.data.DataLoader(StreamItems(run.data.dataset, run.config.seed), batch_size=run.micro_batch,
-                                         sampler=sampler, num_workers=cfg.num_workers, drop_last=True,
-                                         pin_memory=run.device.type == "cuda", persistent_workers=cfg.num_workers > 0,
-                                         worker_init_fn=ignore_stop_signals)
-    return iter(loader)
+    return stream_batches(run.data.dataset, run.config.seed, run.micro_batch, run.config.data.num_workers, run.device,
+                          run.rank, run.world, samples_seen)
 
 
 def count_skipped(run: Run, skipped: list[str]) -> int:
