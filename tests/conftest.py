@@ -4,13 +4,13 @@ from pathlib import Path
 import pytest
 import torch
 
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
+FIXTURES = Path(__file__).resolve().parent / "fixtures"  # computed with the official code; see fixtures/README.md
 
 
 def load_fixture(name: str) -> dict:
     path = FIXTURES / f"{name}.pt"
     if not path.is_file():
-        pytest.fail(f"parity fixture {path} is missing: the tests expect the project's shared/ folder beside the repo")
+        pytest.fail(f"parity fixture {path} is missing from the repository")
     return torch.load(path, weights_only=True)
 
 
