@@ -33,7 +33,8 @@ from pathlib import Path
 
 import torch
 
-from diffusion.config import ConfigError, split_overrides
+from diffusion.config.cli import split_overrides
+from diffusion.errors import ConfigError
 from diffusion.evaluation import (
     EXTRACTORS,
     build_feature_extractor,

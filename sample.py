@@ -35,22 +35,15 @@ from pathlib import Path
 import torch
 
 from diffusion.checkpoint import latest_checkpoint, load_checkpoint_dir, read_weights_file
-from diffusion.config import ConfigError, apply_override, describe_config, load_config, split_overrides
+from diffusion.config.cli import split_overrides
+from diffusion.config.loading import apply_override, describe_config, load_config
+from diffusion.errors import ConfigError
 from diffusion.registry import build_model, build_objective, resolve_model_kwargs
 from diffusion.released import RELEASED, released_config
-from diffusion.sampling import (
-    LABEL_MODES,
-    LabelPlan,
-    SampleJob,
-    SampleSource,
-    check_labels,
-    check_settings,
-    num_real_classes,
-    run_job,
-    sample_grid,
-    sample_settings,
-    training_class_counts,
-)
+from diffusion.sampling.generate import SampleSource, check_settings, num_real_classes, sample_settings
+from diffusion.sampling.grids import sample_grid
+from diffusion.sampling.jobs import SampleJob, run_job
+from diffusion.sampling.per_sample import LABEL_MODES, LabelPlan, check_labels, training_class_counts
 
 
 def str2bool(text: str) -> bool:
@@ -188,11 +181,11 @@ def load_codecs(config, kind: str, model, device):
     """-> (autoencoder or None, text encoder or None): what latent and text-to-image models need around them."""
     autoencoder = text_encoder = None
     if config.autoencoder.pretrained:
-        from diffusion.autoencoder import Autoencoder
+        from diffusion.data.autoencoder import Autoencoder
 
         autoencoder = Autoencoder.from_config(config.autoencoder, device)
     if kind == "text":
-        from diffusion.text_encoder import TextEncoder
+        from diffusion.data.text_encoder import TextEncoder
 
         if not config.text_encoder.pretrained:
             raise ConfigError("a text-to-image model needs --config.text_encoder.pretrained (a CLIP folder or hub id)")

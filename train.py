@@ -23,7 +23,9 @@ the same command to resume); 128 + N a repeated signal N ended the run without s
 import sys
 from pathlib import Path
 
-from diffusion.config import ConfigError, describe_config, parse_command_line
+from diffusion.config.cli import parse_command_line
+from diffusion.config.loading import describe_config
+from diffusion.errors import ConfigError
 
 EXIT_BAD_INPUT = 2
 EXIT_STOPPED = 3
@@ -49,11 +51,17 @@ def print_help(argv: list[str]) -> int:
 def main(argv: list[str]) -> int:
     if "-h" in argv or "--help" in argv:
         return print_help(argv)
-    from diffusion.autoencoder import WeightsNotFoundError  # SD VAE, CLIP
-    from diffusion.checkpoint import CheckpointError, CheckpointSaveError, WorkdirBusyError
-    from diffusion.data import DatasetNotFoundError, UnreadableDataError
-    from diffusion.evaluation.inception import InceptionWeightsNotFoundError
-    from diffusion.trainer import StoppedBySignal, train
+    from diffusion.errors import (
+        CheckpointError,
+        CheckpointSaveError,
+        DatasetNotFoundError,
+        InceptionWeightsNotFoundError,
+        UnreadableDataError,
+        WeightsNotFoundError,  # SD VAE, CLIP
+        WorkdirBusyError,
+    )
+    from diffusion.training.loop import train
+    from diffusion.training.stopping import StoppedBySignal
 
     try:
         config, flags = parse_command_line(argv, FLAGS)

@@ -1,6 +1,6 @@
 """CelebA 64x64, unconditional U-ViT-S/4 on the continuous VP SDE (U-ViT paper: FID 2.87, 1000-step EM SDE)."""
 
-from diffusion.config import base_config
+from diffusion.config.schema import base_config
 
 
 def get_config():

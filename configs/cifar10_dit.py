@@ -1,7 +1,8 @@
 """CIFAR-10 32x32, class-conditional DiT-B/2 in pixel space with DiT's recipe (AdamW 1e-4, no weight decay,
 batch 256, EMA 0.9999, hybrid loss, learned sigma). Any preset: --config.model.preset=DiT-S/2 etc."""
 
-from diffusion.config import base_config, dit_paper_recipe
+from diffusion.config.recipes import dit_paper_recipe
+from diffusion.config.schema import base_config
 
 
 def get_config():

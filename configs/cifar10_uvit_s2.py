@@ -1,6 +1,6 @@
 """CIFAR-10 32x32, unconditional U-ViT-S/2 on the continuous VP SDE (U-ViT paper: FID 3.11, 1000-step EM SDE)."""
 
-from diffusion.config import base_config
+from diffusion.config.schema import base_config
 
 
 def get_config():

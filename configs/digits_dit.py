@@ -3,7 +3,8 @@
     python train.py --config=configs/digits_dit.py [--config.model.block_type=cross_attn]
 """
 
-from diffusion.config import base_config, dit_paper_recipe
+from diffusion.config.recipes import dit_paper_recipe
+from diffusion.config.schema import base_config
 
 
 def get_config():

@@ -3,7 +3,7 @@
     python train.py --config=configs/digits_uvit.py
 """
 
-from diffusion.config import base_config
+from diffusion.config.schema import base_config
 
 
 def get_config():

@@ -8,7 +8,8 @@ Trains on cached latents (``scripts/extract_latents.py``); the original's way, e
 step, is ``--config.data.name=imagenet --config.data.root=data/imagenet``.
 """
 
-from diffusion.config import base_config, dit_imagenet_recipe
+from diffusion.config.recipes import dit_imagenet_recipe
+from diffusion.config.schema import base_config
 
 
 def get_config():

@@ -10,7 +10,8 @@ Any other config shards the same way with ``--config.train.fsdp=full_shard`` (e.
 blocks are U-ViT's); ``shard_grad_op`` keeps each block's gathered weights from its forward to its backward.
 """
 
-from diffusion.config import base_config, dit_imagenet_recipe
+from diffusion.config.recipes import dit_imagenet_recipe
+from diffusion.config.schema import base_config
 
 
 def get_config():

@@ -7,7 +7,8 @@ EMA-finetuned autoencoder file (the cache's manifest must name the same autoenco
     accelerate launch --multi_gpu --num_processes 8 train.py --config=configs/imagenet256_uvit_h2.py
 """
 
-from diffusion.config import base_config, uvit_latent_recipe
+from diffusion.config.recipes import uvit_latent_recipe
+from diffusion.config.schema import base_config
 
 
 def get_config():

@@ -6,7 +6,8 @@ guidance s = 0.4, i.e. w = 1.4, DPM-Solver 50 evaluations). Latents decode with 
     accelerate launch --multi_gpu --num_processes 8 train.py --config=configs/imagenet256_uvit_l2.py
 """
 
-from diffusion.config import base_config, uvit_latent_recipe
+from diffusion.config.recipes import uvit_latent_recipe
+from diffusion.config.schema import base_config
 
 
 def get_config():

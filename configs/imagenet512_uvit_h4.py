@@ -6,7 +6,8 @@ FID 4.05 with guidance s = 0.7, i.e. w = 1.7, DPM-Solver++ 50 evaluations), EMA-
     accelerate launch --multi_gpu --num_processes 8 train.py --config=configs/imagenet512_uvit_h4.py
 """
 
-from diffusion.config import base_config, uvit_latent_recipe
+from diffusion.config.recipes import uvit_latent_recipe
+from diffusion.config.schema import base_config
 
 
 def get_config():

@@ -1,6 +1,6 @@
 """ImageNet 64x64, class-conditional U-ViT-M/4 (no guidance) on the continuous VP SDE (paper: FID 5.85, 50 NFE)."""
 
-from diffusion.config import base_config
+from diffusion.config.schema import base_config
 
 
 def get_config():

@@ -7,7 +7,8 @@ w = 2, DPM-Solver++ 50 evaluations).
     accelerate launch --multi_gpu --num_processes 4 train.py --config=configs/mscoco_uvit_s2.py
 """
 
-from diffusion.config import base_config, uvit_t2i_recipe
+from diffusion.config.recipes import uvit_t2i_recipe
+from diffusion.config.schema import base_config
 
 
 def get_config():

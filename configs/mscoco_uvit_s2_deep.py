@@ -1,6 +1,7 @@
 """MS-COCO 256x256 text-to-image, U-ViT-S/2-Deep (17 layers) (U-ViT paper: FID 5.48). See mscoco_uvit_s2.py."""
 
-from diffusion.config import base_config, uvit_t2i_recipe
+from diffusion.config.recipes import uvit_t2i_recipe
+from diffusion.config.schema import base_config
 
 
 def get_config():

@@ -23,7 +23,6 @@ import errno
 import hashlib
 import json
 import os
-import pickle
 import re
 import shutil
 import socket
@@ -35,23 +34,12 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from diffusion.config import config_from_json, config_to_json
+from diffusion.config.loading import config_from_json, config_to_json
+from diffusion.errors import CheckpointError, CheckpointSaveError, UnsafeWeightsError, WorkdirBusyError
 
 CHECKPOINTS = "checkpoints"
 CHECKPOINT_FILES = ("model.safetensors", "ema.safetensors", "config.json", "train_state.pt")
 _STEP_DIR = re.compile(r"step_(\d+)")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint or weights file that cannot be used (damaged, truncated, not a checkpoint); names the file."""
-
-
-class UnsafeWeightsError(CheckpointError, pickle.UnpicklingError):
-    """A .pt/.pth file that pickles objects other than tensors and plain containers: never unpickled here."""
-
-
-class CheckpointSaveError(OSError):
-    """Writing a checkpoint failed (full disk, quota, I/O error); its ``.tmp`` was removed, older ones are intact."""
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -280,10 +268,6 @@ def read_weights_file(path: str | Path, prefer: str = "ema") -> dict:
 # ----------------------------------------------------------------------------------------------------------
 # One run per working directory
 # ----------------------------------------------------------------------------------------------------------
-
-
-class WorkdirBusyError(RuntimeError):
-    """Another live run holds the working directory's lock."""
 
 
 class WorkdirLock:

@@ -8,7 +8,7 @@ import inspect
 import ml_collections
 from torch import nn
 
-from diffusion.config import ConfigError
+from diffusion.errors import ConfigError
 
 BACKBONES = {"uvit": ("uvit", "UViT"), "dit": ("dit", "DiT")}
 # The repeated transformer block of each backbone: the unit train.fsdp shards and gathers one at a time.
@@ -79,11 +79,11 @@ def build_objective(diffusion_cfg):
     cfg = dict(diffusion_cfg.to_dict() if isinstance(diffusion_cfg, ml_collections.ConfigDict) else diffusion_cfg)
     kind = cfg.pop("kind")
     if kind in ("vp_sde", "sd_discrete"):
-        from diffusion.objectives import build_noise_prediction
+        from diffusion.objectives.vp import build_noise_prediction
 
         return build_noise_prediction(kind, **cfg)
     if kind == "iddpm":
-        from diffusion.iddpm import build_iddpm
+        from diffusion.objectives.iddpm import build_iddpm
 
         return build_iddpm(**cfg)
     raise ConfigError(f"unknown diffusion.kind {kind!r}; known: vp_sde, sd_discrete, iddpm")

@@ -55,7 +55,7 @@ def _guidance(sample_cfg) -> str:
 
 def markdown_table() -> str:
     """The released checkpoints with the sampler defaults their configs carry (``sample.py``'s defaults)."""
-    from diffusion.config import load_config
+    from diffusion.config.loading import load_config
 
     rows = ["| file | model | data | config | sampler | steps | guidance | paper FID |",
             "|---|---|---|---|---|---|---|---|"]

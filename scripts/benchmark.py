@@ -23,7 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from diffusion.benchmark import (  # noqa: E402 -- after the path fix so that a plain `python scripts/...` works
+from diffusion.tools.benchmark import (
     OPTION_SETS,
     PRECISIONS,
     Setup,

@@ -12,9 +12,9 @@ machinery as scripts/extract_latents.py. Train on the result with --config.data.
 import argparse
 import sys
 
-from diffusion.autoencoder import WeightsNotFoundError
-from diffusion.data import COCO_SPLITS, DatasetNotFoundError
-from diffusion.latents import CorruptImageError, add_extraction_arguments, extract_coco
+from diffusion.data.datasets import COCO_SPLITS
+from diffusion.data.extraction import add_extraction_arguments, extract_coco
+from diffusion.errors import CorruptImageError, DatasetNotFoundError, WeightsNotFoundError
 
 
 def main(argv: list[str]) -> int:

@@ -12,9 +12,8 @@ with --config.data.name=latents --config.data.root=OUT (see diffusion/latents.py
 import argparse
 import sys
 
-from diffusion.autoencoder import WeightsNotFoundError
-from diffusion.data import DatasetNotFoundError
-from diffusion.latents import CorruptImageError, add_extraction_arguments, extract_imagefolder
+from diffusion.data.extraction import add_extraction_arguments, extract_imagefolder
+from diffusion.errors import CorruptImageError, DatasetNotFoundError, WeightsNotFoundError
 
 
 def main(argv: list[str]) -> int:

@@ -12,9 +12,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from diffusion.config import parse_command_line
+from diffusion.config.cli import parse_command_line
 from diffusion.registry import build_model
-from diffusion.trainer import train
+from diffusion.training.loop import train
 from tests.test_train import TINY
 from uvit import UViT
 

@@ -9,8 +9,9 @@ import pytest
 import torch
 from diffusers import AutoencoderKL
 
-from diffusion.autoencoder import Autoencoder, WeightsNotFoundError, sample_posterior
-from diffusion.config import base_config
+from diffusion.config.schema import base_config
+from diffusion.data.autoencoder import Autoencoder, sample_posterior
+from diffusion.errors import WeightsNotFoundError
 from tests.tiny_models import ldm_state_dict, make_tiny_autoencoder, write_ldm_single_file
 
 

@@ -6,7 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from diffusion.config import ConfigError, apply_override, config_from_json, config_to_json, parse_command_line
+from diffusion.config.cli import parse_command_line
+from diffusion.config.loading import apply_override, config_from_json, config_to_json
+from diffusion.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((REPO / "configs").glob("*.py"))
@@ -145,8 +147,8 @@ def test_every_diffusion_setting_is_settable_and_accepted_by_its_builder(kind):
     """Settings a config file leaves at the builder's default can still be set from the command line."""
     import inspect
 
-    from diffusion.config import DIFFUSION_KEYWORDS
-    from diffusion.iddpm import build_iddpm
+    from diffusion.config.loading import DIFFUSION_KEYWORDS
+    from diffusion.objectives.iddpm import build_iddpm
     from diffusion.registry import build_objective
 
     flags = [f"--config.diffusion.{key}={BUILDER_VALUES[key]}" for key in DIFFUSION_KEYWORDS[kind]]

@@ -16,15 +16,10 @@ from PIL import Image
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
-from diffusion.data import (
-    DatasetNotFoundError,
-    DigitsDataset,
-    InfiniteSampler,
-    build_dataset,
-    center_crop_arr,
-    digits_classifier_accuracy,
-    make_digits_classifier,
-)
+from diffusion.data.datasets import DigitsDataset, build_dataset, center_crop_arr
+from diffusion.data.stream import InfiniteSampler
+from diffusion.errors import DatasetNotFoundError
+from diffusion.evaluation.digits_accuracy import digits_classifier_accuracy, make_digits_classifier
 
 
 def _cfg(**kwargs: object) -> ConfigDict:

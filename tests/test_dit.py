@@ -8,8 +8,8 @@ import functools
 import pytest
 import torch
 
-from diffusion.guidance import guided_model
-from diffusion.iddpm import build_iddpm
+from diffusion.objectives.guidance import guided_model
+from diffusion.objectives.iddpm import build_iddpm
 from dit import BLOCK_TYPES, PRESETS, DiT, count_flops, count_params
 from tests.conftest import load_fixture, rel_err
 

@@ -11,10 +11,11 @@ import pytest
 import torch
 from PIL import Image
 
-from diffusion.checkpoint import CheckpointError, read_weights_file
-from diffusion.config import parse_command_line
+from diffusion.checkpoint import read_weights_file
+from diffusion.config.cli import parse_command_line
+from diffusion.errors import CheckpointError
 from diffusion.registry import build_model
-from diffusion.trainer import train
+from diffusion.training.loop import train
 from tests.test_train import logged_losses
 
 REPO = Path(__file__).resolve().parents[1]

@@ -23,8 +23,9 @@ from pytorch_fid.fid_score import calculate_frechet_distance
 from scipy.ndimage import gaussian_filter
 
 import eval_fid
-from diffusion.config import ConfigError, load_config
-from diffusion.data import center_crop_arr
+from diffusion.config.loading import load_config
+from diffusion.data.datasets import center_crop_arr
+from diffusion.errors import ConfigError, InceptionWeightsNotFoundError
 from diffusion.evaluation import (
     RunningStatistics,
     build_feature_extractor,
@@ -38,7 +39,7 @@ from diffusion.evaluation import (
 )
 from diffusion.evaluation import digits as digits_module
 from diffusion.evaluation.digits import real_digits_uint8
-from diffusion.evaluation.inception import WEIGHTS_FILE, InceptionWeightsNotFoundError, load_fid_inception
+from diffusion.evaluation.inception import WEIGHTS_FILE, load_fid_inception
 from diffusion.evaluation.sources import NpzImages
 from tests.tiny_models import make_random_fid_inception
 

@@ -14,9 +14,9 @@ import torch
 from safetensors.torch import load_file
 
 from diffusion.checkpoint import checkpoint_dirs, load_checkpoint_dir, load_train_state
-from diffusion.config import ConfigError
+from diffusion.errors import ConfigError
 from diffusion.registry import build_model
-from diffusion.trainer import train
+from diffusion.training.loop import train
 from tests.test_dit_training import TINY_DIT
 from tests.test_train import REPO, TINY, tiny_config
 

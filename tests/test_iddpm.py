@@ -8,8 +8,8 @@ import functools
 import pytest
 import torch
 
-from diffusion.guidance import guided_model
-from diffusion.iddpm import GaussianDiffusion, betas_for_schedule, build_iddpm, space_timesteps
+from diffusion.objectives.guidance import guided_model
+from diffusion.objectives.iddpm import GaussianDiffusion, betas_for_schedule, build_iddpm, space_timesteps
 from dit import DiT
 from tests.conftest import load_fixture, rel_err
 

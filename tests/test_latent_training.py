@@ -15,9 +15,10 @@ import pytest
 import torch
 from PIL import Image
 
-from diffusion.config import ConfigError, parse_command_line
-from diffusion.latents import extract_coco, extract_imagefolder
-from diffusion.trainer import train
+from diffusion.config.cli import parse_command_line
+from diffusion.data.extraction import extract_coco, extract_imagefolder
+from diffusion.errors import ConfigError
+from diffusion.training.loop import train
 from tests.test_latents import _write_coco, _write_imagefolder
 from tests.tiny_models import make_tiny_autoencoder, make_tiny_clip
 
@@ -112,7 +113,7 @@ def test_train_text_to_image_from_coco_features(assets, tmp_path):
 
 
 def test_caption_dropout_uses_the_null_context():
-    from diffusion.trainer import drop_contexts
+    from diffusion.training.pieces import drop_contexts
 
     context, null = torch.randn(2000, 3, 5), torch.randn(3, 5)
     out = drop_contexts(context, 0.1, null)

@@ -28,19 +28,12 @@ from PIL import Image
 from safetensors.torch import load_file
 from torchvision.datasets.folder import pil_loader
 
-from diffusion.autoencoder import Autoencoder
-from diffusion.config import ConfigError
-from diffusion.data import CocoCaptions, DatasetNotFoundError, build_dataset, center_crop_arr
-from diffusion.latents import (
-    CocoFeatureDataset,
-    ImageFolderImages,
-    ImageFolderLatents,
-    LatentDataset,
-    extract_imagefolder,
-    load_captions,
-    run_extraction,
-)
-from diffusion.text_encoder import TextEncoder
+from diffusion.data.autoencoder import Autoencoder
+from diffusion.data.cached import CocoFeatureDataset, LatentDataset, load_captions
+from diffusion.data.datasets import CocoCaptions, build_dataset, center_crop_arr
+from diffusion.data.extraction import ImageFolderImages, ImageFolderLatents, extract_imagefolder, run_extraction
+from diffusion.data.text_encoder import TextEncoder
+from diffusion.errors import ConfigError, DatasetNotFoundError
 from tests.tiny_models import make_tiny_autoencoder, make_tiny_clip
 
 REPO = Path(__file__).resolve().parents[1]

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from diffusion.guidance import guided_model
-from diffusion.objectives import build_noise_prediction
+from diffusion.objectives.guidance import guided_model
+from diffusion.objectives.vp import build_noise_prediction
 from tests.conftest import load_fixture
 from uvit import UViT
 

@@ -25,8 +25,6 @@ from safetensors.torch import load_file
 import sample
 import train as train_py
 from diffusion.checkpoint import (
-    CheckpointError,
-    WorkdirBusyError,
     WorkdirLock,
     checkpoint_dirs,
     load_checkpoint_dir,
@@ -34,9 +32,12 @@ from diffusion.checkpoint import (
     read_weights_file,
     verify_checkpoint,
 )
-from diffusion.config import ConfigError, check_values, parse_command_line
-from diffusion.data import StreamItems, build_dataset
-from diffusion.trainer import train
+from diffusion.config.cli import parse_command_line
+from diffusion.config.schema import check_values
+from diffusion.data.datasets import build_dataset
+from diffusion.data.stream import StreamItems
+from diffusion.errors import CheckpointError, ConfigError, WorkdirBusyError
+from diffusion.training.loop import train
 from tests.test_train import TINY, logged_losses
 
 REPO = Path(__file__).resolve().parents[1]

@@ -19,20 +19,14 @@ from PIL import Image
 
 import sample
 from diffusion.checkpoint import save_checkpoint
-from diffusion.config import load_config, parse_command_line
+from diffusion.config.cli import parse_command_line
+from diffusion.config.loading import load_config
 from diffusion.registry import build_model, build_objective, resolve_model_kwargs
 from diffusion.released import RELEASED, markdown_table, released_config
-from diffusion.sampling import (
-    LabelPlan,
-    PerSampleNoise,
-    SampleJob,
-    default_grid_classes,
-    generate,
-    preview_settings,
-    sample_grid,
-    sample_settings,
-    training_class_counts,
-)
+from diffusion.sampling.generate import generate, preview_settings, sample_settings
+from diffusion.sampling.grids import default_grid_classes, sample_grid
+from diffusion.sampling.jobs import SampleJob
+from diffusion.sampling.per_sample import LabelPlan, PerSampleNoise, training_class_counts
 from tests.conftest import load_fixture
 from tests.tiny_models import make_tiny_autoencoder, make_tiny_clip
 

@@ -13,8 +13,8 @@ from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from diffusion.iddpm import build_iddpm
-from diffusion.objectives import build_noise_prediction
+from diffusion.objectives.iddpm import build_iddpm
+from diffusion.objectives.vp import build_noise_prediction
 from diffusion.samplers import Marginals, default_t_end, fast_orders, singlestep_times
 from dit import DiT
 from tests.conftest import load_fixture, rel_err

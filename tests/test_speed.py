@@ -11,10 +11,11 @@ from safetensors.torch import load_file
 
 import dit.model as dit_model
 import uvit.model as uvit_model
-from diffusion.config import ConfigError
+from diffusion.errors import ConfigError
 from diffusion.registry import set_attention
-from diffusion.speed import adamw, reuse_freed_memory
-from diffusion.trainer import train, update_ema
+from diffusion.training.loop import train
+from diffusion.training.pieces import update_ema
+from diffusion.training.speed import adamw, reuse_freed_memory
 from dit.model import DiT
 from tests.test_train import tiny_config
 from uvit.model import UViT
@@ -205,7 +206,7 @@ def test_benchmark_refuses_bad_variants(capsys):
 def test_latent_benchmark_reads_cached_latents_and_encodes_images_with_a_real_sd_vae(tmp_path):
     """The end-to-end latent comparison on its real data paths: an SD-architecture AutoencoderKL (random weights)
     saved and loaded as a diffusers folder, JPEGs in an ImageFolder, latents extracted by diffusion.latents."""
-    from diffusion.benchmark import Setup, Variant, prepare_latent_fixture, run_comparison
+    from diffusion.tools.benchmark import Setup, Variant, prepare_latent_fixture, run_comparison
 
     fixture = prepare_latent_fixture(str(tmp_path), resolution=64, images=2, progress=lambda text: None)
     assert (tmp_path / "latents" / "manifest.json").is_file() and (tmp_path / "sd-vae" / "config.json").is_file()

@@ -7,9 +7,9 @@ import pytest
 import torch
 from transformers import CLIPTextModel
 
-from diffusion.autoencoder import WeightsNotFoundError
-from diffusion.config import base_config
-from diffusion.text_encoder import TextEncoder
+from diffusion.config.schema import base_config
+from diffusion.data.text_encoder import TextEncoder
+from diffusion.errors import WeightsNotFoundError
 from tests.tiny_models import BOS, EOS, make_tiny_clip
 
 PROMPTS = ["a cat and a dog", "the dog", "A cat sitting on the mat, next to the dog!"]

@@ -13,8 +13,9 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from diffusion.checkpoint import checkpoint_dirs, load_train_state
-from diffusion.config import ConfigError, parse_command_line
-from diffusion.trainer import train
+from diffusion.config.cli import parse_command_line
+from diffusion.errors import ConfigError
+from diffusion.training.loop import train
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--config.model.embed_dim=32", "--config.model.depth=2", "--config.model.num_heads=2",
@@ -127,7 +128,7 @@ def test_nan_loss_stops_with_a_clear_error(tmp_path):
 
 
 def test_decay_groups():
-    from diffusion.trainer import param_groups
+    from diffusion.training.pieces import param_groups
     from uvit import UViT
 
     model = UViT(img_size=8, patch_size=2, in_chans=1, embed_dim=16, depth=2, num_heads=2, num_classes=3)

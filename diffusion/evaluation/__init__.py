@@ -11,7 +11,8 @@ classifier for the CPU quickstart).
 ``eval_fid.py`` at the repository root is the command line over these.
 """
 
-from diffusion.evaluation.extractor import EXTRACTORS, FeatureExtractor, build_feature_extractor
+from diffusion.evaluation.extractor import FeatureExtractor
+from diffusion.evaluation.extractors import EXTRACTORS, build_feature_extractor
 from diffusion.evaluation.features import (
     accumulate_statistics,
     cached_features,

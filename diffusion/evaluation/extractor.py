@@ -18,8 +18,6 @@ import torch
 
 from diffusion.evaluation.metrics import full_precision
 
-EXTRACTORS = ("inception", "digits")
-
 
 class FeatureExtractor:
     """Base class: checks and moves the images, runs :meth:`forward` without autograd and TF32."""
@@ -39,18 +37,3 @@ class FeatureExtractor:
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         """uint8 (N, H, W, C) on ``self.device`` -> {"pool": (N, D), ...} float32."""
         raise NotImplementedError
-
-
-def build_feature_extractor(name: str = "inception", *, weights: str = "", device: torch.device | str = "cpu"
-                            ) -> FeatureExtractor:
-    """``inception``: pytorch-fid's FID Inception (``weights``: its .pth; "" = pytorch-fid's torch-hub cache).
-    ``digits``: a small classifier fit on scikit-learn's 8x8 digits (CPU quickstart; ``weights`` unused)."""
-    if name == "inception":
-        from diffusion.evaluation.inception import InceptionExtractor
-
-        return InceptionExtractor(weights, device=device)
-    if name == "digits":
-        from diffusion.evaluation.digits import DigitsExtractor
-
-        return DigitsExtractor(device=device)
-    raise ValueError(f"unknown feature extractor {name!r}; choose one of {', '.join(EXTRACTORS)}")

@@ -31,6 +31,7 @@ from pytorch_fid.inception import (
 )
 from torch import nn
 
+from diffusion.errors import InceptionWeightsNotFoundError
 from diffusion.evaluation.extractor import FeatureExtractor
 
 WEIGHTS_FILE = FID_WEIGHTS_URL.rsplit("/", 1)[1]  # pt_inception-2015-12-05-6726825d.pth
@@ -40,10 +41,6 @@ SPATIAL_CHANNELS = 7
 LAYERS = ("Conv2d_1a_3x3", "Conv2d_2a_3x3", "Conv2d_2b_3x3", "maxpool1", "Conv2d_3b_1x1", "Conv2d_4a_3x3", "maxpool2",
           "Mixed_5b", "Mixed_5c", "Mixed_5d", "Mixed_6a", "Mixed_6b", "Mixed_6c", "Mixed_6d", "Mixed_6e", "Mixed_7a",
           "Mixed_7b", "Mixed_7c", "avgpool")
-
-
-class InceptionWeightsNotFoundError(FileNotFoundError):
-    """The FID Inception weights are not on disk; the message says where to download them and where to put them."""
 
 
 def default_weights_path() -> Path:

@@ -26,9 +26,10 @@ from PIL import Image
 from pytorch_fid.fid_score import IMAGE_EXTENSIONS
 from torch.utils.data import Dataset
 
-from diffusion.config import ConfigError, apply_override, load_config
-from diffusion.data import CocoCaptions, DatasetNotFoundError, build_dataset, center_crop_arr
-from diffusion.sampling import to_uint8
+from diffusion.config.loading import apply_override, load_config
+from diffusion.data.datasets import CocoCaptions, build_dataset, center_crop_arr
+from diffusion.errors import ConfigError, DatasetNotFoundError
+from diffusion.sampling.generate import to_uint8
 
 CACHED_FEATURE_DATASETS = ("latents", "coco_latents")
 _HEADER_READERS = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}

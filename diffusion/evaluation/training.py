@@ -16,12 +16,13 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from diffusion.evaluation.extractor import build_feature_extractor
+from diffusion.evaluation.extractors import build_feature_extractor
 from diffusion.evaluation.features import broadcast_from_main, generated_statistics, rank_and_world
 from diffusion.evaluation.metrics import frechet_distance
 from diffusion.evaluation.reference import reference_statistics_for_config
 from diffusion.files import write_atomic
-from diffusion.sampling import LabelPlan, SampleSource, num_real_classes
+from diffusion.sampling.generate import SampleSource, num_real_classes
+from diffusion.sampling.per_sample import LabelPlan
 
 HISTORY = "fid.json"
 MAX_CONTEXTS = 1000  # caption contexts of a text model's training set cycled over the FID samples

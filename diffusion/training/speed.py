@@ -17,7 +17,7 @@ import ctypes.util
 
 import torch
 
-from diffusion.config import ConfigError
+from diffusion.errors import ConfigError
 
 OPTIMIZER_IMPLS = ("auto", "fused", "foreach", "for_loop")
 

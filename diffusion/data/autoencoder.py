@@ -19,6 +19,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from diffusion.errors import WeightsNotFoundError
+
 SD_VAE_HUB_ID = "stabilityai/sd-vae-ft-ema"
 SINGLE_FILE_SUFFIXES = (".pth", ".pt", ".ckpt", ".safetensors", ".bin")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -47,10 +49,6 @@ HOW_TO_GET_VAE = (
     "(see its README), then --config.autoencoder.pretrained=assets/stable-diffusion/autoencoder_kl_ema.pth\n"
     "  * a hub id (needs network, or the file already in the Hugging Face cache)."
 )
-
-
-class WeightsNotFoundError(FileNotFoundError):
-    """Pretrained weights (VAE, CLIP) are neither on disk nor reachable; the message says how to provide them."""
 
 
 def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:

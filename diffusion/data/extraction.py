@@ -47,30 +47,24 @@ import torch
 import torchvision
 from accelerate import PartialState
 from PIL import Image
-from safetensors import safe_open
-from safetensors.torch import load_file, save
+from safetensors.torch import save
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from diffusion.autoencoder import Autoencoder, sample_posterior
-from diffusion.config import ConfigError
-from diffusion.data import CocoCaptions, DatasetNotFoundError, center_crop_arr
+from diffusion.data.autoencoder import Autoencoder
+from diffusion.data.cached import CAPTIONS, FORMAT, MANIFEST, NULL_CONTEXT, SETTINGS, VERSION
+from diffusion.data.datasets import CocoCaptions, center_crop_arr
+from diffusion.data.text_encoder import TextEncoder
+from diffusion.errors import CorruptImageError, DatasetNotFoundError
 from diffusion.files import write_atomic
-from diffusion.text_encoder import TextEncoder
 
-FORMAT = "transformer-diffusion/cached-features"
-VERSION = 1
-MANIFEST, SETTINGS, CAPTIONS = "manifest.json", "extraction.json", "captions.json"
-NULL_CONTEXT = "null_context.safetensors"
 ON_CORRUPT = ("skip", "error")
+
+
 # Ranks that finish early wait at the final barrier for the slowest one; the default collective timeout (10-30 min)
 # is too short for a resumed run whose remaining shards are unevenly spread.
 BARRIER_TIMEOUT = timedelta(hours=12)
-
-
-class CorruptImageError(OSError):
-    """An unreadable image met while extracting with ``on_corrupt="error"``; the message names the file."""
 
 
 def _shard_name(k: int) -> str:
@@ -79,10 +73,6 @@ def _shard_name(k: int) -> str:
 
 def _write_json(path: Path, obj: Any) -> None:
     write_atomic(path, lambda f: f.write((json.dumps(obj, indent=1, ensure_ascii=False) + "\n").encode()))
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Sources: item i is {"index": i, "image": uint8 (res, res, 3), ...what the shard stores about it}
 
 
 class ImageFolderImages(Dataset):
@@ -155,10 +145,6 @@ def _int64(items: list[dict[str, Any]], key: str) -> Tensor:
     return torch.tensor([item[key] for item in items], dtype=torch.int64)
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# Jobs: what to compute per batch, what to note per shard, what to add to the manifest
-
-
 class ExtractionJob(Protocol):
     source: Any  # a Dataset of source items with .path(index)
     settings: dict[str, Any]  # JSON: what the run computes; a resume must have the same
@@ -220,10 +206,6 @@ class CocoFeatures:
         write_atomic(out / NULL_CONTEXT, lambda f: f.write(save({"null_context": null})))
         return {"counts": {"captions": sum(len(entry["captions"]) for entry in captions)},
                 "captions": CAPTIONS, "null_context": NULL_CONTEXT}
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# The runner
 
 
 def _shard_done(out: Path, k: int) -> bool:
@@ -417,150 +399,3 @@ def add_extraction_arguments(parser: argparse.ArgumentParser, scale_factor: floa
     parser.add_argument("--on_corrupt", default="skip", choices=ON_CORRUPT,
                         help="unreadable images: skip and count them, or stop with an error naming the file")
     parser.add_argument("--stop_after_shards", type=int, default=None, help=argparse.SUPPRESS)  # tests: a kill
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Datasets over an extraction folder
-
-
-def read_manifest(root: str | os.PathLike, kind: str | None = None) -> dict[str, Any]:
-    """The manifest of a finished extraction (of ``kind``: imagefolder | coco, if given)."""
-    path = Path(root) / MANIFEST
-    if not path.is_file():
-        unfinished = " It holds an unfinished extraction: rerun its command to finish it." if \
-            (Path(root) / SETTINGS).is_file() else ""
-        raise DatasetNotFoundError(f"no cached features at {root}: {path} not found.{unfinished} Make them with "
-                                   f"scripts/extract_latents.py (ImageNet) or scripts/extract_coco.py (MS-COCO).")
-    manifest = json.loads(path.read_text())
-    if manifest.get("format") != FORMAT:
-        raise ValueError(f"{path} is not a manifest of this project's cached features (format "
-                         f"{manifest.get('format')!r}, expected {FORMAT!r})")
-    if kind is not None and manifest["kind"] != kind:
-        raise ConfigError(f"{root} holds {manifest['kind']} features, but this dataset reads {kind} features; "
-                          f"use data.name={'latents' if manifest['kind'] == 'imagefolder' else 'coco_latents'}")
-    return manifest
-
-
-def load_captions(root: str | os.PathLike) -> list[dict[str, Any]]:
-    """COCO captions of a feature folder, in dataset order: [{"index", "image_id", "file_name", "captions"}, ...]."""
-    manifest = read_manifest(root, "coco")
-    return json.loads((Path(root) / manifest["captions"]).read_text())
-
-
-def _expect(root: Path, manifest: dict[str, Any], key: str, expected: Any, flag: str, config_key: str) -> None:
-    if expected is not None and manifest[key] != expected:
-        raise ConfigError(f"{root} was extracted with {key} {manifest[key]!r}, but the config says "
-                          f"{config_key}={expected!r}. Re-extract with {flag} {expected}, or set "
-                          f"--config.{config_key}={manifest[key]}")
-
-
-class _CachedFeatures(Dataset):
-    """Both cached datasets: manifest checks, global index -> (shard, row), and shards memory-mapped by safetensors,
-    opened lazily in each process (open handles cannot be pickled into DataLoader workers)."""
-
-    kind: str
-
-    def __init__(self, root: str | os.PathLike, expect_autoencoder: str | None, expect_resolution: int | None,
-                 scale_factor: float | None, verify_checksums: bool) -> None:
-        self.root = Path(root)
-        self.manifest = read_manifest(self.root, self.kind)
-        _expect(self.root, self.manifest, "autoencoder", expect_autoencoder, "--autoencoder",
-                "autoencoder.pretrained")
-        _expect(self.root, self.manifest, "resolution", expect_resolution, "--resolution", "data.image_size")
-        # The config's scale wins: sampling decodes with it, so training must encode with it too.
-        self.scale_factor = float(self.manifest["scale_factor"] if scale_factor is None else scale_factor)
-        self.shards = self.manifest["shards"]
-        self._ends = np.cumsum([shard["count"] for shard in self.shards], dtype=np.int64)
-        self._check_files(verify_checksums)
-        self._files: dict[int, Any] = {}
-
-    def _check_files(self, verify_checksums: bool) -> None:
-        """Sizes always (cheap); sha256 of every shard when asked (reads everything once)."""
-        for shard in self.shards:
-            path = self.root / shard["file"]
-            if not path.is_file() or path.stat().st_size != shard["bytes"]:
-                raise ValueError(f"{path} is missing or has the wrong size (manifest: {shard['bytes']} bytes); "
-                                 f"delete it and its .json record and rerun the extraction to rewrite it")
-            if verify_checksums:
-                digest = hashlib.sha256()
-                with open(path, "rb") as f:
-                    for block in iter(lambda: f.read(1 << 24), b""):
-                        digest.update(block)
-                if digest.hexdigest() != shard["sha256"]:
-                    raise ValueError(f"{path} fails its sha256 check; delete it and its .json record and rerun the "
-                                     f"extraction to rewrite it")
-
-    def __len__(self) -> int:
-        return int(self._ends[-1]) if len(self._ends) else 0
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_files": {}}
-
-    def _locate(self, index: int) -> tuple[Any, int, int]:
-        """-> (open shard, shard number, row in the shard)."""
-        if not 0 <= index < len(self):
-            raise IndexError(f"index {index} out of range for {len(self)} items")
-        k = int(np.searchsorted(self._ends, index, side="right"))
-        row = index - (int(self._ends[k - 1]) if k else 0)
-        if k not in self._files:
-            self._files[k] = safe_open(os.fspath(self.root / self.shards[k]["file"]), framework="pt")
-        return self._files[k], k, row
-
-    def _posterior_sample(self, moments: Tensor) -> Tensor:
-        """(2C, h, w) stored moments -> float32 (C, h, w) scaled latent, a fresh draw at every call."""
-        return sample_posterior(moments.float()[None], self.scale_factor)[0]
-
-
-class LatentDataset(_CachedFeatures):
-    """Cached ImageNet-style latents (``scripts/extract_latents.py``): ``{"x": float32 (C, h, w), "y": int64}``.
-
-    Every read draws a fresh posterior sample ``scale_factor * (mean + std * noise)`` (torch's RNG, seeded per
-    DataLoader worker) from the original's or, with ``random_flip``, at random the flipped image's moments.
-    ``scale_factor`` None takes the manifest's. ``expect_autoencoder`` / ``expect_resolution`` (the config's
-    ``autoencoder.pretrained`` and ``data.image_size``) must match the manifest when given.
-    """
-
-    kind = "imagefolder"
-
-    def __init__(self, root: str | os.PathLike, *, expect_autoencoder: str | None = None,
-                 expect_resolution: int | None = None, scale_factor: float | None = None, random_flip: bool = True,
-                 verify_checksums: bool = False) -> None:
-        super().__init__(root, expect_autoencoder, expect_resolution, scale_factor, verify_checksums)
-        self.random_flip = random_flip
-        self.classes = list(self.manifest["classes"])
-        self.class_counts = list(self.manifest["counts"]["per_class"])
-
-    def __getitem__(self, index: int) -> dict[str, Tensor]:
-        shard, _, row = self._locate(index)
-        view = int(torch.randint(2, ())) if self.random_flip else 0
-        return {"x": self._posterior_sample(shard.get_slice("moments")[row, view]),
-                "y": shard.get_slice("label")[row]}
-
-
-class CocoFeatureDataset(_CachedFeatures):
-    """Cached MS-COCO features (``scripts/extract_coco.py``): ``{"x": float32 (C, h, w), "context": float32 (L,
-    hidden)}``, a fresh posterior sample and one of the image's captions drawn at random at every read.
-
-    ``null_context`` (L, hidden) is the empty caption's encoding, for caption dropout and guidance. The captions as
-    text are in :func:`load_captions`. ``expect_text_encoder`` must match the manifest's CLIP when given.
-    """
-
-    kind = "coco"
-
-    def __init__(self, root: str | os.PathLike, *, expect_autoencoder: str | None = None,
-                 expect_resolution: int | None = None, expect_text_encoder: str | None = None,
-                 scale_factor: float | None = None, verify_checksums: bool = False) -> None:
-        super().__init__(root, expect_autoencoder, expect_resolution, scale_factor, verify_checksums)
-        _expect(self.root, self.manifest, "text_encoder", expect_text_encoder, "--clip", "text_encoder.pretrained")
-        self.null_context = load_file(self.root / self.manifest["null_context"])["null_context"].float()
-        self._caption_starts: dict[int, Tensor] = {}
-
-    def __getitem__(self, index: int) -> dict[str, Tensor]:
-        shard, k, row = self._locate(index)
-        if k not in self._caption_starts:
-            counts = shard.get_tensor("num_captions")
-            self._caption_starts[k] = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
-        start, stop = self._caption_starts[k][row : row + 2].tolist()
-        caption = start + int(torch.randint(stop - start, ()))
-        return {"x": self._posterior_sample(shard.get_slice("moments")[row]),
-                "context": shard.get_slice("context")[caption].float()}

@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import os
 from collections import defaultdict
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -30,17 +30,21 @@ import torch
 import torchvision
 from PIL import Image
 from sklearn.datasets import load_digits
-from sklearn.svm import SVC
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import Dataset
 from torchvision.datasets.folder import pil_loader
 from torchvision.datasets.utils import check_integrity
 
-from diffusion.config import ConfigError
+from diffusion.errors import ConfigError, DatasetNotFoundError
 
 DATASET_NAMES = ("digits", "cifar10", "celeba64", "imagenet", "latents", "coco_latents")
+
+
 COCO_SPLITS = ("train", "val")
 
+
 CELEBA_CROP = (57, 25, 128)  # top, left, side of the original U-ViT face crop of the aligned 178x218 images
+
+
 CELEBA_TEXT_FILES = (
     "list_eval_partition.txt",
     "identity_CelebA.txt",
@@ -48,18 +52,6 @@ CELEBA_TEXT_FILES = (
     "list_bbox_celeba.txt",
     "list_landmarks_align_celeba.txt",
 )
-
-
-class DatasetNotFoundError(FileNotFoundError):
-    """A dataset's files are not where the config says; the message names the path and the fix."""
-
-
-class UnreadableDataError(ValueError):
-    """An unreadable training image met with ``data.on_corrupt="error"``; the message names the file and the fix."""
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Image transforms
 
 
 def _to_tensor(image: Image.Image | np.ndarray) -> torch.Tensor:
@@ -124,10 +116,6 @@ def _load_rgb(path: str) -> Image.Image:
         return pil_loader(path)
     except (OSError, ValueError) as e:
         raise OSError(f"cannot read image file {path}: {e}") from e
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Datasets
 
 
 class _AsDict(Dataset):
@@ -335,13 +323,13 @@ def _cached_feature_checks(cfg: Any, autoencoder_cfg: Any, text_encoder_cfg: Any
 
 
 def _build_latents(cfg: Any, train: bool, flip: bool, checks: dict[str, Any]) -> Dataset:
-    from diffusion.latents import LatentDataset  # diffusion.latents imports this module
+    from diffusion.data.cached import LatentDataset  # diffusion.latents imports this module
 
     return LatentDataset(cfg.root, random_flip=flip, **checks)
 
 
 def _build_coco_latents(cfg: Any, train: bool, flip: bool, checks: dict[str, Any]) -> Dataset:
-    from diffusion.latents import CocoFeatureDataset  # diffusion.latents imports this module
+    from diffusion.data.cached import CocoFeatureDataset  # diffusion.latents imports this module
 
     return CocoFeatureDataset(cfg.root, **checks)  # no flips: captions may say "left" or "right"
 
@@ -354,6 +342,8 @@ _BUILDERS: dict[str, Callable[..., Dataset]] = {
     "latents": _build_latents,
     "coco_latents": _build_coco_latents,
 }
+
+
 _CACHED_FEATURES = ("latents", "coco_latents")
 
 
@@ -382,118 +372,3 @@ def build_dataset(cfg: Any, train: bool = True, *, autoencoder_cfg: Any = None, 
     return _BUILDERS[cfg.name](cfg, train, flip)
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# Sampling
-
-
-class InfiniteSampler(Sampler[int]):
-    """Endless, deterministic, resumable index stream, sharded over ranks.
-
-    The global stream concatenates epochs; epoch e is ``torch.randperm(n)`` drawn from a generator seeded with
-    ``seed + e`` (``arange(n)`` without shuffling). Rank r takes global positions r, r + world_size, ... that are
-    >= ``start_index``, the number of global positions already consumed (the samples a resumed run has trained on).
-    Only the current epoch's permutation is held, and resuming jumps straight to the right epoch. With
-    ``with_positions`` it yields ``(global position, index)`` pairs, the keys of :class:`StreamItems`.
-    """
-
-    def __init__(
-        self,
-        dataset_len: int,
-        rank: int = 0,
-        world_size: int = 1,
-        seed: int = 0,
-        shuffle: bool = True,
-        start_index: int = 0,
-        with_positions: bool = False,
-    ) -> None:
-        if dataset_len <= 0:
-            raise ValueError(f"dataset_len must be positive, got {dataset_len}")
-        if not 0 <= rank < world_size:
-            raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
-        if start_index < 0:
-            raise ValueError(f"start_index must be >= 0, got {start_index}")
-        self.dataset_len = dataset_len
-        self.rank = rank
-        self.world_size = world_size
-        self.seed = seed
-        self.shuffle = shuffle
-        self.start_index = start_index
-        self.with_positions = with_positions
-
-    def _epoch_order(self, epoch: int) -> list[int]:
-        if not self.shuffle:
-            return list(range(self.dataset_len))
-        generator = torch.Generator().manual_seed(self.seed + epoch)
-        return torch.randperm(self.dataset_len, generator=generator).tolist()
-
-    def __iter__(self) -> Iterator[int]:
-        position = self.start_index + (self.rank - self.start_index) % self.world_size
-        epoch, order = -1, []
-        while True:
-            e, offset = divmod(position, self.dataset_len)
-            if e != epoch:
-                epoch, order = e, self._epoch_order(e)
-            yield (position, order[offset]) if self.with_positions else order[offset]
-            position += self.world_size
-
-
-class StreamItems(Dataset):
-    """The training stream's items: ``items[(position, index)]`` is ``dataset[index]`` read with torch's CPU RNG
-    seeded from (``seed``, position), so random flips, posterior samples and caption choices depend only on where the
-    item sits in the stream -- not on the process or DataLoader worker reading it, nor on whether the run resumed.
-
-    An unreadable item (OSError: a truncated or non-image file) is replaced by the next readable index, and the
-    errors are returned under ``"skipped"`` (one string per item, "" when nothing was skipped, errors joined by
-    newlines) for the trainer to count and to apply ``data.on_corrupt``: a corrupt file never ends an epoch early.
-    """
-
-    def __init__(self, dataset: Dataset, seed: int) -> None:
-        self.dataset = dataset
-        self.seed = seed
-
-    def __len__(self) -> int:
-        return len(self.dataset)  # type: ignore[arg-type]
-
-    def read(self, index: int) -> tuple[dict[str, Any], list[str]]:
-        """(the first readable item at ``index`` or after it, cyclically; the errors of the unreadable ones)."""
-        errors: list[str] = []
-        for k in range(len(self)):
-            try:
-                return self.dataset[(index + k) % len(self)], errors
-            except OSError as err:
-                errors.append(str(err))
-        raise DatasetNotFoundError(f"no item of {type(self.dataset).__name__} is readable; first error: {errors[0]}")
-
-    def __getitem__(self, key: tuple[int, int]) -> dict[str, Any]:
-        position, index = key
-        in_worker = torch.utils.data.get_worker_info() is not None  # a worker's RNG is its own to reseed
-        with torch.random.fork_rng(devices=[], enabled=not in_worker):
-            torch.default_generator.manual_seed((self.seed * 1_000_000_007 + position) % 2**63)
-            item, errors = self.read(index)
-        return {**item, "skipped": "\n".join(errors)}
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Digits evaluation
-
-_digits_classifier: SVC | None = None
-
-
-def make_digits_classifier() -> SVC:
-    """The (unfitted) classifier used to judge digit samples: an RBF SVM on the 64 raw pixel values in 0..16."""
-    return SVC(gamma=0.001, C=10.0)
-
-
-def digits_classifier_accuracy(samples: torch.Tensor, labels: torch.Tensor) -> float:
-    """Fraction of samples (N, 1, 8, 8) in [-1, 1] that a classifier fit on all 1,797 real digits assigns to the
-    given labels (N,). About 1.0 for real digits, about 0.1 for noise with balanced labels."""
-    global _digits_classifier
-    if samples.shape[1:] != (1, 8, 8) or labels.shape != samples.shape[:1]:
-        raise ValueError(f"expected samples (N, 1, 8, 8) and labels (N,), got {tuple(samples.shape)}, "
-                         f"{tuple(labels.shape)}")
-    if _digits_classifier is None:
-        digits = load_digits()
-        _digits_classifier = make_digits_classifier().fit(digits.data, digits.target)
-    pixels = (samples.detach().float().cpu().clamp(-1, 1) + 1) / 2 * 16
-    predicted = _digits_classifier.predict(pixels.reshape(len(pixels), 64).numpy())
-    return float((predicted == labels.detach().cpu().numpy()).mean())

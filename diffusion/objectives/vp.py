@@ -20,7 +20,7 @@ import math
 
 import torch
 
-from diffusion.guidance import guided_model
+from diffusion.objectives.guidance import guided_model
 from diffusion.samplers import VP_SAMPLERS, sample_vp, standard_normal
 from diffusion.samplers.common import Randn
 

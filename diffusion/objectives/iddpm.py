@@ -33,7 +33,7 @@ from collections.abc import Callable, Iterable
 import torch
 from tqdm.auto import tqdm
 
-from diffusion.guidance import guided_model
+from diffusion.objectives.guidance import guided_model
 from diffusion.samplers.common import Randn, check_options, standard_normal
 
 ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]

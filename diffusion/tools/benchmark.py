@@ -93,7 +93,7 @@ def parse_variant(spec: str) -> Variant:
 
 
 def check_variant(variant: Variant) -> None:
-    from diffusion.speed import OPTIMIZER_IMPLS
+    from diffusion.training.speed import OPTIMIZER_IMPLS
 
     for key, value, known in (("precision", variant.precision, tuple(PRECISIONS)),
                               ("attention", variant.attention, ("auto", "sdpa", "math")),
@@ -132,7 +132,9 @@ class Setup:
 
 
 def build_config(setup: Setup, variant: Variant):
-    from diffusion.config import apply_override, base_config, dit_paper_recipe, load_config
+    from diffusion.config.loading import apply_override, load_config
+    from diffusion.config.recipes import dit_paper_recipe
+    from diffusion.config.schema import base_config
 
     if setup.config_path:
         config = load_config(setup.config_path)
@@ -158,7 +160,7 @@ def input_shape(net: torch.nn.Module, model_kwargs: dict) -> tuple[int, int, int
 
 
 def synthetic_conditioning(net, batch: int, device, generator: torch.Generator) -> dict:
-    from diffusion.sampling import num_real_classes
+    from diffusion.sampling.generate import num_real_classes
 
     if getattr(net, "clip_dim", None) is not None:
         return {"context": torch.randn(batch, net.num_clip_token, net.clip_dim, generator=generator).to(device)}
@@ -201,7 +203,7 @@ class Workload:
 
     def __init__(self, setup: Setup, variant: Variant):
         from diffusion.registry import build_model, build_objective, resolve_model_kwargs, set_attention
-        from diffusion.speed import adamw
+        from diffusion.training.speed import adamw
 
         self.setup, self.variant = setup, variant
         self.device = torch.device(setup.device)
@@ -238,7 +240,7 @@ class Workload:
 
     def _loader(self):
         """The config's dataset through the trainer's data path (StreamItems, on-the-fly VAE encoding)."""
-        from diffusion.trainer import prepare_data, stream_batches
+        from diffusion.training.data import prepare_data, stream_batches
 
         self.data = prepare_data(self.config, self.device)
         return stream_batches(self.data.dataset, self.setup.seed, self.setup.batch, self.config.data.num_workers,
@@ -247,7 +249,7 @@ class Workload:
     def _next_batch(self) -> tuple[torch.Tensor, dict]:
         if self.batches is None:
             return self.x, self.cond
-        from diffusion.trainer import batch_conditioning
+        from diffusion.training.data import batch_conditioning
 
         batch = next(self.batches)
         x = batch["x"].to(self.device, non_blocking=True)
@@ -273,7 +275,7 @@ class Workload:
     # -- steps -----------------------------------------------------------------------------------------------
 
     def train_step(self) -> None:
-        from diffusion.trainer import update_ema
+        from diffusion.training.pieces import update_ema
 
         x, cond = self._next_batch()
         if self.variant.channels_last:
@@ -292,7 +294,7 @@ class Workload:
         self.losses.append(loss.item())
 
     def sample_batch(self) -> None:
-        from diffusion.sampling import sample_settings
+        from diffusion.sampling.generate import sample_settings
 
         cfg = self.config.sample
         settings = sample_settings(cfg)
@@ -330,7 +332,7 @@ def _worker(conn, setup: Setup, variant: Variant) -> None:
         if setup.threads:
             torch.set_num_threads(setup.threads)
         if variant.reuse_memory and setup.device == "cpu":
-            from diffusion.speed import reuse_freed_memory
+            from diffusion.training.speed import reuse_freed_memory
 
             reuse_freed_memory()
         if variant.tf32 and setup.device.startswith("cuda"):
@@ -499,7 +501,7 @@ def prepare_latent_fixture(folder: str, resolution: int = 256, images: int = 16,
     import numpy as np
     from PIL import Image
 
-    from diffusion.latents import extract_imagefolder
+    from diffusion.data.extraction import extract_imagefolder
 
     root = Path(folder)
     train = root / "imagenet" / "train"

@@ -1,0 +1,161 @@
+"""The config schema: every section and key with its default, and the checks of values that need no objects."""
+
+from __future__ import annotations
+
+import difflib
+
+import ml_collections
+
+from diffusion.errors import ConfigError
+
+
+# Sections every config has; configs start from ``base_config()`` and change what differs.
+def base_config() -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict(
+        dict(
+            seed=0,
+            model=dict(name="uvit", preset=None),  # the rest splats into the backbone constructor
+            diffusion=dict(kind="vp_sde"),  # vp_sde | sd_discrete | iddpm, plus that kind's settings
+            # Label / caption dropout for classifier-free guidance (null label or null context from the model/data).
+            # None: DiT's model.class_dropout_prob, else 0. A DiT config where both are set must agree.
+            cond=dict(p_uncond=None),
+            data=dict(name="", root="data", image_size=32, random_flip=True, num_workers=4, download=False,
+                      split="", verify_checksums=True, on_corrupt="skip"),  # split: "" = training split; checksums:
+            # md5 of CIFAR-10/CelebA files, sha256 of every latent shard (slow on ImageNet: the latent configs turn it
+            # off); on_corrupt: an unreadable image is replaced by the next readable one and counted ("skip"), or
+            # stops the run naming the file ("error")
+            # Latent diffusion: the Stable Diffusion KL-f8 autoencoder (diffusers AutoencoderKL). ``pretrained``: a hub
+            # id, a local diffusers folder, or a single original-format file (.pth/.ckpt/.safetensors) whose
+            # architecture comes from ``single_file_config`` (a diffusers folder or hub id). Empty: pixel space.
+            autoencoder=dict(pretrained="", single_file_config="", scale_factor=0.18215, dtype="fp32",
+                             chunk_size=16),  # dtype: fp32 | fp16 | bf16; decode/encode this many images at a time
+            # CLIP text encoder (transformers) for text-to-image prompts: a hub id or a local folder.
+            text_encoder=dict(pretrained="", max_length=77, dtype="fp32"),
+            optim=dict(lr=2e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, warmup_steps=0,
+                       decay_all_params=True,  # False: no decay on norms, biases, embeddings
+                       impl="auto"),  # AdamW kernel: auto (= fused) | fused | foreach | for_loop (diffusion/speed.py)
+            train=dict(
+                steps=1000,
+                batch_size=128,  # global: all processes and accumulation steps together
+                grad_accum_steps=1,
+                # Noise, times and label/caption dropout of step s drawn for the whole global batch from a generator
+                # seeded by (seed, s), each process taking its rows: any process count and accumulation give the
+                # same run. False: each process draws its own (the original repositories' way).
+                global_noise=True,
+                mixed_precision="no",  # no | fp16 | bf16 (weights, optimizer and EMA stay fp32)
+                grad_clip=0.0,  # max grad norm; 0 = off
+                ema_decay=0.9999,
+                ema_warmup=False,  # decay min(ema_decay, (1 + step) / (10 + step)): forgets the init in short runs
+                log_every=50,
+                ckpt_every=5000,
+                keep_checkpoints=0,  # keep only the newest N checkpoints; 0 = keep all
+                sample_every=5000,  # preview grid of EMA samples; 0 = off
+                compile=False,  # torch.compile (inductor) of the backbone
+                tf32=False,  # TF32 matmuls and convolutions on NVIDIA GPUs (DiT's recipe); no effect on CPU
+                attention="auto",  # auto | sdpa | math: auto = explicit softmax(qk^T)v for bf16/fp16 on CPU, else SDPA
+                cpu_reuse_memory=True,  # CPU: keep freed activations in the heap (diffusion/speed.py); no GPU effect
+                # Shard weights, gradients and AdamW state over the processes (FSDP2, diffusion/distributed.py), one
+                # transformer block at a time: "" off (DDP) | full_shard (least memory) | shard_grad_op (weights
+                # stay gathered from forward to backward). Checkpoints stay full state dicts.
+                fsdp="",
+            ),
+            # The evaluation sampler: what sample.py uses by default and what stands behind the paper number.
+            sample=dict(
+                sampler="dpm_solver++2m",  # see diffusion.samplers: dpm_solver, dpm_solver++, dpm_solver++2m, ddim,
+                steps=50,  # euler_maruyama, euler_ode (VP objectives); ddpm, ddim (iddpm). steps = network evals
+                order=3,  # singlestep DPM-Solver: the highest order of the "fast" order sequence
+                t_end=None,  # last time of continuous-time samplers; None = the sampler's paper default
+                skip_type=None,  # time grid of DPM-Solver: logSNR | time_uniform; None = the paper default
+                eta=0.0,  # DDIM stochasticity
+                guidance_scale=1.0,  # eps_u + w (eps_c - eps_u); 1 = no guidance (U-ViT's s = w - 1)
+                guidance_channels="all",  # or "k": guide only the first k channels (DiT's released CFG: "3")
+                # clamp x0 predictions to [-1, 1] (pixel models; latents are never clipped); None: the objective's
+                # own setting (iddpm: diffusion.clip_denoised; the VP objectives: off)
+                clip_denoised=None,
+                labels="uniform",  # evaluation labels: uniform (DiT) | balanced | train_freq (U-ViT ImageNet 64)
+                per_class=8,  # grid columns for conditional models
+                num_unconditional=64,
+                seed=0,
+            ),
+            # Training previews may use a cheaper sampler; empty / 0 values fall back to ``sample``.
+            preview=dict(sampler="", steps=0),
+            eval=dict(
+                metric="",  # end-of-run check: "" | digits_accuracy
+                per_class=100,
+                seed=1,
+                # FID during training: every `every` steps (0 = off) on n_samples EMA samples drawn with the
+                # `sample` section's sampler and guidance, on all processes; the best step is recorded.
+                every=0,
+                n_samples=10_000,
+                final_n_samples=0,  # > 0: score the best checkpoint with this many samples at the end (50K)
+                feature_extractor="inception",  # inception (pytorch-fid's FID Inception) | digits (quickstart)
+                inception_weights="",  # pt_inception-2015-12-05 .pth; "" = pytorch-fid's usual torch-hub cache
+                reference="",  # reference statistics .npz (mu, sigma); "" = computed from the training data
+                batch_size=250,  # samples per process and network batch
+            ),
+            wandb=dict(mode="offline", project="transformer-diffusion", name=""),  # online | offline | disabled
+        )
+    )
+
+
+MIXED_PRECISION = ("no", "fp16", "bf16")
+
+
+FSDP_MODES = ("", "full_shard", "shard_grad_op")
+
+
+ON_CORRUPT = ("skip", "error")
+
+
+def _choice(key: str, value, choices: tuple[str, ...]) -> str | None:
+    if value in choices:
+        return None
+    close = difflib.get_close_matches(str(value), choices, n=1)
+    fix = close[0] if close else choices[0]
+    return (f"unknown {key} {value!r}; use one of {', '.join(choices)}"
+            f"{f' (did you mean {fix!r}?)' if close else ''}: --config.{key}={fix}")
+
+
+def check_values(config: ml_collections.ConfigDict) -> None:
+    """Refuse training settings that cannot work, before anything is built: each message names the key, the value
+    and a fix that works as written. All problems are reported together."""
+    tc, oc = config.train, config.optim
+    defaults = base_config().train
+    problems = []
+    at_least_one = {
+        "steps": "optimizer steps to train for",
+        "batch_size": "the global batch over all processes and accumulation steps",
+        "grad_accum_steps": "micro-batches per optimizer step",
+        "log_every": "steps between loss lines",
+    }
+    for key, what in at_least_one.items():
+        if tc[key] < 1:
+            problems.append(f"train.{key} must be >= 1 ({what}), got {tc[key]}: e.g. "
+                            f"--config.train.{key}={defaults[key]}")
+    if tc.ckpt_every < 1:
+        problems.append(f"train.ckpt_every must be >= 1, got {tc.ckpt_every}; to save only at the end use "
+                        f"--config.train.ckpt_every={max(tc.steps, 1)}")
+    for key, zero in (("sample_every", "no previews"), ("keep_checkpoints", "keep all")):
+        if tc[key] < 0:
+            problems.append(f"train.{key} must be >= 0 (0 = {zero}), got {tc[key]}: --config.train.{key}=0")
+    if not 0.0 <= tc.ema_decay <= 1.0:
+        problems.append(f"train.ema_decay must lie in [0, 1], got {tc.ema_decay}: e.g. --config.train.ema_decay=0.9999")
+    if tc.grad_clip < 0:
+        problems.append(f"train.grad_clip must be >= 0 (0 = off), got {tc.grad_clip}: --config.train.grad_clip=0")
+    if oc.lr < 0 or oc.warmup_steps < 0:
+        problems.append(f"optim.lr and optim.warmup_steps must be >= 0, got {oc.lr} and {oc.warmup_steps}")
+    for key, value, choices in (("train.mixed_precision", tc.mixed_precision, MIXED_PRECISION),
+                                ("data.on_corrupt", config.data.on_corrupt, ON_CORRUPT),
+                                ("train.fsdp", tc.fsdp, FSDP_MODES)):
+        problem = _choice(key, value, choices)
+        if problem:
+            problems.append(problem)
+    ev = config.eval
+    if ev.final_n_samples > 0 and ev.every <= 0:
+        problems.append(f"eval.final_n_samples={ev.final_n_samples} scores the best in-training FID checkpoint, but "
+                        f"eval.every=0 computes none: e.g. --config.eval.every={max(tc.ckpt_every, 1)}")
+    if ev.every > 0 and ev.n_samples < 2:
+        problems.append(f"eval.n_samples must be >= 2 for an FID, got {ev.n_samples}: e.g. "
+                        f"--config.eval.n_samples=10000")
+    if problems:
+        raise ConfigError("; ".join(problems))

@@ -1,0 +1,153 @@
+"""Drawing samples: training previews, labelled PNG grids, and resumable many-process evaluation jobs.
+
+Reproducibility: sample ``i`` of a run with seed ``s`` gets its own CPU ``torch.Generator`` seeded from (s, i). Its
+initial noise and every random draw the sampler makes for it come from that generator (the samplers take a
+``randn(x)`` callable; :class:`PerSampleNoise` stacks one draw per sample), and its evaluation label is a function of
+(s, i) too. So sample ``i`` is the same whatever the batch size, the number of processes or the device it was drawn
+on (up to the device's arithmetic), and a 50K-sample job can be split, killed and resumed without changing a pixel.
+
+Evaluation jobs (:class:`SampleJob`) write fixed-size chunks ``OUT.parts/chunk_XXXXX.npz`` atomically, process ``r``
+of ``w`` takes every ``w``-th unfinished chunk, and rank 0 streams the chunks into one ADM-style ``OUT.npz``
+(``arr_0``: uint8 (N, H, W, 3); ``arr_1``: labels of class-conditional models) that the FID tools read.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from diffusion.sampling.per_sample import PerSampleNoise
+
+if TYPE_CHECKING:
+    from diffusion.sampling.per_sample import LabelPlan
+
+
+# objective.sample keyword arguments that come from the ``sample`` config section
+SAMPLER_KEYS = ("sampler", "steps", "order", "t_end", "skip_type", "eta", "guidance_scale", "guidance_channels",
+                "clip_denoised")
+
+
+
+
+def sample_settings(sample_cfg) -> dict:
+    """The ``sample`` config section -> keyword arguments of ``objective.sample``."""
+    return {key: sample_cfg[key] for key in SAMPLER_KEYS}
+
+
+def preview_settings(config):
+    """``config.sample`` with the non-empty values of ``config.preview`` on top: the (cheaper) sampler the training
+    previews use."""
+    settings = copy.deepcopy(config.sample)
+    for key, value in config.preview.items():
+        if value not in ("", 0, None):
+            settings[key] = value
+    return settings
+
+
+def check_settings(objective, settings: dict) -> None:
+    """Refuse sampler settings the objective cannot run, with the valid choices in the message."""
+    if settings["sampler"] not in objective.SAMPLERS:
+        raise ValueError(f"unknown sampler {settings['sampler']!r} for {type(objective).__name__}; "
+                         f"choose one of {', '.join(objective.SAMPLERS)}")
+    if not isinstance(settings["steps"], int) or settings["steps"] < 1:
+        raise ValueError(f"steps must be a positive number of network evaluations, got {settings['steps']!r}")
+    channels = str(settings["guidance_channels"])
+    if channels != "all" and not (channels.isdigit() and int(channels) > 0):
+        raise ValueError(f"guidance_channels must be 'all' or a positive channel count, got {channels!r}")
+
+
+def num_real_classes(model) -> int:
+    """Classes a user can ask for (the null label, if any, excluded); 0 for unconditional models."""
+    null = getattr(model, "null_label", None)
+    if null is not None:
+        return null
+    return max(getattr(model, "num_classes", 0), 0)
+
+
+@torch.no_grad()
+def generate(model, objective, sample_cfg, image_shape, *, labels: torch.Tensor | None = None, num: int = 0,
+             contexts: torch.Tensor | None = None, null_context: torch.Tensor | None = None,
+             indices: Sequence[int] | None = None, seed: int = 0, decode: Callable | None = None, device="cpu",
+             progress: bool = False) -> torch.Tensor:
+    """Samples (float32, N x C x H x W) for ``labels`` (class-conditional), ``contexts`` (text, (N, tokens, dim)) or
+    ``num`` unconditional ones; ``decode`` (latents -> images in [-1, 1]) is applied to latent samples.
+
+    ``indices`` are the samples' global numbers (default 0..N-1): with ``seed`` they decide every random draw,
+    so a sample does not depend on which batch it is drawn in. Guidance uses the model's null label or
+    ``null_context`` (shape (tokens, dim)) as the unconditional input.
+    """
+    n = len(labels) if labels is not None else len(contexts) if contexts is not None else num
+    indices = range(n) if indices is None else indices
+    if len(indices) != n:
+        raise ValueError(f"{len(indices)} sample indices for {n} samples")
+    randn = PerSampleNoise(seed, indices)
+    noise = randn(torch.empty((n, *image_shape), device=device))
+    cond, null_cond = {}, None
+    if labels is not None:
+        cond = {"y": labels.to(device)}
+        if getattr(model, "null_label", None) is not None:
+            null_cond = {"y": torch.full_like(cond["y"], model.null_label)}
+    if contexts is not None:
+        cond = {"context": contexts.to(device)}
+        if null_context is not None:
+            null_cond = {"context": null_context.to(device).expand(n, *null_context.shape)}
+    was_training = model.training
+    model.eval()
+    try:
+        out = objective.sample(model, noise, cond, null_cond=null_cond, randn=randn, progress=progress,
+                               **sample_settings(sample_cfg)).float()
+    finally:
+        model.train(was_training)
+    return decode(out) if decode is not None else out
+
+
+@dataclass
+class SampleSource:
+    """Everything that decides sample ``i``: model, objective, sampler settings, seed and what sample ``i`` is
+    conditioned on: a :class:`LabelPlan`, a prompt list with the text encoder, or text ``contexts`` (R, tokens,
+    dim) with ``null_context`` (prompts and contexts are cycled by index), or nothing."""
+
+    model: torch.nn.Module
+    objective: object
+    sample_cfg: object
+    image_shape: tuple[int, ...]
+    seed: int = 0
+    labels: LabelPlan | None = None
+    prompts: list[str] | None = None
+    text_encoder: object = None
+    contexts: torch.Tensor | None = None
+    null_context: torch.Tensor | None = None
+    decode: Callable | None = None
+    device: str | torch.device = "cpu"
+
+    def images(self, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """-> (images in [-1, 1] (N, C, H, W), labels or None)."""
+        labels = self.labels(indices) if self.labels is not None else None
+        contexts, null_context = None, self.null_context
+        if self.prompts is not None:
+            contexts = self.text_encoder.encode([self.prompts[i % len(self.prompts)] for i in indices])
+            null_context = self.text_encoder.null_context()
+        elif self.contexts is not None:
+            contexts = self.contexts[torch.as_tensor(list(indices)) % len(self.contexts)]
+        images = generate(self.model, self.objective, self.sample_cfg, self.image_shape, labels=labels,
+                          num=len(indices), contexts=contexts, null_context=null_context, indices=indices,
+                          seed=self.seed, decode=self.decode, device=self.device)
+        return images, labels
+
+    def uint8(self, indices: Sequence[int]) -> tuple[np.ndarray, np.ndarray | None]:
+        """-> (uint8 (N, H, W, 3) as the FID tools read them; grey images repeated to RGB, labels or None)."""
+        images, labels = self.images(indices)
+        pixels = to_uint8(images).numpy()
+        if pixels.shape[-1] == 1:
+            pixels = np.repeat(pixels, 3, axis=-1)
+        return pixels, None if labels is None else labels.numpy().astype(np.int64)
+
+
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """[-1, 1] (N, C, H, W) -> uint8 (N, H, W, C), quantised like the FID pipelines."""
+    return ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu()

@@ -1,0 +1,1 @@
+"""Tools over the whole framework (the benchmark); nothing in the package imports them."""

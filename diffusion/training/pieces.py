@@ -1,0 +1,60 @@
+"""Small pieces of a training step: parameter groups, learning rate, EMA, label and caption dropout."""
+
+from __future__ import annotations
+
+import torch
+
+NO_DECAY_NAMES = ("pos_embed", "label_emb", "embedding_table")
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float, decay_all: bool) -> list[dict]:
+    """The papers' configs decay every parameter (as the original code did); ``decay_all=False`` exempts
+    norms, biases and embeddings, the usual transformer recipe."""
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if decay_all:
+        return [{"params": [p for _, p in params], "weight_decay": weight_decay}]
+    no_decay = [p for n, p in params if p.ndim < 2 or any(k in n for k in NO_DECAY_NAMES)]
+    decay = [p for n, p in params if not (p.ndim < 2 or any(k in n for k in NO_DECAY_NAMES))]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def learning_rate(step: int, base_lr: float, warmup_steps: int) -> float:
+    """Linear warm-up to ``base_lr``, then constant (both papers)."""
+    return base_lr * min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else base_lr
+
+
+@torch.no_grad()
+def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    ema_params = [p for p in ema.parameters()]
+    params = [p.detach().float() for p in model.parameters()]
+    torch._foreach_lerp_(ema_params, params, 1.0 - decay)
+    for eb, b in zip(ema.buffers(), model.buffers()):
+        eb.copy_(b)
+
+
+def ema_decay_at(step: int, decay: float, warmup: bool) -> float:
+    """Plain decay as both originals; with warm-up the average forgets the random init within a short run."""
+    return min(decay, (1 + step) / (10 + step)) if warmup else decay
+
+
+def drop_labels(y: torch.Tensor, p_uncond: float, null_label: int | None,
+                uniform: torch.Tensor | None = None) -> torch.Tensor:
+    """Classifier-free guidance training: replace each label by the null label with probability p_uncond
+    (where the row's ``uniform`` draw, fresh ones if not given, is below it)."""
+    if p_uncond <= 0:
+        return y
+    u = torch.rand(y.shape, device=y.device) if uniform is None else uniform
+    return torch.where(u < p_uncond, torch.full_like(y, null_label), y)
+
+
+def drop_contexts(context: torch.Tensor, p_uncond: float, null_context: torch.Tensor,
+                  uniform: torch.Tensor | None = None) -> torch.Tensor:
+    """Text-to-image guidance training: replace each caption's tokens by the empty caption's with p_uncond."""
+    if p_uncond <= 0:
+        return context
+    u = torch.rand(context.shape[0], device=context.device) if uniform is None else uniform
+    return torch.where((u < p_uncond).view(-1, 1, 1), null_context.to(context), context)
+
+
+def reseed(seed: int, rank: int, step: int) -> None:
+    torch.manual_seed((seed * 1_000_003 + rank * 7_919 + step) % 2**63)
