@@ -6,7 +6,6 @@ import runpy
 import shlex
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -15,10 +14,9 @@ from safetensors.torch import load_file
 from diffusion.config.cli import parse_command_line
 from diffusion.registry import build_model
 from diffusion.training.loop import train
-from tests.test_train import TINY
+from tests.helpers import REPO, TINY_UVIT
 from uvit import UViT
 
-REPO = Path(__file__).resolve().parents[1]
 ABLATION = runpy.run_path(str(REPO / "scripts" / "ablation.py"))
 VARIANTS = ABLATION["VARIANTS"]
 EVAL = ["--config.eval.every=50000", "--config.eval.n_samples=10000"]
@@ -105,7 +103,7 @@ def test_every_command_builds_the_intended_s2_model(name):
 @pytest.mark.parametrize("name", list(VARIANTS))
 def test_every_variant_trains_a_step_through_the_trainer(name, tmp_path):
     switches = [f"--config.model.{k}={v}" for k, v in VARIANTS[name].model.items()]
-    cfg, _ = parse_command_line([f"--config={REPO / 'configs/digits_uvit.py'}", *TINY, "--config.train.steps=1",
+    cfg, _ = parse_command_line([f"--config={REPO / 'configs/digits_uvit.py'}", *TINY_UVIT, "--config.train.steps=1",
                                  "--config.train.log_every=1", "--config.sample.steps=2", *switches])
     final = train(cfg, tmp_path)
     losses = [float(m) for m in re.findall(r"loss ([0-9.naif]+)", (tmp_path / "log.txt").read_text())]

@@ -12,7 +12,7 @@ from diffusers import AutoencoderKL
 from diffusion.config.schema import base_config
 from diffusion.data.autoencoder import Autoencoder, sample_posterior
 from diffusion.errors import WeightsNotFoundError
-from tests.tiny_models import ldm_state_dict, make_tiny_autoencoder, write_ldm_single_file
+from tests.helpers import ldm_state_dict, make_tiny_autoencoder, write_ldm_single_file
 
 
 @pytest.fixture(scope="module")

@@ -20,6 +20,7 @@ from diffusion.data.datasets import DigitsDataset, build_dataset, center_crop_ar
 from diffusion.data.stream import InfiniteSampler
 from diffusion.errors import DatasetNotFoundError
 from diffusion.evaluation.digits_accuracy import digits_classifier_accuracy, make_digits_classifier
+from diffusion.seeds import derive_seed
 
 
 def _cfg(**kwargs: object) -> ConfigDict:
@@ -340,11 +341,15 @@ def _take(sampler: InfiniteSampler, count: int) -> list[int]:
     return list(islice(iter(sampler), count))
 
 
+def _epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+    return torch.randperm(n, generator=torch.Generator().manual_seed(derive_seed(seed, "epoch", epoch))).tolist()
+
+
 def test_sampler_epochs_are_seeded_permutations() -> None:
     n = 7
     stream = _take(InfiniteSampler(n, seed=3), 5 * n)
     for e in range(5):
-        assert stream[e * n : (e + 1) * n] == torch.randperm(n, generator=torch.Generator().manual_seed(3 + e)).tolist()
+        assert stream[e * n : (e + 1) * n] == _epoch_order(n, 3, e)
     assert _take(InfiniteSampler(n, seed=3), 5 * n) == stream  # deterministic
     assert _take(InfiniteSampler(n, seed=4), 5 * n) != stream
     assert _take(InfiniteSampler(n, shuffle=False), 2 * n + 2) == [*range(n), *range(n), 0, 1]
@@ -371,7 +376,7 @@ def test_sampler_resume_continues_the_stream(start: int, world_size: int) -> Non
 def test_sampler_jumps_to_far_epochs() -> None:
     n, epoch = 10, 10**11
     resumed = _take(InfiniteSampler(n, seed=2, start_index=epoch * n + 4), 3)
-    assert resumed == torch.randperm(n, generator=torch.Generator().manual_seed(2 + epoch)).tolist()[4:7]
+    assert resumed == _epoch_order(n, 2, epoch)[4:7]
 
 
 def test_sampler_validates_arguments() -> None:
@@ -387,7 +392,7 @@ def test_sampler_drives_a_dataloader() -> None:
     ds = DigitsDataset()
     loader = torch.utils.data.DataLoader(ds, batch_size=16, sampler=InfiniteSampler(len(ds), seed=0))
     batch = next(iter(loader))
-    expected = torch.randperm(len(ds), generator=torch.Generator().manual_seed(0))[:16]
+    expected = torch.randperm(len(ds), generator=torch.Generator().manual_seed(derive_seed(0, "epoch", 0)))[:16]
     torch.testing.assert_close(batch["x"], ds.x[expected])
     torch.testing.assert_close(batch["y"], ds.y[expected])
 

@@ -11,7 +11,7 @@ import torch
 from diffusion.objectives.guidance import guided_model
 from diffusion.objectives.iddpm import build_iddpm
 from dit import BLOCK_TYPES, PRESETS, DiT, count_flops, count_params
-from tests.conftest import load_fixture, rel_err
+from tests.helpers import load_fixture, rel_err
 
 # SPEC section 2 / paper Table 4: GFLOPs (multiply-accumulates) at 256x256, printed to two decimals.
 PAPER_GFLOPS = {

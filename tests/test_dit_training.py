@@ -5,7 +5,6 @@ import os
 import pickle
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -16,18 +15,11 @@ from diffusion.config.cli import parse_command_line
 from diffusion.errors import CheckpointError
 from diffusion.registry import build_model
 from diffusion.training.loop import train
-from tests.test_train import logged_losses
-
-REPO = Path(__file__).resolve().parents[1]
-TINY_DIT = ["--config.model.hidden_size=32", "--config.model.depth=2", "--config.model.num_heads=2",
-            "--config.wandb.mode=disabled", "--config.train.sample_every=0", "--config.eval.metric=",
-            "--config.eval.every=0", "--config.sample.steps=4", "--config.sample.per_class=2",
-            "--config.train.batch_size=32"]
+from tests.helpers import REPO, TINY_DIT, logged_losses, tiny_config
 
 
 def tiny_dit(*overrides):
-    cfg, _ = parse_command_line([f"--config={REPO / 'configs/digits_dit.py'}", *TINY_DIT, *overrides])
-    return cfg
+    return tiny_config(*overrides, config="configs/digits_dit.py")
 
 
 def sample_cmd(ckpt, out, *extra):

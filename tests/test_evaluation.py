@@ -41,9 +41,8 @@ from diffusion.evaluation import digits as digits_module
 from diffusion.evaluation.digits import real_digits_uint8
 from diffusion.evaluation.inception import WEIGHTS_FILE, load_fid_inception
 from diffusion.evaluation.sources import NpzImages
-from tests.tiny_models import make_random_fid_inception
+from tests.helpers import REPO, make_random_fid_inception
 
-REPO = Path(__file__).resolve().parents[1]
 DIGITS = ["--extractor", "digits", "--num_workers", "0"]
 
 

@@ -17,12 +17,11 @@ from diffusion.checkpoint import checkpoint_dirs, load_checkpoint_dir, load_trai
 from diffusion.errors import ConfigError
 from diffusion.registry import build_model
 from diffusion.training.loop import train
-from tests.test_dit_training import TINY_DIT
-from tests.test_train import REPO, TINY, tiny_config
+from tests.helpers import REPO, TINY_DIT, TINY_UVIT, tiny_config
 
 RUN = ["--config.train.steps=4", "--config.train.ckpt_every=2", "--config.train.log_every=2",
        "--config.train.grad_clip=0.05", "--config.train.ema_warmup=True", "--config.train.grad_accum_steps=2"]
-UVIT = ["--config=configs/digits_uvit.py", *TINY, *RUN]
+UVIT = ["--config=configs/digits_uvit.py", *TINY_UVIT, *RUN]
 DIT = ["--config=configs/digits_dit.py", *TINY_DIT, *RUN]
 
 

@@ -11,7 +11,7 @@ import torch
 from diffusion.objectives.guidance import guided_model
 from diffusion.objectives.iddpm import GaussianDiffusion, betas_for_schedule, build_iddpm, space_timesteps
 from dit import DiT
-from tests.conftest import load_fixture, rel_err
+from tests.helpers import load_fixture, rel_err
 
 TOL = 1e-5  # max|a - b| / max|b|, as the fixtures README suggests
 

@@ -19,10 +19,8 @@ from diffusion.config.cli import parse_command_line
 from diffusion.data.extraction import extract_coco, extract_imagefolder
 from diffusion.errors import ConfigError
 from diffusion.training.loop import train
-from tests.test_latents import _write_coco, _write_imagefolder
-from tests.tiny_models import make_tiny_autoencoder, make_tiny_clip
+from tests.helpers import REPO, make_tiny_autoencoder, make_tiny_clip, write_coco, write_imagefolder
 
-REPO = Path(__file__).resolve().parents[1]
 RES = 32  # pixels -> 4x4x4 latents with the tiny autoencoder
 COMMON = ["--config.wandb.mode=disabled", "--config.eval.metric=", "--config.eval.every=0",
           "--config.train.batch_size=4",
@@ -38,14 +36,14 @@ TINY_UVIT = ["--config.model.embed_dim=32", "--config.model.depth=2", "--config.
 def assets(tmp_path_factory):
     root = tmp_path_factory.mktemp("assets")
     ae, clip = make_tiny_autoencoder(root / "ae"), make_tiny_clip(root / "clip")
-    images = _write_imagefolder(root / "imagenet" / "train")
+    images = write_imagefolder(root / "imagenet" / "train")
     clean = root / "clean" / "train"  # training on images reads every file: leave the truncated JPEG out
     shutil.copytree(images, clean)
     (clean / "n02" / "b_truncated.JPEG").unlink()
     latents = root / "latents"
     extract_imagefolder(images, latents, resolution=RES, autoencoder=str(ae), shard_size=4, batch_size=4,
                         num_workers=0)
-    coco = _write_coco(root / "coco")
+    coco = write_coco(root / "coco")
     features = root / "coco_features"
     extract_coco(coco, "train", features, autoencoder=str(ae), clip=str(clip), resolution=RES, shard_size=4,
                  batch_size=4, num_workers=0)

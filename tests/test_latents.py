@@ -4,7 +4,6 @@ CLIP saved the way released weights are, and real multi-process launches."""
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import math
 import os
@@ -24,7 +23,6 @@ import numpy as np
 import pytest
 import torch
 from ml_collections import ConfigDict
-from PIL import Image
 from safetensors.torch import load_file
 from torchvision.datasets.folder import pil_loader
 
@@ -34,9 +32,17 @@ from diffusion.data.datasets import CocoCaptions, build_dataset, center_crop_arr
 from diffusion.data.extraction import ImageFolderImages, ImageFolderLatents, extract_imagefolder, run_extraction
 from diffusion.data.text_encoder import TextEncoder
 from diffusion.errors import ConfigError, DatasetNotFoundError
-from tests.tiny_models import make_tiny_autoencoder, make_tiny_clip
+from tests.helpers import (
+    COCO_IMAGES,
+    FILES,
+    GREEN,
+    REPO,
+    make_tiny_autoencoder,
+    make_tiny_clip,
+    write_coco,
+    write_imagefolder,
+)
 
-REPO = Path(__file__).resolve().parents[1]
 RES = 16  # pixels; the tiny autoencoder downsamples by 8 -> 2x2 latents
 SCALE = 0.18215
 
@@ -92,32 +98,14 @@ def models(tmp_path_factory) -> SimpleNamespace:
 # ImageFolder extraction
 
 # Sorted as ImageFolder sorts them: indices 0-2 are class 0, 3-6 class 1; index 4 is a truncated JPEG.
-FILES = {"n01": ("a.png", "b.JPEG", "c_gray.png"), "n02": ("a.JPEG", "b_truncated.JPEG", "c.png", "d.JPEG")}
 EXTRACT = ["--resolution", str(RES), "--shard_size", "3", "--batch_size", "2", "--num_workers", "0"]
-
-
-def _write_imagefolder(root: Path) -> Path:
-    """Random images of assorted sizes and aspect ratios, as PNG and JPEG, one grayscale, one truncated JPEG."""
-    rng = np.random.default_rng(0)
-    for wnid, names in FILES.items():
-        (root / wnid).mkdir(parents=True)
-        for name in names:
-            height, width = rng.integers(12, 48, size=2)
-            image = Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
-            if "gray" in name:
-                image = image.convert("L")
-            buffer = io.BytesIO()
-            image.save(buffer, format="JPEG" if name.endswith("JPEG") else "PNG")
-            data = buffer.getvalue()
-            (root / wnid / name).write_bytes(data[: len(data) // 2] if "truncated" in name else data)
-    return root
 
 
 @pytest.fixture(scope="module")
 def imagenet(tmp_path_factory, models) -> SimpleNamespace:
     """A small ImageFolder and its extraction by one in-process run (the reference for the other tests)."""
     root = tmp_path_factory.mktemp("imagenet")
-    data = _write_imagefolder(root / "train")
+    data = write_imagefolder(root / "train")
     with _one_thread():
         manifest = extract_imagefolder(data, root / "latents", resolution=RES, autoencoder=models.ae,
                                        shard_size=3, batch_size=2, num_workers=0)
@@ -318,37 +306,6 @@ def test_latent_dataset_pickles_for_dataloader_workers(imagenet) -> None:
 # ----------------------------------------------------------------------------------------------------------------------
 # MS-COCO
 
-RED, GREEN = (220, 30, 30), (30, 180, 60)
-# (image id, (width, height), number of captions); image 30 has no caption and is left out.
-COCO_IMAGES = [(9, (40, 24), 5), (3, (24, 40), 6), (25, (32, 32), 7), (7, (48, 20), 5), (30, (20, 20), 0)]
-
-
-def _write_coco(root: Path, split: str = "train") -> Path:
-    """Official 2014 layout: JPEGs whose long side has RED margins outside the centre square, which is GREEN, and
-    the captions JSON (annotations in shuffled order)."""
-    folder = root / f"{split}2014"
-    folder.mkdir(parents=True)
-    (root / "annotations").mkdir()
-    images, annotations, ann_id = [], [], 100
-    for image_id, (width, height), num_captions in COCO_IMAGES:
-        arr = np.full((height, width, 3), RED, dtype=np.uint8)
-        side = min(width, height)
-        top, left = (height - side) // 2, (width - side) // 2
-        arr[top : top + side, left : left + side] = GREEN
-        name = f"COCO_{split}2014_{image_id:012d}.jpg"
-        Image.fromarray(arr).save(folder / name, quality=100, subsampling=0)
-        images.append({"license": 1, "file_name": name, "coco_url": "", "height": height, "width": width,
-                       "date_captured": "2013-11-14 16:28:13", "flickr_url": "", "id": image_id})
-        for j in range(num_captions):
-            ann_id += 7
-            annotations.append({"image_id": image_id, "id": ann_id, "caption": f"the cat {image_id} and dog {j}"})
-    order = np.random.default_rng(0).permutation(len(annotations))
-    captions = {"info": {"description": "COCO 2014 Dataset"}, "images": images, "licenses": [],
-                "annotations": [annotations[i] for i in order]}
-    (root / "annotations" / f"captions_{split}2014.json").write_text(json.dumps(captions))
-    return root
-
-
 def _expected_captions(image_id: int) -> list[str]:
     count = dict((i, n) for i, _, n in COCO_IMAGES)[image_id]
     return [f"the cat {image_id} and dog {j}" for j in range(count)]
@@ -356,7 +313,7 @@ def _expected_captions(image_id: int) -> list[str]:
 
 @pytest.fixture(scope="module")
 def coco_root(tmp_path_factory) -> Path:
-    return _write_coco(tmp_path_factory.mktemp("coco"))
+    return write_coco(tmp_path_factory.mktemp("coco"))
 
 
 def test_coco_captions_dataset(coco_root) -> None:

@@ -5,7 +5,7 @@ import torch
 
 from diffusion.objectives.guidance import guided_model
 from diffusion.objectives.vp import build_noise_prediction
-from tests.conftest import load_fixture
+from tests.helpers import load_fixture
 from uvit import UViT
 
 

@@ -38,11 +38,10 @@ from diffusion.data.datasets import build_dataset
 from diffusion.data.stream import StreamItems
 from diffusion.errors import CheckpointError, ConfigError, WorkdirBusyError
 from diffusion.training.loop import train
-from tests.test_train import TINY, logged_losses
+from tests.helpers import REPO, TINY_UVIT, logged_losses
 
-REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
-COMMON = [*TINY, "--config.train.log_every=5", "--config.data.random_flip=True"]  # flips: position-seeded items
+COMMON = [*TINY_UVIT, "--config.train.log_every=5", "--config.data.random_flip=True"]  # flips: position-seeded items
 TRAIN_PY = [sys.executable, "train.py", "--config=configs/digits_uvit.py", *COMMON]
 
 
@@ -364,7 +363,7 @@ def test_damaged_and_foreign_weights_files_are_named_without_torch_advice(base_r
         with pytest.raises(CheckpointError, match=re.escape(expected)):
             read_weights_file(path)
         capsys.readouterr()
-        code = sample.main([f"--ckpt={path}", f"--config={REPO / 'configs/digits_uvit.py'}", *TINY,
+        code = sample.main([f"--ckpt={path}", f"--config={REPO / 'configs/digits_uvit.py'}", *TINY_UVIT,
                             f"--out={tmp_path / 'g.png'}"])
         err = capsys.readouterr().err
         assert code == 2 and expected in err and "weights_only" not in err and "Traceback" not in err

@@ -27,10 +27,8 @@ from diffusion.sampling.generate import generate, preview_settings, sample_setti
 from diffusion.sampling.grids import default_grid_classes, sample_grid
 from diffusion.sampling.jobs import SampleJob
 from diffusion.sampling.per_sample import LabelPlan, PerSampleNoise, training_class_counts
-from tests.conftest import load_fixture
-from tests.tiny_models import make_tiny_autoencoder, make_tiny_clip
+from tests.helpers import REPO, load_fixture, make_tiny_autoencoder, make_tiny_clip
 
-REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 DIT = [f"--config={REPO / 'configs/digits_dit.py'}", "--config.model.hidden_size=32", "--config.model.depth=2",
        "--config.model.num_heads=2"]

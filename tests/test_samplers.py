@@ -17,7 +17,7 @@ from diffusion.objectives.iddpm import build_iddpm
 from diffusion.objectives.vp import build_noise_prediction
 from diffusion.samplers import Marginals, default_t_end, fast_orders, singlestep_times
 from dit import DiT
-from tests.conftest import load_fixture, rel_err
+from tests.helpers import load_fixture, rel_err
 from uvit import UViT
 
 KINDS = ("vp_sde", "sd_discrete")  # continuous linear VP; discrete "stable diffusion" betas seen as continuous time

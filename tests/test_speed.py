@@ -3,7 +3,6 @@ benchmark runs end to end (not timed here)."""
 
 import json
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -17,10 +16,9 @@ from diffusion.training.loop import train
 from diffusion.training.pieces import update_ema
 from diffusion.training.speed import adamw, reuse_freed_memory
 from dit.model import DiT
-from tests.test_train import tiny_config
+from tests.helpers import REPO, tiny_config
 from uvit.model import UViT
 
-REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "scripts"))
 import benchmark as benchmark_script  # noqa: E402  (scripts/benchmark.py)
 

@@ -10,7 +10,7 @@ from transformers import CLIPTextModel
 from diffusion.config.schema import base_config
 from diffusion.data.text_encoder import TextEncoder
 from diffusion.errors import WeightsNotFoundError
-from tests.tiny_models import BOS, EOS, make_tiny_clip
+from tests.helpers import BOS, EOS, make_tiny_clip
 
 PROMPTS = ["a cat and a dog", "the dog", "A cat sitting on the mat, next to the dog!"]
 LONG = " ".join(["the cat and the dog"] * 30)  # 150 words: far beyond 77 tokens

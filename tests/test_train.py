@@ -5,7 +5,6 @@ import os
 import re
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -16,21 +15,7 @@ from diffusion.checkpoint import checkpoint_dirs, load_train_state
 from diffusion.config.cli import parse_command_line
 from diffusion.errors import ConfigError
 from diffusion.training.loop import train
-
-REPO = Path(__file__).resolve().parents[1]
-TINY = ["--config.model.embed_dim=32", "--config.model.depth=2", "--config.model.num_heads=2",
-        "--config.wandb.mode=disabled", "--config.train.sample_every=0", "--config.eval.metric=",
-        "--config.eval.every=0",
-        "--config.sample.steps=4", "--config.sample.per_class=2", "--config.train.batch_size=32"]
-
-
-def tiny_config(*overrides, config="configs/digits_uvit.py"):
-    cfg, _ = parse_command_line([f"--config={REPO / config}", *TINY, *overrides])
-    return cfg
-
-
-def logged_losses(workdir: Path) -> list[float]:
-    return [float(m) for m in re.findall(r"loss ([0-9.]+)", (workdir / "log.txt").read_text())]
+from tests.helpers import REPO, TINY_UVIT, logged_losses, tiny_config
 
 
 def test_loss_decreases_and_checkpoint_is_self_describing(tmp_path):
@@ -195,7 +180,7 @@ def test_two_process_ddp_on_cpu(tmp_path):
     """accelerate launch with 2 processes on a CPU-only machine (DDP over gloo): the global batch is split, only
     rank 0 writes checkpoints, and FID during training (collectives on every process) neither hangs nor diverges."""
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes=2", "--num_machines=1",
-           "--mixed_precision=no", "--dynamo_backend=no", "train.py", "--config=configs/digits_uvit.py", *TINY,
+           "--mixed_precision=no", "--dynamo_backend=no", "train.py", "--config=configs/digits_uvit.py", *TINY_UVIT,
            "--config.train.steps=6", "--config.train.ckpt_every=3", "--config.train.log_every=3",
            "--config.eval.every=3", "--config.eval.n_samples=40", "--config.eval.batch_size=10",
            "--config.eval.final_n_samples=40", f"--workdir={tmp_path}"]

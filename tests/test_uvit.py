@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from tests.conftest import load_fixture
+from tests.helpers import load_fixture
 from uvit import PRESETS, UViT
 from uvit.model import sincos_2d_pos_embed, unpatchify
 

@@ -1,19 +1,68 @@
-"""Tiny, randomly initialised models of the real library classes, saved to disk the way released weights are.
-
-No network here, so tests load these through exactly the code paths real weights take: a diffusers
-``AutoencoderKL`` folder (like ``stabilityai/sd-vae-ft-ema``), the same weights as a U-ViT-style ``.pth`` in the
-original latent-diffusion key layout, and a transformers CLIP text model + byte-level BPE tokenizer folder (like
-``openai/clip-vit-large-patch14``). Each builds in well under a second.
-"""
+"""What the tests share: paths and parity fixtures, the tiny training configs, tiny codecs saved the way released
+weights are, and small datasets written in their real on-disk formats. Test modules import from here only."""
 
 from __future__ import annotations
 
+import io
 import json
 import re
 from pathlib import Path
 
+import numpy as np
+import pytest
 import torch
+from PIL import Image
 
+from diffusion.config.cli import parse_command_line
+
+REPO = Path(__file__).resolve().parents[1]
+FIXTURES = Path(__file__).resolve().parent / "fixtures"  # computed with the official code; see fixtures/README.md
+
+
+def load_fixture(name: str) -> dict:
+    path = FIXTURES / f"{name}.pt"
+    if not path.is_file():
+        pytest.fail(f"parity fixture {path} is missing from the repository")
+    return torch.load(path, weights_only=True)
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """max|a - b| / max|b|: the fixtures README's measure for outputs of large magnitude (samplers)."""
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Tiny training runs on the bundled digits
+# ----------------------------------------------------------------------------------------------------------------
+TINY_MODEL = {
+    "uvit": ["--config.model.embed_dim=32", "--config.model.depth=2", "--config.model.num_heads=2"],
+    "dit": ["--config.model.hidden_size=32", "--config.model.depth=2", "--config.model.num_heads=2"],
+}
+TINY_RUN = ["--config.wandb.mode=disabled", "--config.train.sample_every=0", "--config.eval.metric=",
+            "--config.eval.every=0", "--config.sample.steps=4", "--config.sample.per_class=2",
+            "--config.train.batch_size=32"]
+TINY_UVIT = [*TINY_MODEL["uvit"], *TINY_RUN]
+TINY_DIT = [*TINY_MODEL["dit"], *TINY_RUN]
+
+
+def tiny_config(*overrides, config: str = "configs/digits_uvit.py"):
+    """The config file with a tiny backbone of its kind and a quiet, short run; ``overrides`` come last."""
+    tiny = TINY_DIT if "dit" in Path(config).stem else TINY_UVIT
+    cfg, _ = parse_command_line([f"--config={REPO / config}", *tiny, *overrides])
+    return cfg
+
+
+def logged_losses(workdir: Path) -> list[float]:
+    return [float(m) for m in re.findall(r"loss ([0-9.]+)", (workdir / "log.txt").read_text())]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Tiny, randomly initialised codecs of the real library classes, saved to disk the way released weights are.
+# No network here, so tests load these through exactly the code paths real weights take: a diffusers
+# ``AutoencoderKL`` folder (like ``stabilityai/sd-vae-ft-ema``), the same weights as a U-ViT-style ``.pth`` in the
+# original latent-diffusion key layout, and a transformers CLIP text model + byte-level BPE tokenizer folder (like
+# ``openai/clip-vit-large-patch14``).
+# ----------------------------------------------------------------------------------------------------------------
 # ----------------------------------------------------------------------------------------------------------------
 # Autoencoder
 # ----------------------------------------------------------------------------------------------------------------
@@ -172,3 +221,57 @@ def make_random_fid_inception(path, seed: int = 0) -> Path:
         net.train()(smooth)
     torch.save(net.eval().state_dict(), path)
     return path
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Small datasets in their real on-disk formats
+# ----------------------------------------------------------------------------------------------------------------
+FILES = {"n01": ("a.png", "b.JPEG", "c_gray.png"), "n02": ("a.JPEG", "b_truncated.JPEG", "c.png", "d.JPEG")}
+
+
+def write_imagefolder(root: Path) -> Path:
+    """Random images of assorted sizes and aspect ratios, as PNG and JPEG, one grayscale, one truncated JPEG."""
+    rng = np.random.default_rng(0)
+    for wnid, names in FILES.items():
+        (root / wnid).mkdir(parents=True)
+        for name in names:
+            height, width = rng.integers(12, 48, size=2)
+            image = Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+            if "gray" in name:
+                image = image.convert("L")
+            buffer = io.BytesIO()
+            image.save(buffer, format="JPEG" if name.endswith("JPEG") else "PNG")
+            data = buffer.getvalue()
+            (root / wnid / name).write_bytes(data[: len(data) // 2] if "truncated" in name else data)
+    return root
+
+
+RED, GREEN = (220, 30, 30), (30, 180, 60)
+# (image id, (width, height), number of captions); image 30 has no caption and is left out.
+COCO_IMAGES = [(9, (40, 24), 5), (3, (24, 40), 6), (25, (32, 32), 7), (7, (48, 20), 5), (30, (20, 20), 0)]
+
+
+def write_coco(root: Path, split: str = "train") -> Path:
+    """Official 2014 layout: JPEGs whose long side has RED margins outside the centre square, which is GREEN, and
+    the captions JSON (annotations in shuffled order)."""
+    folder = root / f"{split}2014"
+    folder.mkdir(parents=True)
+    (root / "annotations").mkdir()
+    images, annotations, ann_id = [], [], 100
+    for image_id, (width, height), num_captions in COCO_IMAGES:
+        arr = np.full((height, width, 3), RED, dtype=np.uint8)
+        side = min(width, height)
+        top, left = (height - side) // 2, (width - side) // 2
+        arr[top : top + side, left : left + side] = GREEN
+        name = f"COCO_{split}2014_{image_id:012d}.jpg"
+        Image.fromarray(arr).save(folder / name, quality=100, subsampling=0)
+        images.append({"license": 1, "file_name": name, "coco_url": "", "height": height, "width": width,
+                       "date_captured": "2013-11-14 16:28:13", "flickr_url": "", "id": image_id})
+        for j in range(num_captions):
+            ann_id += 7
+            annotations.append({"image_id": image_id, "id": ann_id, "caption": f"the cat {image_id} and dog {j}"})
+    order = np.random.default_rng(0).permutation(len(annotations))
+    captions = {"info": {"description": "COCO 2014 Dataset"}, "images": images, "licenses": [],
+                "annotations": [annotations[i] for i in order]}
+    (root / "annotations" / f"captions_{split}2014.json").write_text(json.dumps(captions))
+    return root
