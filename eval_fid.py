@@ -4,9 +4,9 @@
     python eval_fid.py samples.npz VIRTUAL_imagenet256_labeled.npz --metrics fid,sfid,is,pr --json scores.json
     python eval_fid.py samples/ configs/cifar10_uvit_s2.py --config.data.root=data     # reference: CIFAR-10 train
     accelerate launch --num_processes=8 eval_fid.py samples.npz VIRTUAL_imagenet256_labeled.npz --metrics fid,pr
-    python eval_fid.py --save-stats fid_stats_cifar10_train.npz configs/cifar10_uvit_s2.py --config.data.root=data
-    python eval_fid.py --save-stats fid_stats_imagenet64_train.npz imagenet/train --resolution 64   # ADM crop
-    python eval_fid.py --save-stats fid_stats_mscoco256_val.npz coco/ --coco val                    # U-ViT's COCO
+    python eval_fid.py --save_stats fid_stats_cifar10_train.npz configs/cifar10_uvit_s2.py --config.data.root=data
+    python eval_fid.py --save_stats fid_stats_imagenet64_train.npz imagenet/train --resolution 64   # ADM crop
+    python eval_fid.py --save_stats fid_stats_mscoco256_val.npz coco/ --coco val                    # U-ViT's COCO
     python eval_fid.py samples.npz configs/digits_uvit.py --extractor digits             # quickstart (digits)
 
 SAMPLES: an .npz (arr_0 uint8 (N, H, W, 3), as sample.py writes) or an image folder. REFERENCE: a statistics file
@@ -25,16 +25,16 @@ Under `accelerate launch` every process extracts a share.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
 from pathlib import Path
 
 import torch
+from accelerate import PartialState
 
-from diffusion.config.cli import split_overrides
-from diffusion.errors import ConfigError
+from diffusion.config.cli import Arguments, Command, Flag, run_main
+from diffusion.errors import ConfigError, InputError
 from diffusion.evaluation import (
     EXTRACTORS,
     build_feature_extractor,
@@ -52,32 +52,28 @@ from diffusion.evaluation.sources import load_config_with_overrides
 METRICS = ("fid", "sfid", "is", "pr")
 NEEDS = {"sfid": "spatial", "is": "logits"}  # metric -> extractor output it needs besides pool
 STATISTICS_OF = {"fid": "pool", "sfid": "spatial"}  # metric -> features whose statistics it compares
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="eval_fid.py", description=__doc__, allow_abbrev=False,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("paths", nargs="+", metavar="PATH", help="SAMPLES REFERENCE, or SOURCE with --save-stats")
-    p.add_argument("--save-stats", "--save_stats", dest="save_stats", metavar="OUT.npz",
-                   help="write the statistics (mu, sigma[, mu_s, sigma_s]) of SOURCE to OUT.npz")
-    p.add_argument("--metrics", default="fid", help=f"comma-separated, of {','.join(METRICS)} (default: fid)")
-    p.add_argument("--json", help="also write the scores to this JSON file")
-    p.add_argument("--extractor", choices=EXTRACTORS, help="default: a config's eval.feature_extractor, else inception")
-    p.add_argument("--inception", default="", metavar="PATH",
-                   help="FID Inception weights (default: a config's eval.inception_weights, else pytorch-fid's cache)")
-    p.add_argument("--resolution", type=int, help="ADM centre crop of an image-folder reference/source (ImageNet); "
-                   "MS-COCO's size (default 256)")
-    p.add_argument("--coco", choices=("train", "val"), metavar="SPLIT",
-                   help="the reference/source is an MS-COCO 2014 root: its captioned SPLIT images (U-ViT: val)")
-    p.add_argument("--adm_stats", action="store_true",
-                   help="use an ADM reference batch's stored statistics (from ADM's TensorFlow evaluator)")
-    p.add_argument("--batch_size", type=int, default=250, help="images per network batch and process")
-    p.add_argument("--num_workers", type=int, default=4, help="image-decoding workers (folders, datasets)")
-    p.add_argument("--cache_dir", help="where feature caches go (default: beside the .npz/folder when writable, "
-                   "else ~/.cache/transformer-diffusion/eval)")
-    p.add_argument("--no_cache", action="store_true", help="neither read nor write feature caches")
-    p.add_argument("--device", help="default: the process's GPU, else cpu")
-    return p
+COMMAND = Command(__doc__, config="none", positional="PATH ...",
+                  positional_help="SAMPLES REFERENCE, or SOURCE with --save_stats", flags=(
+    Flag("save_stats", metavar="OUT.npz", help="write the statistics (mu, sigma[, mu_s, sigma_s]) of SOURCE to "
+         "OUT.npz"),
+    Flag("metrics", "fid", help=f"comma-separated, of {','.join(METRICS)} (default: fid)"),
+    Flag("json", metavar="PATH", help="also write the scores to this JSON file"),
+    Flag("extractor", choices=EXTRACTORS, help="default: a config's eval.feature_extractor, else inception"),
+    Flag("inception", "", metavar="PATH",
+         help="FID Inception weights (default: a config's eval.inception_weights, else pytorch-fid's cache)"),
+    Flag("resolution", type=int, help="ADM centre crop of an image-folder reference/source (ImageNet); MS-COCO's "
+         "size (default 256)"),
+    Flag("coco", choices=("train", "val"),
+         help="the reference/source is an MS-COCO 2014 root: its captioned images of that split (U-ViT: val)"),
+    Flag("adm_stats", False, bool,
+         help="use an ADM reference batch's stored statistics (from ADM's TensorFlow evaluator)"),
+    Flag("batch_size", 250, int, help="images per network batch and process"),
+    Flag("num_workers", 4, int, help="image-decoding workers (folders, datasets)"),
+    Flag("cache_dir", metavar="DIR", help="where feature caches go (default: beside the .npz/folder when writable, "
+         "else ~/.cache/transformer-diffusion/eval)"),
+    Flag("no_cache", False, bool, help="neither read nor write feature caches"),
+    Flag("device", help="default: the process's GPU, else cpu"),
+))
 
 
 def cached_reference(reference) -> str:
@@ -86,24 +82,25 @@ def cached_reference(reference) -> str:
     return ", cached features" if reference.features is not None else ", cached statistics"
 
 
-def make_extractor(args, overrides, config_spec: str, device):
+def make_extractor(args: Arguments, config_spec: str, device):
     """The extractor the flags ask for; a dataset config's ``eval`` section supplies the defaults."""
     name, weights = args.extractor, args.inception
     if config_spec.endswith(".py"):
-        config = load_config_with_overrides(config_spec, overrides)
+        config = load_config_with_overrides(config_spec, args.overrides)
         name = name or config.eval.feature_extractor
         weights = weights or config.eval.inception_weights
     return build_feature_extractor(name or "inception", weights=weights, device=device)
 
 
-def save_stats(args, overrides, state, device) -> str:
-    if len(args.paths) != 1:
-        raise ConfigError(f"--save-stats takes one SOURCE (a config, image folder, .npz or --coco root), got "
-                          f"{len(args.paths)} paths")
+def save_stats(args: Arguments, state, device) -> str:
+    if len(args.positional) != 1:
+        raise ConfigError(f"--save_stats takes one SOURCE (a config, image folder, .npz or --coco root), got "
+                          f"{len(args.positional)} paths")
     if not args.save_stats.endswith(".npz"):
-        raise ConfigError(f"--save-stats writes an .npz file, got {args.save_stats}")
-    source = open_images(args.paths[0], resolution=args.resolution, coco_split=args.coco, overrides=overrides)
-    extractor = make_extractor(args, overrides, args.paths[0], device)
+        raise ConfigError(f"--save_stats writes an .npz file, got {args.save_stats}")
+    source = open_images(args.positional[0], resolution=args.resolution, coco_split=args.coco,
+                         overrides=args.overrides)
+    extractor = make_extractor(args, args.positional[0], device)
     stats = accumulate_statistics(source, extractor, batch_size=args.batch_size, num_workers=args.num_workers,
                                   state=state)
     if not state.is_main_process:
@@ -122,7 +119,7 @@ def compute_metrics(metrics: list[str], samples: dict, reference, device) -> dic
                                          reference.statistics["sigma"])
     if "sfid" in metrics:
         if "mu_s" not in reference.statistics:
-            raise ValueError(f"sFID needs spatial statistics (mu_s, sigma_s); the reference {reference.description} "
+            raise InputError(f"sFID needs spatial statistics (mu_s, sigma_s); the reference {reference.description} "
                              f"has none")
         scores["sfid"] = frechet_distance(sample_stats["mu_s"], sample_stats["sigma_s"], reference.statistics["mu_s"],
                                           reference.statistics["sigma_s"])
@@ -143,17 +140,18 @@ def summary_line(scores: dict) -> str:
     return "  ".join(parts)
 
 
-def evaluate(args, overrides, state, device) -> str:
-    if len(args.paths) != 2:
-        raise ConfigError(f"give SAMPLES and REFERENCE (or --save-stats OUT.npz SOURCE), got {len(args.paths)} paths")
-    samples_spec, reference_spec = args.paths
+def evaluate(args: Arguments, state, device) -> str:
+    if len(args.positional) != 2:
+        raise ConfigError(f"give SAMPLES and REFERENCE (or --save_stats OUT.npz SOURCE), got {len(args.positional)} "
+                          f"paths")
+    samples_spec, reference_spec = args.positional
     if samples_spec.endswith(".py"):
         raise ConfigError("SAMPLES must be an .npz or an image folder; a dataset config can only be the REFERENCE")
     metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
     unknown = [m for m in metrics if m not in METRICS]
     if unknown or not metrics:
         raise ConfigError(f"unknown metrics {unknown or args.metrics!r}; choose from {', '.join(METRICS)}")
-    extractor = make_extractor(args, overrides, reference_spec, device)
+    extractor = make_extractor(args, reference_spec, device)
     missing = [m for m in metrics if NEEDS.get(m, "pool") not in extractor.dims]
     if missing:
         raise ConfigError(f"the {extractor.id} extractor has no {NEEDS[missing[0]]} features, needed by {missing[0]}")
@@ -163,7 +161,7 @@ def evaluate(args, overrides, state, device) -> str:
     reference = load_reference(reference_spec, extractor, need_features="pr" in metrics,
                                statistics_of=tuple(STATISTICS_OF[m] for m in metrics if m in STATISTICS_OF),
                                file_statistics=args.adm_stats, resolution=args.resolution, coco_split=args.coco,
-                               overrides=overrides, **common)
+                               overrides=args.overrides, **common)
     features, cached = cached_features(samples, extractor, **common)
     if not state.is_main_process:
         return ""
@@ -179,27 +177,18 @@ def evaluate(args, overrides, state, device) -> str:
             f"{reference.statistics_from}{cached_reference(reference)}); {extractor.id}")
 
 
-def main(argv: list[str]) -> int:
-    try:
-        overrides, rest = split_overrides(argv)
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    args = build_parser().parse_args(rest)  # --help prints usage and exits 0; bad flags exit 2
+def run(args: Arguments) -> int:
     start = time.perf_counter()
-    try:
-        from accelerate import PartialState
-
-        state = PartialState(cpu=args.device == "cpu" or not torch.cuda.is_available())
-        device = torch.device(args.device) if args.device else state.device
-        run = save_stats if args.save_stats else evaluate
-        summary = run(args, overrides, state, device)
-    except (ValueError, OSError) as err:  # ConfigError, missing files and weights, unreadable images: one line
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    state = PartialState(cpu=args.device == "cpu" or not torch.cuda.is_available())
+    device = torch.device(args.device) if args.device else state.device
+    summary = (save_stats if args.save_stats else evaluate)(args, state, device)
     if summary:
         print(f"{summary} [{time.perf_counter() - start:.1f} s]")
     return 0
+
+
+def main(argv: list[str]) -> int:
+    return run_main(COMMAND, argv, run)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""CelebA 64x64, unconditional U-ViT-S/4 on the continuous VP SDE (U-ViT paper: FID 2.87, 1000-step EM SDE)."""
+"""CelebA 64x64, unconditional U-ViT-S/4 on the continuous VP SDE (U-ViT paper: FID 2.87, 1000-step EM SDE).
+Recipe and sampler: docs/originals.md#u-vit-training-recipes and #u-vit-sampling."""
 
 from diffusion.config.schema import base_config
 

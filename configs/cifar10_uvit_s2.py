@@ -1,4 +1,5 @@
-"""CIFAR-10 32x32, unconditional U-ViT-S/2 on the continuous VP SDE (U-ViT paper: FID 3.11, 1000-step EM SDE)."""
+"""CIFAR-10 32x32, unconditional U-ViT-S/2 on the continuous VP SDE (U-ViT paper: FID 3.11, 1000-step EM SDE).
+Recipe and sampler: docs/originals.md#u-vit-training-recipes and #u-vit-sampling."""
 
 from diffusion.config.schema import base_config
 

@@ -3,14 +3,30 @@ constant, no weight decay, batch 256, 7M steps (1400 epochs), EMA 0.9999, fp32 w
 50K, log every 100, 10% label dropout. Sampling defaults are those behind FID 2.27: 250-step ancestral DDPM, guidance
 1.5 on the first 3 latent channels (the released sampler's leftover; ``--guidance_channels all`` is the fix, FID
 2.20-2.23 at 1.375 per the DiT authors). Any preset: ``--config.model.preset=DiT-B/4`` etc.
+Sources: docs/originals.md#dit-training-recipe, #dit-sampling, #dit-guidance and #improved-ddpm-diffusion.
 
 Trains on cached latents (``scripts/extract_latents.py``); the original's way, encoding images with the VAE at every
 step, is ``--config.data.name=imagenet --config.data.root=data/imagenet``.
 """
 
-from diffusion.config.recipes import dit_imagenet_recipe
 from diffusion.config.schema import base_config
 
 
 def get_config():
-    return dit_imagenet_recipe(base_config(), resolution=256, steps=7_000_000)
+    config = base_config()
+    config.seed = 0
+    # 10% label dropout inside the model (the one source of the rate: cond.p_uncond stays None); learned sigma.
+    config.model.update(name="dit", preset="DiT-XL/2", class_dropout_prob=0.1, learn_sigma=True, input_size=32,
+                        in_channels=4, num_classes=1000)
+    config.diffusion.update(kind="iddpm", num_steps=1000, beta_schedule="linear", learn_sigma=True)  # hybrid loss
+    # Cached moments of every image and its flip; the cache's manifest must name the autoencoder below.
+    config.data.update(name="latents", root="data/imagenet256_latents", image_size=256, random_flip=True,
+                       num_workers=8, verify_checksums=False)
+    config.autoencoder.update(pretrained="stabilityai/sd-vae-ft-ema", scale_factor=0.18215)
+    config.optim.update(lr=1e-4, betas=(0.9, 0.999), weight_decay=0.0, warmup_steps=0)
+    config.train.update(steps=7_000_000, batch_size=256, mixed_precision="no", tf32=True, ema_decay=0.9999,
+                        grad_clip=0.0, log_every=100, ckpt_every=50_000, sample_every=10_000)
+    config.sample.update(sampler="ddpm", steps=250, guidance_scale=1.5, guidance_channels="3", labels="uniform",
+                         per_class=4)
+    config.preview.update(sampler="ddim", steps=50)
+    return config

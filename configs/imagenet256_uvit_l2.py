@@ -1,15 +1,30 @@
 """ImageNet 256x256 (32x32x4 SD-VAE latents), U-ViT-L/2 on the continuous VP SDE (U-ViT paper: FID 3.40 with
 guidance s = 0.4, i.e. w = 1.4, DPM-Solver 50 evaluations). Latents decode with U-ViT's original KL-f8 autoencoder.
+Recipe and sampler: docs/originals.md#u-vit-training-recipes and #u-vit-sampling.
 
     accelerate launch scripts/extract_latents.py --data data/imagenet/train --out data/imagenet256_latents \\
         --resolution 256 --autoencoder assets/stable-diffusion/autoencoder_kl.pth
     accelerate launch --multi_gpu --num_processes 8 train.py --config=configs/imagenet256_uvit_l2.py
 """
 
-from diffusion.config.recipes import uvit_latent_recipe
 from diffusion.config.schema import base_config
 
 
 def get_config():
-    return uvit_latent_recipe(base_config(), 256, "U-ViT-L/2", "vp_sde",
-                              autoencoder="assets/stable-diffusion/autoencoder_kl.pth", guidance_s=0.4)
+    config = base_config()
+    config.seed = 1234
+    config.model.update(name="uvit", preset="U-ViT-L/2")
+    config.diffusion.kind = "vp_sde"
+    config.cond.p_uncond = 0.15  # label dropout to the null class 1000 (num_classes 1001)
+    # Cached moments of every image and its flip; the cache's manifest must name the autoencoder below.
+    config.data.update(name="latents", root="data/imagenet256_latents", image_size=256, random_flip=True,
+                       num_workers=8, verify_checksums=False)
+    config.autoencoder.update(pretrained="assets/stable-diffusion/autoencoder_kl.pth", scale_factor=0.18215)
+    config.optim.update(lr=2e-4, betas=(0.99, 0.99), weight_decay=0.03, warmup_steps=5000)
+    config.train.update(steps=300_000, batch_size=1024, mixed_precision="fp16", ema_decay=0.9999, log_every=100,
+                        ckpt_every=50_000, sample_every=5_000)
+    # DPM-Solver (noise prediction, singlestep "fast"), 50 evaluations on a logSNR grid from t = 1 to 1e-4
+    config.sample.update(sampler="dpm_solver", t_end=1e-4, skip_type="logSNR", steps=50, order=3,
+                         guidance_scale=1.4, labels="uniform", per_class=4)  # w = 1 + s, s = 0.4
+    config.preview.update(steps=25)
+    return config

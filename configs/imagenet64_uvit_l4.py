@@ -1,4 +1,5 @@
-"""ImageNet 64x64, class-conditional U-ViT-L/4 (no guidance) on the continuous VP SDE (paper: FID 4.26, 50 NFE)."""
+"""ImageNet 64x64, class-conditional U-ViT-L/4 (no guidance) on the continuous VP SDE (paper: FID 4.26, 50 NFE).
+Recipe and sampler: docs/originals.md#u-vit-training-recipes and #u-vit-sampling."""
 
 from diffusion.config.schema import base_config
 

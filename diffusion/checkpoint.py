@@ -1,4 +1,5 @@
-"""Self-describing checkpoints, the run directory's lock, and loading weights written by the original repositories.
+"""Self-describing checkpoints, the run directory's lock, reading weights written by the original repositories, and
+the one strict state-dict loader (:func:`load_state_strict`) whose error says what does not fit.
 
 A checkpoint written by the trainer is one directory per step::
 
@@ -35,7 +36,14 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from diffusion.config.loading import config_from_json, config_to_json
-from diffusion.errors import CheckpointError, CheckpointSaveError, UnsafeWeightsError, WorkdirBusyError
+from diffusion.errors import (
+    CheckpointError,
+    CheckpointSaveError,
+    ConfigError,
+    InputNotFoundError,
+    UnsafeWeightsError,
+    WorkdirBusyError,
+)
 
 CHECKPOINTS = "checkpoints"
 CHECKPOINT_FILES = ("model.safetensors", "ema.safetensors", "config.json", "train_state.pt")
@@ -136,8 +144,7 @@ def save_checkpoint(workdir: str | Path, step: int, *, model_state: dict, ema_st
 def verify_checkpoint(path: str | Path, names: tuple[str, ...] = CHECKPOINT_FILES) -> dict:
     """meta.json of checkpoint ``path``, after checking size and sha256 of the files ``names`` against it.
 
-    Raises CheckpointError naming the first missing, truncated or damaged file. Checkpoints written before
-    checksums were recorded are checked for the files' presence only."""
+    Raises CheckpointError naming the first missing, truncated or damaged file."""
     path = Path(path)
     try:
         meta = json.loads((path / "meta.json").read_text())
@@ -149,7 +156,8 @@ def verify_checkpoint(path: str | Path, names: tuple[str, ...] = CHECKPOINT_FILE
         if not file.is_file():
             raise CheckpointError(f"{file} is missing: the checkpoint is incomplete")
         if name not in records:
-            continue
+            raise CheckpointError(f"{path / 'meta.json'} records no size and sha256 of {name}: the checkpoint is "
+                                  f"incomplete")
         size, expected = file.stat().st_size, records[name]
         if size != expected["bytes"]:
             raise CheckpointError(f"{file} is truncated or damaged: {size} bytes, meta.json records "
@@ -196,8 +204,8 @@ def load_checkpoint_dir(path: str | Path, weights: str = "ema"):
     if not (path / "meta.json").is_file():
         latest = latest_checkpoint(path)
         if latest is None:
-            raise FileNotFoundError(f"{path} is neither a checkpoint directory (with meta.json) nor a run directory "
-                                    f"with finished checkpoints under {CHECKPOINTS}/")
+            raise InputNotFoundError(f"{path} is neither a checkpoint directory (with meta.json) nor a run directory "
+                                     f"with finished checkpoints under {CHECKPOINTS}/")
         path = latest
     try:
         meta = verify_checkpoint(path, (f"{weights}.safetensors", "config.json"))
@@ -218,6 +226,41 @@ def load_train_state(path: str | Path) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------------------
+# Loading a state dict strictly, with one error that says what does not fit
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _listing(name: str, keys: list[str]) -> str:
+    return f"{name} ({len(keys)}): {', '.join(keys[:4])}{' ...' if len(keys) > 4 else ''}"
+
+
+def _module_mismatches(module: torch.nn.Module, state: dict) -> str:
+    """The keys and shapes of ``state`` that do not fit ``module``, listed; empty when everything fits."""
+    expected = module.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
+              if k in state and hasattr(state[k], "shape") and state[k].shape != v.shape]
+    return "; ".join(_listing(name, keys) for name, keys in (
+        ("missing keys", missing), ("unexpected keys", unexpected),
+        ("shape mismatches (file vs model)", shapes)) if keys)
+
+
+def load_state_strict(target, state: dict, source: str | Path, what: str = "model", hint: str = "") -> None:
+    """``target.load_state_dict(state)`` for a module or an optimizer, strictly. What does not fit is one
+    ConfigError, ``"{source} does not fit the configured {what}: {findings}{hint}"``: for a module the missing,
+    unexpected and mis-shaped keys; otherwise (an optimizer) torch's own findings. No raw traceback."""
+    findings = _module_mismatches(target, state) if isinstance(target, torch.nn.Module) else ""
+    if not findings:
+        try:
+            target.load_state_dict(state)
+            return
+        except (RuntimeError, ValueError, KeyError) as err:
+            findings = "; ".join(line.strip() for line in str(err).splitlines()[-3:] if line.strip())
+    raise ConfigError(f"{source} does not fit the configured {what}: {findings}{hint}")
+
+
+# ----------------------------------------------------------------------------------------------------------
 # Released and original-format weights
 # ----------------------------------------------------------------------------------------------------------
 
@@ -235,7 +278,7 @@ def read_weights_file(path: str | Path, prefer: str = "ema") -> dict:
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"weights file not found: {path}")
+        raise InputNotFoundError(f"weights file not found: {path}")
     if path.suffix == ".safetensors":
         try:
             return load_file(path)

@@ -1,4 +1,5 @@
-"""From config sections to objects: the one place the shared package reaches the backbones."""
+"""From config sections to objects: backbones by ``model.name``, objectives by ``diffusion.kind``. The one place
+the shared package reaches the backbones (uvit/, dit/) and the one table of diffusion kinds."""
 
 from __future__ import annotations
 
@@ -13,6 +14,10 @@ from diffusion.errors import ConfigError
 BACKBONES = {"uvit": ("uvit", "UViT"), "dit": ("dit", "DiT")}
 # The repeated transformer block of each backbone: the unit train.fsdp shards and gathers one at a time.
 BLOCK_CLASSES = {"uvit": "Block", "dit": "DiTBlock"}
+# diffusion.kind -> (module, builder): the builder's keyword arguments are the settings of that kind.
+OBJECTIVES = {"vp_sde": ("diffusion.objectives.vp", "build_vp_sde"),
+              "sd_discrete": ("diffusion.objectives.vp", "build_sd_discrete"),
+              "iddpm": ("diffusion.objectives.iddpm", "build_iddpm")}
 
 
 def _backbone_module(name: str):
@@ -37,6 +42,12 @@ def constructor_keywords(name: str) -> set[str]:
     return set(inspect.signature(cls.__init__).parameters) - {"self"}
 
 
+def constructor_defaults(name: str) -> dict:
+    """The default of every keyword argument of backbone ``name`` that has one."""
+    cls, _ = _backbone_module(name)
+    return {k: p.default for k, p in inspect.signature(cls).parameters.items() if p.default is not p.empty}
+
+
 def resolve_model_kwargs(model_cfg) -> tuple[str, dict]:
     """``{name, preset, **kwargs}`` -> (name, full constructor kwargs): the preset's, then the config's own."""
     cfg = dict(model_cfg.to_dict() if isinstance(model_cfg, ml_collections.ConfigDict) else model_cfg)
@@ -58,6 +69,8 @@ def build_model(model_cfg) -> nn.Module:
         return cls(**kwargs)
     except TypeError as err:
         raise ConfigError(f"model section does not fit {cls.__name__}: {err}") from None
+    except ValueError as err:  # the backbone refuses a value (a size, a mode): the user's to fix
+        raise ConfigError(str(err)) from None
 
 
 def label_dropout(config, model_name: str, model_kwargs: dict) -> float:
@@ -75,18 +88,33 @@ def label_dropout(config, model_name: str, model_kwargs: dict) -> float:
     return float(model_p)
 
 
+def _objective_builder(kind: str):
+    if kind not in OBJECTIVES:
+        raise ConfigError(f"unknown diffusion.kind {kind!r}; known: {', '.join(OBJECTIVES)}")
+    module_name, function = OBJECTIVES[kind]
+    return getattr(importlib.import_module(module_name), function)
+
+
+def diffusion_keywords(kind: str) -> tuple[str, ...]:
+    """The settings of diffusion ``kind`` besides ``kind`` itself: its builder's keyword arguments (empty for an
+    unknown kind)."""
+    if kind not in OBJECTIVES:
+        return ()
+    return tuple(inspect.signature(_objective_builder(kind)).parameters)
+
+
 def build_objective(diffusion_cfg):
+    """The objective of a ``diffusion`` section: ``kind`` picks the builder, the other keys are its arguments."""
     cfg = dict(diffusion_cfg.to_dict() if isinstance(diffusion_cfg, ml_collections.ConfigDict) else diffusion_cfg)
     kind = cfg.pop("kind")
-    if kind in ("vp_sde", "sd_discrete"):
-        from diffusion.objectives.vp import build_noise_prediction
-
-        return build_noise_prediction(kind, **cfg)
-    if kind == "iddpm":
-        from diffusion.objectives.iddpm import build_iddpm
-
-        return build_iddpm(**cfg)
-    raise ConfigError(f"unknown diffusion.kind {kind!r}; known: vp_sde, sd_discrete, iddpm")
+    builder = _objective_builder(kind)
+    unknown = sorted(set(cfg) - set(diffusion_keywords(kind)))
+    if unknown:
+        raise ConfigError(f"unknown diffusion settings for {kind!r}: {unknown}")
+    try:
+        return builder(**cfg)
+    except ValueError as err:  # a value the builder refuses (a schedule name, a respacing): the user's to fix
+        raise ConfigError(str(err)) from None
 
 
 def set_attention(net: nn.Module, path: str) -> nn.Module:

@@ -13,7 +13,7 @@ Data flow, shapes for a latent batch x of shape (B, C, H, W), patch size p, widt
                   cross_attn     context = [t_emb, y_emb] (B, 2, D), attended by every block
                   in_context     [t_emb, y_emb] appended as tokens (B, L + 2, D), dropped after the last block
     blocks -> final_layer (B, L, p*p*C_out) -> unpatchify (B, C_out, H, W), C_out = 2C with learned sigma
-    (channels [0, C) predict eps, [C, 2C) the variance interpolation value v, see diffusion/iddpm.py).
+    (channels [0, C) predict eps, [C, 2C) the variance interpolation value v, see diffusion/objectives/iddpm.py).
 """
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
-from torch.utils.flop_counter import FlopCounterMode
 
 BLOCK_TYPES = ("adaln_zero", "adaln", "cross_attn", "in_context")
 ATTENTION_PATHS = ("auto", "sdpa", "math")  # see attend(); the attention modules' attention_path
@@ -35,7 +34,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, path: str = "auto"
     """softmax(q k^T * scale) v over (B, heads, L, head_dim), scale 1/sqrt(head_dim) unless given.
 
     ``sdpa``: F.scaled_dot_product_attention (flash / memory-efficient kernels on GPU, the fastest fp32 path on CPU).
-    ``math``: the explicit product, which autograd differentiates; on CPUs in bf16 it is 2-3x faster than SDPA in both
+    ``math``: the explicit product, which autograd differentiates; on CPUs in bf16 it is faster than SDPA in both
     directions (README, Benchmarks). ``auto``: math for half precision on CPU, sdpa otherwise. Same values either way.
     """
     if path == "auto":
@@ -386,7 +385,7 @@ class DiT(nn.Module):
 
         ``channels=3`` guides only channels 0-2, the original's behaviour, needed to reproduce its FID 2.27
         (channel 3 of eps and the variance channels pass through unguided from each half). ``"all"`` guides
-        every eps channel (correct). New code should use ``diffusion.guidance.guided_model`` instead.
+        every eps channel (correct). New code should use ``diffusion.objectives.guidance.guided_model`` instead.
         """
         half = x[: len(x) // 2]
         model_out = self.forward(torch.cat([half, half], dim=0), t, y)  # (2B', C_out, H, W)
@@ -398,7 +397,7 @@ class DiT(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Counting parameters and FLOPs without allocating weights
+# Counting parameters without allocating weights (FLOPs: diffusion.tools.flops.forward_flops)
 # ----------------------------------------------------------------------------------------------------------
 
 
@@ -414,27 +413,6 @@ def count_params(model: DiT | str | dict) -> int:
     """Parameters including the frozen pos_embed (as the paper counts). ``model``: a DiT, a preset name or
     constructor kwargs (built on the meta device, so nothing is allocated)."""
     return sum(p.numel() for p in _as_model(model).parameters())
-
-
-def count_flops(model: DiT | str | dict, batch_size: int = 1) -> int:
-    """Forward multiply-accumulates (the paper's "Gflops" are these / 1e9) for ``batch_size`` samples.
-
-    ``model``: a DiT (on any device; a meta-device model costs nothing), a preset name or constructor kwargs
-    (built on the meta device). Counted with torch's FlopCounterMode, which reports 2 FLOPs per MAC for
-    matmuls and convolutions; attention on meta tensors takes SDPA's math path, so q@k^T and attn@v are counted.
-    Elementwise ops (norms, activations, softmax) are not counted, as in the paper.
-    """
-    model = _as_model(model)
-    param = next(model.parameters())
-    size = math.isqrt(model.x_embedder.num_patches) * model.patch_size
-    kw = dict(device=param.device)
-    x = torch.zeros(batch_size, model.in_channels, size, size, dtype=param.dtype, **kw)
-    t = torch.zeros(batch_size, dtype=torch.long, **kw)
-    y = torch.zeros(batch_size, dtype=torch.long, **kw)
-    counter = FlopCounterMode(display=False)
-    with counter, torch.no_grad():
-        model(x, t, y)
-    return counter.get_total_flops() // 2
 
 
 # ----------------------------------------------------------------------------------------------------------

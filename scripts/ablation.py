@@ -1,18 +1,17 @@
 """U-ViT's design-space ablation (Bao et al., CVPR 2023, Sec. 3.1 and Fig. 2), one named variant per command.
 
     python scripts/ablation.py --list
-    python scripts/ablation.py VARIANT [--num_processes N] [--workdir DIR] [--dry-run] [--config.key=value ...]
+    python scripts/ablation.py VARIANT [--num_processes N] [--workdir DIR] [--dry_run] [--config.key=value ...]
 
 Every variant is the CIFAR-10 U-ViT-S/2 recipe (configs/cifar10_uvit_s2.py) scored as in the paper's Fig. 2, FID on
 10K EMA samples every 50K steps, plus the variant's switches of the U-ViT constructor (``uvit/model.py``). It runs
 ``python train.py`` (one process) or ``accelerate launch --multi_gpu`` (N > 1) from the repository root, in
 ``runs/ablation/<variant>`` unless ``--workdir`` says otherwise; re-running the same command resumes. Extra
-``--config.key=value`` flags come last and win over the variant's. ``--dry-run`` prints the command instead.
+``--config.key=value`` flags come last and win over the variant's. ``--dry_run`` prints the command instead.
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 import shlex
 import sys
@@ -20,6 +19,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # run as a file: the package is importable from any working directory
+
+from diffusion.config.cli import Arguments, Command, Flag, run_main  # noqa: E402
+from diffusion.errors import ConfigError  # noqa: E402
+
 RECIPE = "configs/cifar10_uvit_s2.py"
 PAPER_EVAL = {"eval.every": "50000", "eval.n_samples": "10000"}  # Fig. 2: FID-10K every 50K training steps
 
@@ -89,34 +93,39 @@ def describe() -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False,
-                                     epilog="extra --config.key=value flags are passed to train.py after the "
-                                            "variant's own")
-    parser.add_argument("variant", nargs="?", help="one of: " + ", ".join(VARIANTS))
-    parser.add_argument("--list", action="store_true", help="print every variant, its overrides and the finding")
-    parser.add_argument("--num_processes", type=int, default=1, help="> 1: accelerate launch on this many GPUs")
-    parser.add_argument("--workdir", help="default: runs/ablation/<variant> under the repository root")
-    parser.add_argument("--dry-run", action="store_true", help="print the command, do not run it")
-    args, extra = parser.parse_known_args(argv)
+COMMAND = Command(__doc__, config="none", positional="VARIANT", positional_help="one of: " + ", ".join(VARIANTS),
+                  flags=(
+    Flag("list", False, bool, help="print every variant, its overrides and the finding"),
+    Flag("num_processes", 1, int, help="> 1: accelerate launch on this many GPUs"),
+    Flag("workdir", metavar="DIR", help="default: runs/ablation/<variant> under the repository root"),
+    Flag("dry_run", False, bool, help="print the command, do not run it"),
+))
+
+
+def run(args: Arguments) -> int:
     if args.list:
         print(describe())
         return 0
-    if args.variant not in VARIANTS:
-        parser.error(f"unknown variant {args.variant!r}; known: {', '.join(VARIANTS)} (see --list)")
-    bad = [a for a in extra if not (a.startswith("--config.") and "=" in a)]
-    if bad:
-        parser.error(f"unrecognised arguments {' '.join(bad)}: extra flags must look like --config.key=value")
+    variant = args.positional[0] if len(args.positional) == 1 else None
+    if len(args.positional) > 1:
+        raise ConfigError(f"one VARIANT at a time, got {' '.join(args.positional)}")
+    if variant not in VARIANTS:
+        raise ConfigError(f"unknown variant {variant!r}; known: {', '.join(VARIANTS)} (see --list)")
     if args.num_processes < 1:
-        parser.error("--num_processes must be >= 1")
+        raise ConfigError("--num_processes must be >= 1")
     workdir = str(Path(args.workdir).resolve()) if args.workdir else None  # the command runs from the repo root
-    cmd = build_command(args.variant, args.num_processes, workdir, tuple(extra))
+    extra = tuple(f"--config.{key}={value}" for key, value in args.overrides)  # after the variant's: they win
+    cmd = build_command(variant, args.num_processes, workdir, extra)
     if args.dry_run:
         print(shlex.join(cmd))
         return 0
-    print(f"[ablation] {args.variant}: {shlex.join(cmd)}", file=sys.stderr, flush=True)
+    print(f"[ablation] {variant}: {shlex.join(cmd)}", file=sys.stderr, flush=True)
     os.chdir(REPO)
     os.execv(cmd[0], cmd)  # the trainer takes over this process: signals and exit status are its own
+
+
+def main(argv: list[str]) -> int:
+    return run_main(COMMAND, argv, run)
 
 
 if __name__ == "__main__":

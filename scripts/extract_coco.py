@@ -9,32 +9,36 @@ machinery as scripts/extract_latents.py. Train on the result with --config.data.
 --config.data.root=OUT.
 """
 
-import argparse
 import sys
+from pathlib import Path
 
-from diffusion.data.datasets import COCO_SPLITS
-from diffusion.data.extraction import add_extraction_arguments, extract_coco
-from diffusion.errors import CorruptImageError, DatasetNotFoundError, WeightsNotFoundError
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a file from any working directory
+
+from diffusion.config.cli import Arguments, Command, Flag, run_main  # noqa: E402
+from diffusion.data.datasets import COCO_SPLITS  # noqa: E402
+from diffusion.data.extraction import extract_coco, extraction_flags  # noqa: E402
+
+COMMAND = Command(__doc__, config="none", overrides=False, flags=(
+    Flag("root", required=True, metavar="DIR", help="MS-COCO folder with {train,val}2014/ and annotations/"),
+    Flag("split", required=True, choices=COCO_SPLITS, help="which captioned images"),
+    Flag("clip", required=True, metavar="PATH", help="CLIP text encoder: hub id or local folder"),
+    Flag("max_length", 77, int, help="caption tokens (padded)"),
+    *extraction_flags(scale_factor=0.23010),
+))
 
 
-def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--root", required=True, help="MS-COCO folder with {train,val}2014/ and annotations/")
-    parser.add_argument("--split", required=True, choices=COCO_SPLITS)
-    parser.add_argument("--clip", required=True, help="CLIP text encoder: hub id or local folder")
-    parser.add_argument("--max_length", type=int, default=77, help="caption tokens (padded)")
-    add_extraction_arguments(parser, scale_factor=0.23010)
-    args = vars(parser.parse_args(argv))
-    try:
-        manifest = extract_coco(args.pop("root"), args.pop("split"), args.pop("out"), **args)
-    except (DatasetNotFoundError, WeightsNotFoundError, CorruptImageError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+def run(args: Arguments) -> int:
+    kwargs = dict(args.values)
+    manifest = extract_coco(kwargs.pop("root"), kwargs.pop("split"), kwargs.pop("out"), **kwargs)
     if manifest is not None:
         counts = manifest["counts"]
         print(f"{counts['images']} images, {counts['captions']} captions ({counts['skipped']} skipped) "
               f"in {len(manifest['shards'])} shards")
     return 0
+
+
+def main(argv: list[str]) -> int:
+    return run_main(COMMAND, argv, run)
 
 
 if __name__ == "__main__":

@@ -6,30 +6,34 @@
 
 Images are ADM-centre-cropped to --resolution; each process writes its own shards (shard k by rank k mod the number of
 processes). Rerunning the same command after a kill resumes without redoing finished shards. Train on the result
-with --config.data.name=latents --config.data.root=OUT (see diffusion/latents.py for the file formats).
+with --config.data.name=latents --config.data.root=OUT (see diffusion/data/extraction.py for the file formats).
 """
 
-import argparse
 import sys
+from pathlib import Path
 
-from diffusion.data.extraction import add_extraction_arguments, extract_imagefolder
-from diffusion.errors import CorruptImageError, DatasetNotFoundError, WeightsNotFoundError
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a file from any working directory
+
+from diffusion.config.cli import Arguments, Command, Flag, run_main  # noqa: E402
+from diffusion.data.extraction import extract_imagefolder, extraction_flags  # noqa: E402
+
+COMMAND = Command(__doc__, config="none", overrides=False, flags=(
+    Flag("data", required=True, metavar="DIR", help="ImageFolder root: DATA/<class>/<image>"),
+    *extraction_flags(scale_factor=0.18215),
+))
 
 
-def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", required=True, help="ImageFolder root: DATA/<class>/<image>")
-    add_extraction_arguments(parser, scale_factor=0.18215)
-    args = vars(parser.parse_args(argv))
-    try:
-        manifest = extract_imagefolder(args.pop("data"), args.pop("out"), **args)
-    except (DatasetNotFoundError, WeightsNotFoundError, CorruptImageError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+def run(args: Arguments) -> int:
+    kwargs = dict(args.values)
+    manifest = extract_imagefolder(kwargs.pop("data"), kwargs.pop("out"), **kwargs)
     if manifest is not None:
         counts = manifest["counts"]
         print(f"{counts['images']} images ({counts['skipped']} skipped) in {len(manifest['shards'])} shards")
     return 0
+
+
+def main(argv: list[str]) -> int:
+    return run_main(COMMAND, argv, run)
 
 
 if __name__ == "__main__":

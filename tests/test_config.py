@@ -1,5 +1,7 @@
 """Config files, typed command-line overrides and their errors."""
 
+import re
+import runpy
 import subprocess
 import sys
 
@@ -65,7 +67,8 @@ def test_every_config_loads_builds_and_round_trips(path):
     build_objective(config.diffusion)
 
 
-# The sampler behind each paper number (SPEC.md sections 1-2), as each paper config's evaluation default.
+# The sampler behind each paper number (docs/originals.md#u-vit-sampling, #dit-sampling), as each paper config's
+# evaluation default.
 # (sampler, steps/NFE, t_end, skip_type, guidance w, guidance channels, diffusion kind, label dropout)
 PAPER_SAMPLING = {
     "cifar10_uvit_s2": ("euler_maruyama", 1000, 1e-3, None, 1.0, "all", "vp_sde", 0.0),
@@ -112,6 +115,37 @@ def test_dit_recipe_in_full():
         7_000_000, 256, 50_000, 100)
     assert config.train.mixed_precision == "no" and config.train.tf32
     assert (config.optim.lr, config.optim.weight_decay, config.optim.warmup_steps) == (1e-4, 0.0, 0)
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
+def test_configs_write_out_their_recipes(path):
+    """Every value of a config's recipe is readable in the config file: from the project it imports base_config
+    only (no shared recipe functions)."""
+    import ast
+
+    imported = {(node.module, alias.name) for node in ast.walk(ast.parse(path.read_text()))
+                if isinstance(node, ast.ImportFrom) for alias in node.names}
+    imported |= {(alias.name, None) for node in ast.walk(ast.parse(path.read_text()))
+                 if isinstance(node, ast.Import) for alias in node.names}
+    assert {(m, n) for m, n in imported if m.split(".")[0] in ("diffusion", "configs", "uvit", "dit")} == {
+        ("diffusion.config.schema", "base_config")}
+
+
+def test_pointers_into_docs_originals_resolve():
+    """Comments, configs and tests cite docs/originals.md by section: every cited anchor is a heading there."""
+    import re
+
+    doc = (REPO / "docs" / "originals.md").read_text()
+    anchors = {re.sub(r"[^\w\- ]", "", title.strip().lower()).replace(" ", "-")
+               for title in re.findall(r"^#+ (.+)$", doc, flags=re.M)}
+    cited = set(re.findall(r"\]\(#([\w-]+)\)", doc))  # the page's own links
+    folders = ("configs", "diffusion", "uvit", "dit", "scripts", "tests", "docs")
+    files = [*REPO.glob("*.py"), *REPO.glob("*.md"), *(p for f in folders for p in (REPO / f).rglob("*.*"))]
+    for path in (p for p in files if p.suffix in (".py", ".md")):
+        for line in path.read_text().splitlines():
+            if "originals.md#" in line:
+                cited |= set(re.findall(r"#([a-z][\w-]*)", line[line.index("originals.md#"):]))
+    assert len(cited) > 10 and cited <= anchors, sorted(cited - anchors)
 
 
 def test_dit_label_dropout_has_one_source_of_truth():
@@ -176,3 +210,128 @@ def test_switch_flags_take_no_value():
     assert values["allow_config_change"] is False
     with pytest.raises(ConfigError, match="bad value for --allow_config_change"):
         parse_command_line(["--config=configs/digits_uvit.py", "--allow_config_change=maybe"], flags)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The one command-line layer of every entry point
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _command():
+    from diffusion.config.cli import Command, Flag
+
+    return Command("Demo.", config="optional", positional="PATH ...", positional_help="files", flags=(
+        Flag("save_stats", metavar="OUT.npz", help="where"), Flag("steps", 3, int), Flag("t_end", type=float),
+        Flag("ema", True, bool), Flag("quick", False, bool), Flag("prompts", many="+"),
+        Flag("batch", [8], int, many="+"), Flag("options", many="*", choices=("plain", "fast")),
+        Flag("variant", many="append"), Flag("ckpt", required=True, help="the checkpoint")))
+
+
+def test_flags_one_syntax_one_value_parser():
+    from diffusion.config.cli import parse_arguments
+
+    args = parse_arguments(["a.npz", "--save-stats", "s.npz", "--steps=7", "--t_end", "1e-3", "--ema", "NO",
+                            "--quick", "--prompts", "a red bus", "two dogs", "--batch", "8", "32", "--options",
+                            "--variant=x:a=1", "--variant", "y:b=2", "--ckpt=c", "b.npz", "--config.train.steps=2",
+                            "--config.optim.lr", "0.1"], _command())
+    assert (args.save_stats, args.steps, args.t_end, args.ema, args.quick) == ("s.npz", 7, 1e-3, False, True)
+    assert args.prompts == ["a red bus", "two dogs"] and args.batch == [8, 32] and args.options == []
+    assert args.variant == ["x:a=1", "y:b=2"] and args.positional == ["a.npz", "b.npz"]
+    assert args.overrides == [("train.steps", "2"), ("optim.lr", "0.1")] and args.config_path is None
+    defaults = parse_arguments(["--ckpt=c"], _command())
+    assert (defaults.steps, defaults.ema, defaults.batch, defaults.options, defaults.variant) == (3, True, [8], None,
+                                                                                                  None)
+    for word, value in (("true", True), ("1", True), ("yes", True), ("False", False), ("0", False), ("no", False)):
+        assert parse_arguments(["--ckpt=c", f"--ema={word}"], _command()).ema is value  # the config's words
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--ckpt=c", "--steps=many"], "bad value for --steps: expected a int, got 'many'"),
+    (["--ckpt=c", "--ema=on"], "bad value for --ema: expected a boolean, got 'on'"),
+    (["--ckpt=c", "--options", "slow"], "bad value for --options: expected one of plain, fast, got 'slow'"),
+    (["--ckpt=c", "--stpes=1"], "unknown flag --stpes; known flags: --config=FILE, --config.key=value, --save_stats"),
+    (["--ckpt=c", "--prompts"], "flag --prompts needs at least one value"),
+    (["--ckpt=c", "--steps"], "flag --steps needs a value"),
+    ([], "missing --ckpt=TEXT (the checkpoint)"),
+])
+def test_flag_errors_name_the_flag(argv, message):
+    from diffusion.config.cli import parse_arguments
+
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        parse_arguments(argv, _command())
+
+
+def test_run_main_help_and_the_one_exit_for_user_errors(capsys):
+    from diffusion.config.cli import run_main
+    from diffusion.errors import CheckpointError, InputNotFoundError
+
+    def fail(error):
+        def body(args):
+            raise error
+        return body
+
+    assert run_main(_command(), ["--ckpt=c"], fail(InputNotFoundError("checkpoint not found: c"))) == 2
+    assert capsys.readouterr().err == "error: checkpoint not found: c\n"
+    assert run_main(_command(), ["--ckpt=c"], fail(CheckpointError("damaged"))) == 2
+    assert run_main(_command(), ["--steps=x"], fail(None)) == 2 and "bad value for --steps" in capsys.readouterr().err
+    assert run_main(_command(), ["--help", "--config=configs/digits_uvit.py", "--config.train.steps=9"], None) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("Demo.\n\nArguments:\n  PATH ...") and "\nFlags:\n" in out
+    assert "--save_stats=OUT.npz" in out and "--batch INT [INT ...]" in out
+    assert "--ckpt=TEXT" in out and "(required)" in out and "--config.train.steps=9" in out
+    with pytest.raises(ValueError):  # not a user error: a bug shows its traceback
+        run_main(_command(), ["--ckpt=c"], fail(ValueError("bug")))
+
+
+def test_every_user_error_is_a_user_error_and_keeps_its_builtin_base():
+    import inspect
+
+    import diffusion.errors as errors
+
+    classes = [c for _, c in inspect.getmembers(errors, inspect.isclass) if c.__module__ == errors.__name__]
+    assert len(classes) > 10
+    assert all(issubclass(c, errors.UserError) for c in classes)
+    assert issubclass(errors.ConfigError, ValueError) and issubclass(errors.InputNotFoundError, FileNotFoundError)
+    assert issubclass(errors.DatasetNotFoundError, FileNotFoundError)
+    assert issubclass(errors.CheckpointSaveError, OSError) and issubclass(errors.NonFiniteLossError, FloatingPointError)
+
+
+ENTRY_POINTS = ["train.py", "sample.py", "eval_fid.py", "scripts/benchmark.py", "scripts/ablation.py",
+                "scripts/extract_latents.py", "scripts/extract_coco.py"]
+
+
+@pytest.mark.parametrize("path", ENTRY_POINTS)
+def test_every_entry_point_declares_its_command_line_in_the_one_layer(path):
+    import ast
+
+    from diffusion.config.cli import help_text
+
+    tree = ast.parse((REPO / path).read_text())
+    imported = {alias.name for node in ast.walk(tree) if isinstance(node, (ast.Import, ast.ImportFrom))
+                for alias in node.names} | {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    assert "argparse" not in imported and "run_main" in imported, path
+    module = runpy.run_path(str(REPO / path), run_name="not_main")
+    text = help_text(module["COMMAND"])
+    assert text.startswith(module["__doc__"].strip()) and "--help" in text
+    assert all(f"--{flag.name}" in text for flag in module["COMMAND"].flags)
+
+
+def test_library_code_reads_no_command_line():
+    users = [p for p in (REPO / "diffusion").rglob("*.py") if re.search(r"^\s*(import argparse|from argparse)",
+                                                                         p.read_text(), flags=re.M)]
+    assert [p.relative_to(REPO).as_posix() for p in users] == ["diffusion/checkpoint.py"]  # DiT's pickled Namespace
+
+
+def test_diffusion_keywords_are_the_builders_signatures():
+    import inspect
+
+    from diffusion.config.loading import DIFFUSION_KEYWORDS
+    from diffusion.objectives import iddpm, vp
+    from diffusion.registry import OBJECTIVES, build_objective
+
+    builders = {"vp_sde": vp.build_vp_sde, "sd_discrete": vp.build_sd_discrete, "iddpm": iddpm.build_iddpm}
+    assert set(OBJECTIVES) == set(DIFFUSION_KEYWORDS) == set(builders)
+    for kind, builder in builders.items():
+        assert DIFFUSION_KEYWORDS[kind] == tuple(inspect.signature(builder).parameters)
+    with pytest.raises(ConfigError, match="unknown diffusion settings for 'vp_sde': \\['num_steps'\\]"):
+        build_objective({"kind": "vp_sde", "num_steps": 10})

@@ -19,7 +19,7 @@ from sklearn.model_selection import train_test_split
 from diffusion.data.datasets import DigitsDataset, build_dataset, center_crop_arr
 from diffusion.data.stream import InfiniteSampler
 from diffusion.errors import DatasetNotFoundError
-from diffusion.evaluation.digits_accuracy import digits_classifier_accuracy, make_digits_classifier
+from diffusion.evaluation.digits import digits_classifier_accuracy, make_digits_classifier
 from diffusion.seeds import derive_seed
 
 

@@ -8,12 +8,14 @@ import functools
 import pytest
 import torch
 
+from diffusion.config.schema import base_config
 from diffusion.objectives.guidance import guided_model
 from diffusion.objectives.iddpm import build_iddpm
-from dit import BLOCK_TYPES, PRESETS, DiT, count_flops, count_params
+from diffusion.tools.flops import forward_flops
+from dit import BLOCK_TYPES, PRESETS, DiT, count_params
 from tests.helpers import load_fixture, rel_err
 
-# SPEC section 2 / paper Table 4: GFLOPs (multiply-accumulates) at 256x256, printed to two decimals.
+# docs/originals.md#dit-presets / paper Table 4: GFLOPs (multiply-accumulates) at 256x256, to two decimals.
 PAPER_GFLOPS = {
     "DiT-S/8": 0.36, "DiT-S/4": 1.41, "DiT-S/2": 6.06,
     "DiT-B/8": 1.42, "DiT-B/4": 5.56, "DiT-B/2": 23.01,
@@ -38,7 +40,10 @@ def fixture_model() -> tuple[DiT, dict]:
 
 @functools.cache
 def gflops(preset: str, block_type: str = "adaln_zero") -> float:
-    return count_flops(dict(PRESETS[preset], block_type=block_type)) / 1e9
+    """Forward multiply-accumulates / 1e9 at batch 1, as the paper counts them (FLOPs / 2)."""
+    config = base_config()
+    config.model.update(name="dit", preset=preset, block_type=block_type)
+    return forward_flops(config) / 2 / 1e9
 
 
 # ----------------------------------------------------------------------------------------------------------

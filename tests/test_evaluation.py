@@ -375,7 +375,12 @@ def test_eval_fid_clear_errors(tmp_path, capsys) -> None:
         (["s.npz"], "give SAMPLES and REFERENCE"),
         (["broken", "digit_stats.npz"], "cannot read image file"),
         (["--save-stats", "out.txt", "broken"], "writes an .npz"),
+        (["garbage.npz", "digit_stats.npz"], "is not an .npz file (not a zip archive)"),
+        (["s.npz", "garbage.npz"], "is not a readable .npz file"),
+        (["s.npz", "digit_stats.npz", "--extractor=vgg"], "bad value for --extractor: expected one of"),
+        (["s.npz", "digit_stats.npz", "--batch_size=many"], "bad value for --batch_size"),
     ]
+    (tmp_path / "garbage.npz").write_text("not an archive")
     _write_pngs(tmp_path / "broken", real[:3])
     (tmp_path / "broken" / "0001.png").write_bytes(b"not a png")
     for argv, message in cases:

@@ -14,6 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from collections import defaultdict
 from contextlib import contextmanager
 from pathlib import Path
@@ -72,6 +73,19 @@ def _launch(num_processes: int, script: str, args: list[str]) -> subprocess.Comp
 def _run(cmd: list[str]) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+
+
+def _kill_when(cmd: list[str], ready, log: Path, timeout: float = 300) -> int:
+    """Start ``cmd`` as :func:`_run` does and SIGKILL it from here once ``ready()`` holds; -> its return code."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    with open(log, "w") as stderr:
+        process = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=stderr)
+        deadline = time.monotonic() + timeout
+        while not ready() and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        if process.poll() is None:
+            process.send_signal(signal.SIGKILL)
+        return process.wait()
 
 
 def _stored(out: Path) -> dict[str, torch.Tensor]:
@@ -148,8 +162,19 @@ def test_stored_moments_are_the_encoders_of_the_crop_and_its_flip(imagenet, mode
 def test_killed_extraction_resumes_on_two_processes_with_identical_shards(imagenet, models, tmp_path) -> None:
     out = tmp_path / "latents"
     args = ["--data", str(imagenet.data), "--out", str(out), "--autoencoder", models.ae, *EXTRACT]
-    killed = _run([sys.executable, "scripts/extract_latents.py", *args, "--stop_after_shards", "1"])
-    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    # For the first run image 3, the first of shard 1, is a named pipe: reading it blocks, so the run holds still
+    # right after writing shard 0, and is killed there.
+    blocking, log = imagenet.paths[3], tmp_path / "killed.log"
+    image = blocking.read_bytes()
+    blocking.unlink()
+    os.mkfifo(blocking)
+    try:
+        returncode = _kill_when([sys.executable, "scripts/extract_latents.py", *args],
+                                lambda: (out / "shard_000000.json").exists(), log)
+    finally:
+        blocking.unlink()
+        blocking.write_bytes(image)
+    assert returncode == -signal.SIGKILL, log.read_text()[-3000:]
     assert sorted(p.name for p in out.glob("shard_*")) == ["shard_000000.json", "shard_000000.safetensors"]
     assert not (out / "manifest.json").exists()
     finished = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in out.glob("shard_000000.*")}

@@ -129,7 +129,7 @@ def test_signal_saves_at_a_step_boundary_and_the_run_resumes_bit_identically(tmp
 def test_a_repeated_signal_exits_at_once_and_launcher_echoes_do_not(tmp_path):
     code = """
 import os, signal, time
-from diffusion.trainer import StopRequest
+from diffusion.training.stopping import StopRequest
 StopRequest.REPEAT_GRACE = 0.5
 with StopRequest() as stop:
     os.kill(os.getpid(), signal.SIGUSR1)
@@ -317,10 +317,11 @@ def test_bad_values_are_one_clear_error_with_a_working_fix(base_run, tmp_path, c
 
 
 def test_config_file_mistakes_name_file_and_line(tmp_path, capsys):
+    header = "from diffusion.config.schema import base_config\n\n"
     broken = tmp_path / "broken.py"
-    broken.write_text("from diffusion.config import base_config\n\ndef get_config(:\n    return base_config()\n")
+    broken.write_text(header + "def get_config(:\n    return base_config()\n")
     raising = tmp_path / "raising.py"
-    raising.write_text("from diffusion.config import base_config\n\ndef get_config():\n    return base_confg()\n")
+    raising.write_text(header + "def get_config():\n    return base_confg()\n")
     for path, expected in ((broken, f"{broken}:3: syntax error in the config file: invalid syntax"),
                            (raising, f"{raising}:4: the config file raised NameError")):
         capsys.readouterr()

@@ -21,11 +21,13 @@ import sample
 from diffusion.checkpoint import save_checkpoint
 from diffusion.config.cli import parse_command_line
 from diffusion.config.loading import load_config
+from diffusion.errors import ConfigError
 from diffusion.registry import build_model, build_objective, resolve_model_kwargs
 from diffusion.released import RELEASED, markdown_table, released_config
 from diffusion.sampling.generate import generate, preview_settings, sample_settings
 from diffusion.sampling.grids import default_grid_classes, sample_grid
 from diffusion.sampling.jobs import SampleJob
+from diffusion.sampling.loader import input_shape, load_for_sampling
 from diffusion.sampling.per_sample import LabelPlan, PerSampleNoise, training_class_counts
 from tests.helpers import REPO, load_fixture, make_tiny_autoencoder, make_tiny_clip
 
@@ -368,8 +370,8 @@ def test_t2i_checkpoint_keys_equal_the_original_layout():
     assert all(ours[k].shape == original[k].shape for k in ours)
 
 
-# Sizes from SPEC.md (exact where it gives them, else in millions to 0.01M). DiT-XL/2 at 512 has 64x64 latents:
-# 1024 patches, so 768 more rows of the 1152-wide pos_embed than at 256.
+# Sizes from docs/originals.md#u-vit-presets, #dit-presets (exact where given, else in millions to 0.01M).
+# DiT-XL/2 at 512 has 64x64 latents: 1024 patches, so 768 more rows of the 1152-wide pos_embed than at 256.
 FULL_SIZE = {"cifar10_uvit_small.pth": 44_255_328, "celeba64_uvit_small.pth": 44.29, "imagenet64_uvit_mid.pth": 130.94,
              "imagenet64_uvit_large.pth": 286.83, "imagenet256_uvit_large.pth": 286.76,
              "imagenet256_uvit_huge.pth": 500_832_016, "imagenet512_uvit_large.pth": 286.86,
@@ -540,3 +542,33 @@ def test_job_record_refuses_other_chunking(tmp_path):
         SampleJob.open(tmp_path / "s.npz", 10, {"a": 1}, chunk_size=5)
     with pytest.raises(ValueError, match="changed: num_samples"):
         SampleJob.open(tmp_path / "s.npz", 11, {"a": 1})
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The loader behind sample.py
+# ----------------------------------------------------------------------------------------------------------
+
+
+def test_loader_gives_a_ready_model_from_a_trainer_checkpoint(tmp_path, dit_file):
+    cfg, _ = parse_command_line(DIT)
+    state = torch.load(dit_file, weights_only=True)
+    save_checkpoint(tmp_path / "run", 3, model_state=state, ema_state=state, config=cfg, meta={}, train_state={})
+    ready = load_for_sampling(tmp_path / "run", overrides=[("sample.steps", "4")], sample={"sampler": "ddim"})
+    assert ready.source == (tmp_path / "run" / "checkpoints" / "step_00000003").resolve() and ready.weights == "ema"
+    assert ready.image_shape == input_shape(cfg) == (1, 8, 8)  # the backbone's own input
+    assert ready.conditioning == "class" and (ready.settings["sampler"], ready.settings["steps"]) == ("ddim", 4)
+    assert not ready.model.training and ready.autoencoder is None and ready.decode is None
+    assert all(torch.equal(v, state[k]) for k, v in ready.model.state_dict().items())
+    with pytest.raises(ConfigError, match="unknown sampler 'heun'"):
+        load_for_sampling(tmp_path / "run", sample={"sampler": "heun"})
+    with pytest.raises(ConfigError, match="eta must be >= 0"):  # the samplers' own checks, before sampling
+        load_for_sampling(tmp_path / "run", sample={"eta": -1.0})
+
+
+def test_flag_words_and_label_syntax(tmp_path, dit_file):
+    code, _, err = run_main("--ckpt", dit_file, *DIT, "--ema", "false", f"--out={tmp_path / 'g.png'}")
+    assert code == 2 and "drop --ema false" in err  # a plain state_dict holds one set of weights
+    code, _, err = run_main("--ckpt", dit_file, *DIT, "--labels=3,x", f"--out={tmp_path / 'g.png'}")
+    assert code == 2 and "--labels takes class numbers" in err and len(err.strip().splitlines()) == 1
+    code, _, err = run_main("--ckpt", dit_file, *DIT, "--clip_denoised=maybe")
+    assert code == 2 and "bad value for --clip_denoised: expected a boolean" in err

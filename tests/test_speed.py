@@ -169,8 +169,8 @@ def test_compiled_backbone_gives_the_same_loss_and_gradients():
 def test_benchmark_runs_end_to_end_and_reports_what_it_measured(tmp_path, capsys):
     report = tmp_path / "bench.json"
     code = benchmark_script.main([
-        "--preset", "DiT-S/2", "--set", "model.input_size=8", "--set", "model.depth=1", "--set",
-        "model.num_classes=4", "--task", "train", "sample", "--batch", "2", "--precision", "fp32", "--options",
+        "--preset", "DiT-S/2", "--config.model.input_size=8", "--config.model.depth=1", "--config.model.num_classes",
+        "4", "--task", "train", "sample", "--batch", "2", "--precision", "fp32", "--options",
         "plain", "fast", "--variant", "bf16-math:precision=bf16,options=plain,attention=math,checkpointing=true",
         "--repeats", "1", "--warmup", "0", "--nfe", "3", "--sampler", "ddim", "--guidance", "1.5", "--threads", "1",
         "--json", str(report)])
@@ -203,8 +203,9 @@ def test_benchmark_refuses_bad_variants(capsys):
 
 def test_latent_benchmark_reads_cached_latents_and_encodes_images_with_a_real_sd_vae(tmp_path):
     """The end-to-end latent comparison on its real data paths: an SD-architecture AutoencoderKL (random weights)
-    saved and loaded as a diffusers folder, JPEGs in an ImageFolder, latents extracted by diffusion.latents."""
-    from diffusion.tools.benchmark import Setup, Variant, prepare_latent_fixture, run_comparison
+    saved and loaded as a diffusers folder, JPEGs in an ImageFolder, latents extracted by diffusion.data.extraction."""
+    from diffusion.tools.benchmark import Setup, Variant, run_comparison
+    from diffusion.tools.latent_fixture import prepare_latent_fixture
 
     fixture = prepare_latent_fixture(str(tmp_path), resolution=64, images=2, progress=lambda text: None)
     assert (tmp_path / "latents" / "manifest.json").is_file() and (tmp_path / "sd-vae" / "config.json").is_file()
@@ -218,3 +219,45 @@ def test_latent_benchmark_reads_cached_latents_and_encodes_images_with_a_real_sd
     assert all(r["images_per_s"] > 0 and r["first_loss"] > 0 for r in results)
     # encoding 64x64 images with the full SD encoder costs far more than reading two cached moments
     assert results[1]["network_share"] < results[0]["network_share"]
+
+
+def test_benchmark_flags_and_config_errors_exit_2(capsys):
+    """The benchmark's command line is train.py's: --config.KEY=VALUE overrides (checked before any worker
+    starts), the config's boolean words, one error line."""
+    cases = [(["--preset", "DiT-S/2", "--config.model.nope=1"], "unknown config key 'model.nope'"),
+             (["--preset", "DiT-S/2", "--set", "model.depth=1"], "unknown flag --set"),
+             (["--preset", "DiT-S/2", "--variant", "x:checkpointing=maybe"], "expected a boolean"),
+             (["--batch", "8"], "give --config=FILE or --preset NAME"),
+             (["--preset", "DiT-S/2", "--config", str(REPO / "configs" / "digits_dit.py")], "one of them")]
+    for argv, message in cases:
+        assert benchmark_script.main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1, (argv, err)
+    variant = benchmark_script.parse_variant("v:checkpointing=yes,compile=0,data.num_workers=0")
+    assert variant.checkpointing is True and variant.compile is False and variant.config == {"data.num_workers": "0"}
+
+
+def test_matmul_peak_keeps_to_its_time_budget():
+    import time
+
+    from diffusion.tools.flops import matmul_peak
+
+    start = time.perf_counter()
+    peak = matmul_peak(torch.float32, "cpu", budget_s=0.3)
+    assert peak > 0 and time.perf_counter() - start < 2.0
+
+
+def test_benchmark_says_when_bf16_is_emulated(monkeypatch, capsys):
+    monkeypatch.setattr(benchmark_script, "cpu_has_native_bf16", lambda: False)
+    monkeypatch.setattr(benchmark_script, "matmul_peak", lambda dtype, device: 1.0)
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("variant 'bf16-fast' failed: stop here")
+
+    monkeypatch.setattr(benchmark_script, "run_comparison", fail)
+    argv = ["--preset", "DiT-S/2", "--precision", "bf16", "--options", "fast", "--device", "cpu"]
+    assert benchmark_script.main(argv) == 1
+    err = capsys.readouterr().err
+    assert err.count("no native bf16") == 1 and "stop here" in err
+    assert benchmark_script.main([*argv[:3], "fp32", *argv[4:]]) == 1  # fp32 only: nothing to say
+    assert "no native bf16" not in capsys.readouterr().err

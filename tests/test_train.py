@@ -2,6 +2,7 @@
 
 import json
 import os
+import platform
 import re
 import subprocess
 import sys
@@ -14,7 +15,9 @@ from safetensors.torch import load_file
 from diffusion.checkpoint import checkpoint_dirs, load_train_state
 from diffusion.config.cli import parse_command_line
 from diffusion.errors import ConfigError
+from diffusion.training import run as training_run
 from diffusion.training.loop import train
+from diffusion.training.speed import cpu_has_native_bf16
 from tests.helpers import REPO, TINY_UVIT, logged_losses, tiny_config
 
 
@@ -164,6 +167,31 @@ def test_bf16_autocast_with_clipping_keeps_fp32_master_weights(tmp_path):
     assert all(0 < v < 2 for v in losses)
     for name in ("model.safetensors", "ema.safetensors"):
         assert all(v.dtype == torch.float32 for v in load_file(final / name).values())
+
+
+def test_emulated_bf16_is_announced_once_at_start(tmp_path, monkeypatch, capsys):
+    """On a CPU without native bf16 the run says so, once, before training: on stderr and in log.txt."""
+    notice = "train.mixed_precision=bf16: this CPU has no native bf16 instructions"
+    config = tiny_config("--config.train.steps=2", "--config.train.ckpt_every=1", "--config.train.log_every=1",
+                         "--config.train.mixed_precision=bf16")
+    for native in (False, True):
+        monkeypatch.setattr(training_run, "cpu_has_native_bf16", lambda native=native: native)
+        train(config, tmp_path / str(native))
+        err, log = capsys.readouterr().err, (tmp_path / str(native) / "log.txt").read_text()
+        if native:  # nothing to say
+            assert notice not in err + log
+        else:
+            assert err.count(notice) == 1 and log.count(notice) == 1
+            assert log.index(notice) < log.index("starting from scratch") < log.index("step 1 loss")
+
+
+@pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"), reason="x86 /proc/cpuinfo flags")
+def test_native_bf16_is_read_from_the_cpu_flags(tmp_path):
+    for flags, native in (("fpu avx2 avx512f", False), ("fpu avx512f avx512_bf16", True), ("fpu amx_bf16", True)):
+        cpuinfo = tmp_path / f"{native}_{len(flags)}"
+        cpuinfo.write_text(f"processor\t: 0\nflags\t\t: {flags}\n\nprocessor\t: 1\nflags\t\t: {flags}\n")
+        assert cpu_has_native_bf16(str(cpuinfo)) is native
+    assert cpu_has_native_bf16(str(tmp_path / "missing")) is True  # cannot tell: claims nothing
 
 
 def test_wandb_offline_needs_no_account(tmp_path, monkeypatch):

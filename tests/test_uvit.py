@@ -27,7 +27,7 @@ def test_parity_with_official_fixture(name):
     assert (out - fx["output"]).abs().max().item() < 1e-5
 
 
-# Parameter counts from the paper / SPEC.md; exact where the spec gives the exact number, else to 0.01M.
+# Parameter counts from the paper (docs/originals.md#u-vit-presets): exact where it gives them, else to 0.01M.
 EXPECTED_PARAMS = {
     "U-ViT-S/2": 44_255_328, "U-ViT-H/2": 500_832_016,
     "U-ViT-S/4": 44.29, "U-ViT-M/4": 130.94, "U-ViT-L/4": 286.83, "U-ViT-L/2": 286.76,

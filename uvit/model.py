@@ -38,7 +38,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, path: str = "auto"
     """softmax(q k^T * scale) v over (B, heads, L, head_dim), scale 1/sqrt(head_dim) unless given.
 
     ``sdpa``: F.scaled_dot_product_attention (flash / memory-efficient kernels on GPU, the fastest fp32 path on CPU).
-    ``math``: the explicit product, which autograd differentiates; on CPUs in bf16 it is 2-3x faster than SDPA in both
+    ``math``: the explicit product, which autograd differentiates; on CPUs in bf16 it is faster than SDPA in both
     directions (README, Benchmarks). ``auto``: math for half precision on CPU, sdpa otherwise. Same values either way.
     """
     if path == "auto":

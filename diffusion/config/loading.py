@@ -18,6 +18,7 @@ import ml_collections
 
 from diffusion.config.schema import base_config
 from diffusion.errors import ConfigError
+from diffusion.registry import OBJECTIVES, constructor_keywords, diffusion_keywords
 
 
 def load_config(path: str | Path) -> ml_collections.ConfigDict:
@@ -49,16 +50,21 @@ def load_config(path: str | Path) -> ml_collections.ConfigDict:
     return config
 
 
-def _parse_value(text: str, current):
+BOOLEAN_WORDS = {"true": True, "false": False, "1": True, "0": False, "yes": True, "no": False}
+
+
+def parse_value(text: str, current):
+    """``text`` as a value of the type of ``current`` (the value it replaces, or a type's example: ``True``, ``0``,
+    ``0.0``, ``""``): the one parser of config overrides and command-line flags. Booleans are the words of
+    ``BOOLEAN_WORDS`` in any case; ``None`` (a key without a typed default) reads Python literals, else a string."""
     if isinstance(current, bool):
-        lowered = text.lower()
-        if lowered not in ("true", "false", "1", "0", "yes", "no"):
+        if text.lower() not in BOOLEAN_WORDS:
             raise ConfigError(f"expected a boolean, got {text!r}")
-        return lowered in ("true", "1", "yes")
+        return BOOLEAN_WORDS[text.lower()]
     if isinstance(current, (int, float)):
         try:
             return type(current)(ast.literal_eval(text)) if isinstance(current, float) else int(text)
-        except (ValueError, SyntaxError) as err:
+        except (ValueError, SyntaxError, TypeError) as err:
             raise ConfigError(f"expected a {type(current).__name__}, got {text!r}") from err
     if isinstance(current, str):
         return text
@@ -69,13 +75,8 @@ def _parse_value(text: str, current):
     return tuple(value) if isinstance(current, tuple) and isinstance(value, list) else value
 
 
-# Settings each diffusion kind's builder reads from the ``diffusion`` section besides ``kind`` (the builders in
-# diffusion.objectives / diffusion.iddpm hold their defaults; tests/test_config.py checks that every one is accepted).
-DIFFUSION_KEYWORDS = {
-    "vp_sde": ("beta_min", "beta_max"),
-    "sd_discrete": ("num_steps", "linear_start", "linear_end"),
-    "iddpm": ("num_steps", "beta_schedule", "learn_sigma", "timestep_respacing", "sigma_small", "clip_denoised"),
-}
+# Settings each diffusion kind's builder reads from the ``diffusion`` section besides ``kind``: its keyword arguments.
+DIFFUSION_KEYWORDS = {kind: diffusion_keywords(kind) for kind in OBJECTIVES}
 
 
 def _settable_keywords(config: ml_collections.ConfigDict, section: str) -> tuple[str, ...]:
@@ -85,8 +86,6 @@ def _settable_keywords(config: ml_collections.ConfigDict, section: str) -> tuple
         return ()
     if section == "diffusion":
         return DIFFUSION_KEYWORDS.get(config.diffusion.get("kind", ""), ())
-    from diffusion.registry import constructor_keywords  # the registry imports this module
-
     return tuple(sorted(constructor_keywords(config.model.get("name", ""))))
 
 
@@ -94,7 +93,7 @@ def apply_override(config: ml_collections.ConfigDict, dotted_key: str, text: str
     node, parts = config, dotted_key.split(".")
     if (len(parts) == 2 and parts[0] in ("model", "diffusion") and parts[1] not in config.get(parts[0], {})
             and parts[1] in _settable_keywords(config, parts[0])):
-        config[parts[0]][parts[1]] = _parse_value(text, None)
+        config[parts[0]][parts[1]] = parse_value(text, None)
         return
     for depth, part in enumerate(parts):
         if not isinstance(node, ml_collections.ConfigDict) or part not in node:
@@ -112,7 +111,7 @@ def apply_override(config: ml_collections.ConfigDict, dotted_key: str, text: str
     if isinstance(current, ml_collections.ConfigDict):
         raise ConfigError(f"'{dotted_key}' is a section, not a value; set one of its keys")
     try:
-        node[parts[-1]] = _parse_value(text, current)
+        node[parts[-1]] = parse_value(text, current)
     except ConfigError as err:
         raise ConfigError(f"bad value for '{dotted_key}': {err}") from None
 

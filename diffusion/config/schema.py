@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import os
 
 import ml_collections
 
@@ -33,7 +34,7 @@ def base_config() -> ml_collections.ConfigDict:
             text_encoder=dict(pretrained="", max_length=77, dtype="fp32"),
             optim=dict(lr=2e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, warmup_steps=0,
                        decay_all_params=True,  # False: no decay on norms, biases, embeddings
-                       impl="auto"),  # AdamW kernel: auto (= fused) | fused | foreach | for_loop (diffusion/speed.py)
+                       impl="auto"),  # AdamW kernel: auto (= fused) | fused | foreach | for_loop (training/speed.py)
             train=dict(
                 steps=1000,
                 batch_size=128,  # global: all processes and accumulation steps together
@@ -53,8 +54,8 @@ def base_config() -> ml_collections.ConfigDict:
                 compile=False,  # torch.compile (inductor) of the backbone
                 tf32=False,  # TF32 matmuls and convolutions on NVIDIA GPUs (DiT's recipe); no effect on CPU
                 attention="auto",  # auto | sdpa | math: auto = explicit softmax(qk^T)v for bf16/fp16 on CPU, else SDPA
-                cpu_reuse_memory=True,  # CPU: keep freed activations in the heap (diffusion/speed.py); no GPU effect
-                # Shard weights, gradients and AdamW state over the processes (FSDP2, diffusion/distributed.py), one
+                cpu_reuse_memory=True,  # CPU: keep freed activations in the heap (training/speed.py); no GPU effect
+                # Shard weights, gradients and AdamW state over the processes (FSDP2, training/distributed.py), one
                 # transformer block at a time: "" off (DDP) | full_shard (least memory) | shard_grad_op (weights
                 # stay gathered from forward to backward). Checkpoints stay full state dicts.
                 fsdp="",
@@ -107,6 +108,12 @@ FSDP_MODES = ("", "full_shard", "shard_grad_op")
 ON_CORRUPT = ("skip", "error")
 
 
+LABEL_MODES = ("uniform", "balanced", "train_freq")  # sample.labels: the class labels of evaluation samples
+
+
+EVAL_METRICS = ("", "digits_accuracy")  # eval.metric: the end-of-run check
+
+
 def _choice(key: str, value, choices: tuple[str, ...]) -> str | None:
     if value in choices:
         return None
@@ -150,7 +157,10 @@ def check_values(config: ml_collections.ConfigDict) -> None:
         problem = _choice(key, value, choices)
         if problem:
             problems.append(problem)
+    problems += _batch_split(tc) + _sampling_problems(config)
     ev = config.eval
+    if ev.metric not in EVAL_METRICS:
+        problems.append(f"unknown eval.metric {ev.metric!r}; known: {', '.join(EVAL_METRICS[1:])}")
     if ev.final_n_samples > 0 and ev.every <= 0:
         problems.append(f"eval.final_n_samples={ev.final_n_samples} scores the best in-training FID checkpoint, but "
                         f"eval.every=0 computes none: e.g. --config.eval.every={max(tc.ckpt_every, 1)}")
@@ -159,3 +169,35 @@ def check_values(config: ml_collections.ConfigDict) -> None:
                         f"--config.eval.n_samples=10000")
     if problems:
         raise ConfigError("; ".join(problems))
+
+
+def _batch_split(tc) -> list[str]:
+    """The global batch must split evenly over the processes of this launch (``WORLD_SIZE``, set by torchrun and
+    accelerate launch) and the accumulation steps."""
+    processes = int(os.environ.get("WORLD_SIZE", "1"))
+    per_step = processes * tc.grad_accum_steps
+    if tc.batch_size < 1 or per_step < 1 or tc.batch_size % per_step == 0:
+        return []
+    fix = per_step * max(1, round(tc.batch_size / per_step))
+    return [f"train.batch_size={tc.batch_size} must be divisible by processes x grad_accum_steps = {processes} x "
+            f"{tc.grad_accum_steps}: e.g. --config.train.batch_size={fix}"]
+
+
+def _sampling_problems(config) -> list[str]:
+    """The settings of the evaluation and preview samplers that need no objective (the sampler names do: the
+    trainer checks them against it), first used thousands of steps in."""
+    sc, problems = config.sample, []
+    steps = {"sample.steps": sc.steps}
+    if config.preview.steps not in ("", 0, None):  # 0: the sample section's
+        steps["preview.steps"] = config.preview.steps
+    for key, value in steps.items():
+        if not isinstance(value, int) or value < 1:
+            problems.append(f"{key} must be a positive number of network evaluations, got {value!r}: e.g. "
+                            f"--config.{key}={base_config()[key]}")
+    channels = str(sc.guidance_channels)
+    if channels != "all" and not (channels.isdigit() and int(channels) > 0):
+        problems.append(f"sample.guidance_channels must be 'all' or a positive channel count, got {channels!r}: "
+                        f"--config.sample.guidance_channels=all")
+    if sc.labels not in LABEL_MODES:
+        problems.append(f"sample.labels={sc.labels!r}; choose one of {', '.join(LABEL_MODES)}")
+    return problems

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from diffusion.errors import WeightsNotFoundError
+from diffusion.errors import CheckpointError, ConfigError, WeightsNotFoundError
 
 SD_VAE_HUB_ID = "stabilityai/sd-vae-ft-ema"
 SINGLE_FILE_SUFFIXES = (".pth", ".pt", ".ckpt", ".safetensors", ".bin")
@@ -55,7 +55,7 @@ def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype not in DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; expected one of {', '.join(DTYPES)} (or a torch.dtype)")
+        raise ConfigError(f"unknown dtype {dtype!r}; expected one of {', '.join(DTYPES)} (or a torch.dtype)")
     return DTYPES[dtype]
 
 
@@ -112,9 +112,10 @@ def _load_single_file(path: Path, single_file_config: str, dtype: torch.dtype):
         checkpoint = load_single_file_checkpoint(str(path))
     except OSError as error:
         cause = error.__context__ or error
-        raise ValueError(f"could not read the autoencoder file {str(path)!r} ({_error_summary(cause)}). "
-                         ".pth/.pt/.ckpt files are read with torch.load(weights_only=True): a checkpoint that pickles "
-                         "other objects must be re-saved as a plain state_dict (or .safetensors).") from None
+        raise CheckpointError(f"could not read the autoencoder file {str(path)!r} ({_error_summary(cause)}). "
+                              ".pth/.pt/.ckpt files are read with torch.load(weights_only=True): a checkpoint that "
+                              "pickles other objects must be re-saved as a plain state_dict (or .safetensors)."
+                              ) from None
     config_dir = Path(single_file_config).expanduser()
     if not single_file_config:
         arch = {"original_config": SD_KL_F8_ORIGINAL_CONFIG}
@@ -137,12 +138,13 @@ def _load_single_file(path: Path, single_file_config: str, dtype: torch.dtype):
                                    "(with config.json), an LDM .yaml, or a hub id reachable from here; leave it empty "
                                    "for the SD VAE.") from None
     except NotImplementedError:  # diffusers leaves weights the file lacks on the meta device, then fails to move them
-        raise ValueError(f"{path} is not a complete autoencoder for {arch_name}: some weights are missing. Expected "
-                         "the latent-diffusion key layout: encoder.down.0.block.0.norm1.weight, ..., quant_conv.*, "
-                         "post_quant_conv.*, decoder.* (optionally under first_stage_model.)") from None
+        raise CheckpointError(f"{path} is not a complete autoencoder for {arch_name}: some weights are missing. "
+                              "Expected the latent-diffusion key layout: encoder.down.0.block.0.norm1.weight, ..., "
+                              "quant_conv.*, post_quant_conv.*, decoder.* (optionally under first_stage_model.)"
+                              ) from None
     except (ValueError, SingleFileComponentError) as error:
-        raise ValueError(f"{path} does not hold autoencoder weights for {arch_name} in the latent-diffusion key "
-                         f"layout ({_error_summary(error)})") from None
+        raise CheckpointError(f"{path} does not hold autoencoder weights for {arch_name} in the latent-diffusion key "
+                              f"layout ({_error_summary(error)})") from None
     return vae
 
 
@@ -151,7 +153,7 @@ def load_autoencoder_kl(pretrained: str, single_file_config: str = "", dtype: st
     applied while loading (diffusers warns about casting a loaded model with ``.to(dtype)``)."""
     dtype = resolve_dtype(dtype)
     if not pretrained:
-        raise ValueError("no autoencoder given (autoencoder.pretrained is empty).\n" + HOW_TO_GET_VAE)
+        raise ConfigError("no autoencoder given (autoencoder.pretrained is empty).\n" + HOW_TO_GET_VAE)
     path = Path(pretrained).expanduser()
     if path.is_file():
         return _load_single_file(path, single_file_config, dtype)
@@ -170,7 +172,7 @@ class Autoencoder:
     def __init__(self, vae, *, scale_factor: float, dtype: str | torch.dtype = "fp32", device="cpu",
                  chunk_size: int = 16):
         if chunk_size < 1:
-            raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+            raise ConfigError(f"chunk_size must be >= 1, got {chunk_size}")
         self.dtype = resolve_dtype(dtype)
         self.device = torch.device(device)
         if vae.dtype != self.dtype:
@@ -196,8 +198,8 @@ class Autoencoder:
 
     def latent_shape(self, image_size: int) -> tuple[int, int, int]:
         if image_size % self.downsample:
-            raise ValueError(f"image size {image_size} is not divisible by the autoencoder's downsampling "
-                             f"factor {self.downsample}")
+            raise ConfigError(f"image size {image_size} is not divisible by the autoencoder's downsampling "
+                              f"factor {self.downsample}")
         side = image_size // self.downsample
         return (self.latent_channels, side, side)
 

@@ -1,4 +1,7 @@
-"""Datasets over cached autoencoder features (the format: :mod:`diffusion.data.extraction`)."""
+"""The datasets that train on cached autoencoder features, and the reading of an extraction folder's manifest.
+
+The folders are written by :mod:`diffusion.data.extraction`, whose docstring specifies their files and tensors.
+"""
 
 from __future__ import annotations
 
@@ -16,16 +19,13 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from diffusion.data.autoencoder import sample_posterior
-from diffusion.errors import ConfigError, DatasetNotFoundError
+from diffusion.errors import ConfigError, DatasetNotFoundError, InputError
 
-MANIFEST, SETTINGS, CAPTIONS = "manifest.json", "extraction.json", "captions.json"
+# The names of an extraction folder's files, and the format its manifest and shards declare.
+MANIFEST, SETTINGS = "manifest.json", "extraction.json"
+CAPTIONS, NULL_CONTEXT = "captions.json", "null_context.safetensors"  # MS-COCO only
 FORMAT = "transformer-diffusion/cached-features"
-
-
 VERSION = 1
-
-
-NULL_CONTEXT = "null_context.safetensors"
 
 
 def read_manifest(root: str | os.PathLike, kind: str | None = None) -> dict[str, Any]:
@@ -38,11 +38,12 @@ def read_manifest(root: str | os.PathLike, kind: str | None = None) -> dict[str,
                                    f"scripts/extract_latents.py (ImageNet) or scripts/extract_coco.py (MS-COCO).")
     manifest = json.loads(path.read_text())
     if manifest.get("format") != FORMAT:
-        raise ValueError(f"{path} is not a manifest of this project's cached features (format "
+        raise InputError(f"{path} is not a manifest of this project's cached features (format "
                          f"{manifest.get('format')!r}, expected {FORMAT!r})")
     if kind is not None and manifest["kind"] != kind:
+        reader = {dataset.kind: dataset.name for dataset in _DATASETS}.get(manifest["kind"], "?")
         raise ConfigError(f"{root} holds {manifest['kind']} features, but this dataset reads {kind} features; "
-                          f"use data.name={'latents' if manifest['kind'] == 'imagefolder' else 'coco_latents'}")
+                          f"use data.name={reader}")
     return manifest
 
 
@@ -63,7 +64,8 @@ class _CachedFeatures(Dataset):
     """Both cached datasets: manifest checks, global index -> (shard, row), and shards memory-mapped by safetensors,
     opened lazily in each process (open handles cannot be pickled into DataLoader workers)."""
 
-    kind: str
+    name: str  # the data.name that builds it
+    kind: str  # the extraction kind it reads (the manifest's "kind")
 
     def __init__(self, root: str | os.PathLike, expect_autoencoder: str | None, expect_resolution: int | None,
                  scale_factor: float | None, verify_checksums: bool) -> None:
@@ -84,7 +86,7 @@ class _CachedFeatures(Dataset):
         for shard in self.shards:
             path = self.root / shard["file"]
             if not path.is_file() or path.stat().st_size != shard["bytes"]:
-                raise ValueError(f"{path} is missing or has the wrong size (manifest: {shard['bytes']} bytes); "
+                raise InputError(f"{path} is missing or has the wrong size (manifest: {shard['bytes']} bytes); "
                                  f"delete it and its .json record and rerun the extraction to rewrite it")
             if verify_checksums:
                 digest = hashlib.sha256()
@@ -92,7 +94,7 @@ class _CachedFeatures(Dataset):
                     for block in iter(lambda: f.read(1 << 24), b""):
                         digest.update(block)
                 if digest.hexdigest() != shard["sha256"]:
-                    raise ValueError(f"{path} fails its sha256 check; delete it and its .json record and rerun the "
+                    raise InputError(f"{path} fails its sha256 check; delete it and its .json record and rerun the "
                                      f"extraction to rewrite it")
 
     def __len__(self) -> int:
@@ -125,7 +127,8 @@ class LatentDataset(_CachedFeatures):
     ``autoencoder.pretrained`` and ``data.image_size``) must match the manifest when given.
     """
 
-    kind = "imagefolder"
+    name = "latents"  # its data.name
+    kind = "imagefolder"  # the extraction it reads
 
     def __init__(self, root: str | os.PathLike, *, expect_autoencoder: str | None = None,
                  expect_resolution: int | None = None, scale_factor: float | None = None, random_flip: bool = True,
@@ -150,6 +153,7 @@ class CocoFeatureDataset(_CachedFeatures):
     text are in :func:`load_captions`. ``expect_text_encoder`` must match the manifest's CLIP when given.
     """
 
+    name = "coco_latents"
     kind = "coco"
 
     def __init__(self, root: str | os.PathLike, *, expect_autoencoder: str | None = None,
@@ -169,3 +173,7 @@ class CocoFeatureDataset(_CachedFeatures):
         caption = start + int(torch.randint(stop - start, ()))
         return {"x": self._posterior_sample(shard.get_slice("moments")[row]),
                 "context": shard.get_slice("context")[caption].float()}
+
+
+_DATASETS = (LatentDataset, CocoFeatureDataset)
+CACHED_FEATURE_DATASETS = tuple(dataset.name for dataset in _DATASETS)  # data.name values that read cached features

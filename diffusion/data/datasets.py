@@ -1,4 +1,5 @@
-"""Pixel-space datasets, MS-COCO captions, a resumable distributed index stream and a digits sample classifier.
+"""The training datasets by name (:func:`build_dataset`): the pixel-space ones (digits, CIFAR-10, CelebA 64,
+ImageNet), MS-COCO with its captions, and the image preparations (crops) they and the evaluation share.
 
 Every dataset built by :func:`build_dataset` yields dicts:
 
@@ -7,7 +8,8 @@ Every dataset built by :func:`build_dataset` yields dicts:
     {"x": float32 scaled latent (C, h, w), "y": int64 scalar}       cached ImageNet latents ("latents")
     {"x": float32 scaled latent (C, h, w), "context": (77, hidden)} cached MS-COCO features ("coco_latents")
 
-The two cached-feature datasets live in :mod:`diffusion.latents` (which also extracts them); see there.
+The two cached-feature datasets live in :mod:`diffusion.data.cached`, their extraction in
+:mod:`diffusion.data.extraction`.
 
 Labelled datasets always carry ``"y"``; the model config decides whether it is used. A random horizontal flip is
 applied only when ``train`` and ``cfg.random_flip`` (default True). Data are read in their usual on-disk formats
@@ -34,17 +36,11 @@ from torch.utils.data import Dataset
 from torchvision.datasets.folder import pil_loader
 from torchvision.datasets.utils import check_integrity
 
-from diffusion.errors import ConfigError, DatasetNotFoundError
-
-DATASET_NAMES = ("digits", "cifar10", "celeba64", "imagenet", "latents", "coco_latents")
-
+from diffusion.data.cached import CACHED_FEATURE_DATASETS, CocoFeatureDataset, LatentDataset
+from diffusion.errors import ConfigError, CorruptImageError, DatasetNotFoundError
 
 COCO_SPLITS = ("train", "val")
-
-
 CELEBA_CROP = (57, 25, 128)  # top, left, side of the original U-ViT face crop of the aligned 178x218 images
-
-
 CELEBA_TEXT_FILES = (
     "list_eval_partition.txt",
     "identity_CelebA.txt",
@@ -115,7 +111,7 @@ def _load_rgb(path: str) -> Image.Image:
     try:
         return pil_loader(path)
     except (OSError, ValueError) as e:
-        raise OSError(f"cannot read image file {path}: {e}") from e
+        raise CorruptImageError(f"cannot read image file {path}: {e}") from e
 
 
 class _AsDict(Dataset):
@@ -164,12 +160,12 @@ class CocoCaptions(Dataset):
     Images without a caption are left out; an image's captions keep their annotation-id order. Item i is
     ``{"x": float32 (3, res, res) in [-1, 1], "captions": list[str]}`` (centre square, Lanczos); the caption lists
     have different lengths, so batch items with a ``collate_fn`` that keeps them as lists. Text-to-image training
-    reads the cached features of these images instead (``coco_latents``, :mod:`diffusion.latents`).
+    reads the cached features of these images instead (``coco_latents``, :mod:`diffusion.data.cached`).
     """
 
     def __init__(self, root: str | os.PathLike, split: str = "train", image_size: int = 256) -> None:
         if split not in COCO_SPLITS:
-            raise ValueError(f"MS-COCO split must be one of {', '.join(COCO_SPLITS)}, got {split!r}")
+            raise ConfigError(f"MS-COCO split must be one of {', '.join(COCO_SPLITS)}, got {split!r}")
         root = Path(root)
         self.folder = root / f"{split}2014"
         annotations = root / "annotations" / f"captions_{split}2014.json"
@@ -317,34 +313,29 @@ def _cached_feature_checks(cfg: Any, autoencoder_cfg: Any, text_encoder_cfg: Any
                               f"autoencoder.pretrained is empty; set --config.autoencoder.pretrained to the "
                               f"autoencoder named in {Path(cfg.root) / 'manifest.json'}")
         checks.update(expect_autoencoder=autoencoder_cfg.pretrained, scale_factor=autoencoder_cfg.scale_factor)
-    if cfg.name == "coco_latents" and text_encoder_cfg is not None and text_encoder_cfg.get("pretrained"):
+    if cfg.name == CocoFeatureDataset.name and text_encoder_cfg is not None and text_encoder_cfg.get("pretrained"):
         checks["expect_text_encoder"] = text_encoder_cfg.pretrained
     return checks
 
 
 def _build_latents(cfg: Any, train: bool, flip: bool, checks: dict[str, Any]) -> Dataset:
-    from diffusion.data.cached import LatentDataset  # diffusion.latents imports this module
-
     return LatentDataset(cfg.root, random_flip=flip, **checks)
 
 
 def _build_coco_latents(cfg: Any, train: bool, flip: bool, checks: dict[str, Any]) -> Dataset:
-    from diffusion.data.cached import CocoFeatureDataset  # diffusion.latents imports this module
-
     return CocoFeatureDataset(cfg.root, **checks)  # no flips: captions may say "left" or "right"
 
 
+# Every dataset by its data.name; the cached-feature ones also take the checks of _cached_feature_checks.
 _BUILDERS: dict[str, Callable[..., Dataset]] = {
     "digits": _build_digits,
     "cifar10": _build_cifar10,
     "celeba64": _build_celeba64,
     "imagenet": _build_imagenet,
-    "latents": _build_latents,
-    "coco_latents": _build_coco_latents,
+    LatentDataset.name: _build_latents,
+    CocoFeatureDataset.name: _build_coco_latents,
 }
-
-
-_CACHED_FEATURES = ("latents", "coco_latents")
+DATASET_NAMES = tuple(_BUILDERS)
 
 
 def build_dataset(cfg: Any, train: bool = True, *, autoencoder_cfg: Any = None, text_encoder_cfg: Any = None
@@ -362,12 +353,12 @@ def build_dataset(cfg: Any, train: bool = True, *, autoencoder_cfg: Any = None, 
     ``text_encoder`` section), when given with a ``pretrained``, must name the one that encoded the captions.
     """
     if cfg.name not in _BUILDERS:
-        raise ValueError(f"unknown dataset {cfg.name!r}; known: {', '.join(DATASET_NAMES)}")
+        raise ConfigError(f"unknown dataset {cfg.name!r}; known: {', '.join(DATASET_NAMES)}")
     native = {"digits": 8, "cifar10": 32}.get(cfg.name)
     if native is not None and cfg.get("image_size", native) != native:
-        raise ValueError(f"{cfg.name} images are {native}x{native}, but image_size={cfg.image_size}")
+        raise ConfigError(f"{cfg.name} images are {native}x{native}, but image_size={cfg.image_size}")
     flip = train and bool(cfg.get("random_flip", True))
-    if cfg.name in _CACHED_FEATURES:
+    if cfg.name in CACHED_FEATURE_DATASETS:
         return _BUILDERS[cfg.name](cfg, train, flip, _cached_feature_checks(cfg, autoencoder_cfg, text_encoder_cfg))
     return _BUILDERS[cfg.name](cfg, train, flip)
 

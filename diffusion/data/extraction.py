@@ -1,4 +1,4 @@
-"""Cached autoencoder features: sharded multi-process extraction, and the datasets that train on them.
+"""Extraction of cached autoencoder features (sharded, multi-process, resumable) and their on-disk format.
 
 Latent diffusion would spend most of its time in the autoencoder's encoder unless the encodings are cached. As U-ViT
 does, we cache the encoder's *moments* (the posterior's mean and log-variance), not one frozen sample, so training
@@ -27,15 +27,14 @@ Shard tensors (n stored images, m captions; floating point in the manifest's ``d
                  after those of images 0..i-1 of the shard; num_captions, image_id, index int64 (n,)
 
 ``index`` is the item's position in the source (ImageFolder order; COCO image-id order), so skipped images leave gaps.
+The datasets that train on these folders are in :mod:`diffusion.data.cached`.
 """
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
-import signal
 from collections import defaultdict
 from collections.abc import Iterator
 from datetime import timedelta
@@ -52,15 +51,14 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from diffusion.data.autoencoder import Autoencoder
+from diffusion.config.cli import Flag
+from diffusion.config.schema import ON_CORRUPT
+from diffusion.data.autoencoder import DTYPES, Autoencoder
 from diffusion.data.cached import CAPTIONS, FORMAT, MANIFEST, NULL_CONTEXT, SETTINGS, VERSION
 from diffusion.data.datasets import CocoCaptions, center_crop_arr
 from diffusion.data.text_encoder import TextEncoder
-from diffusion.errors import CorruptImageError, DatasetNotFoundError
+from diffusion.errors import ConfigError, CorruptImageError, DatasetNotFoundError, JobMismatchError
 from diffusion.files import write_atomic
-
-ON_CORRUPT = ("skip", "error")
-
 
 # Ranks that finish early wait at the final barrier for the slowest one; the default collective timeout (10-30 min)
 # is too short for a resumed run whose remaining shards are unevenly spread.
@@ -99,7 +97,8 @@ class ImageFolderImages(Dataset):
 
 
 class CocoImages(Dataset):
-    """MS-COCO images (centre square, Lanczos) with their captions, read by :class:`diffusion.data.CocoCaptions`."""
+    """MS-COCO images (centre square, Lanczos) with their captions, read by
+    :class:`diffusion.data.datasets.CocoCaptions`."""
 
     def __init__(self, root: str | os.PathLike, split: str, resolution: int) -> None:
         self.coco = CocoCaptions(Path(root).resolve(), split, resolution)
@@ -235,18 +234,19 @@ def _check_settings(out: Path, settings: dict[str, Any]) -> None:
     changed = [f"{key}: {recorded.get(key)!r} there, {settings.get(key)!r} now"
                for key in sorted(set(recorded) | set(settings)) if recorded.get(key) != settings.get(key)]
     if changed:
-        raise ValueError(f"{out} holds an extraction with other settings ({'; '.join(changed)}). Rerun with the "
-                         f"original settings to resume it, or extract into another --out folder.")
+        raise JobMismatchError(f"{out} holds an extraction with other settings ({'; '.join(changed)}). Rerun with "
+                               f"the original settings to resume it, or extract into another --out folder.")
 
 
 def _batch_plan(shards: list[int], num_items: int, shard_size: int, batch_size: int
-                ) -> Iterator[tuple[int, list[int], bool]]:
-    """(shard, item indices, last batch of the shard?) for these shards. Batches never cross shards and do not depend
-    on the number of processes, so neither do the encoder's numbers."""
+                ) -> Iterator[tuple[int, list[int], tuple[int, int] | None]]:
+    """(shard, item indices, the shard's source range if this is its last batch, else None) for these shards.
+    Batches never cross shards and do not depend on the number of processes, so neither do the encoder's numbers."""
     for k in shards:
         start, stop = k * shard_size, min((k + 1) * shard_size, num_items)
         for first in range(start, stop, batch_size):
-            yield k, list(range(first, min(first + batch_size, stop))), first + batch_size >= stop
+            last = first + batch_size >= stop
+            yield k, list(range(first, min(first + batch_size, stop))), (start, stop) if last else None
 
 
 def _write_shard(out: Path, k: int, span: tuple[int, int], parts: dict[str, list[Tensor]], dtype: torch.dtype,
@@ -292,14 +292,13 @@ def process_state() -> PartialState:
 
 
 def run_extraction(job: ExtractionJob, out: str | os.PathLike, *, shard_size: int = 1024, batch_size: int = 32,
-                   num_workers: int = 4, on_corrupt: str = "skip", stop_after_shards: int | None = None
-                   ) -> dict[str, Any] | None:
+                   num_workers: int = 4, on_corrupt: str = "skip") -> dict[str, Any] | None:
     """Extract ``job`` into ``out`` on every process of this launch, skipping shards already done; returns the
-    manifest on rank 0 (None elsewhere). ``stop_after_shards`` (tests) SIGKILLs the process after that many shards."""
+    manifest on rank 0 (None elsewhere)."""
     if on_corrupt not in ON_CORRUPT:
-        raise ValueError(f"on_corrupt must be one of {', '.join(ON_CORRUPT)}, got {on_corrupt!r}")
+        raise ConfigError(f"on_corrupt must be one of {', '.join(ON_CORRUPT)}, got {on_corrupt!r}")
     if shard_size < 1 or batch_size < 1:
-        raise ValueError(f"shard_size and batch_size must be >= 1, got {shard_size}, {batch_size}")
+        raise ConfigError(f"shard_size and batch_size must be >= 1, got {shard_size}, {batch_size}")
     state = process_state()
     out = Path(out)
     num_items = len(job.source)
@@ -313,35 +312,39 @@ def run_extraction(job: ExtractionJob, out: str | os.PathLike, *, shard_size: in
     rank, world = state.process_index, state.num_processes
     todo = [k for k in range(rank, num_shards, world) if not _shard_done(out, k)]
     plan = list(_batch_plan(todo, num_items, shard_size, batch_size))
-    dtype = getattr(torch, settings["dtype"])
-    progress = tqdm(total=sum(len(indices) for _, indices, _ in plan), desc=f"rank {rank}/{world}", unit="img",
-                    position=rank, dynamic_ncols=True)
-    if plan:
-        loader = DataLoader(_Guarded(job.source), batch_sampler=[indices for _, indices, _ in plan],
-                            num_workers=num_workers, collate_fn=_as_list)
-        parts, infos, skipped, written = defaultdict(list), [], [], 0
-        for (k, indices, last), batch in zip(plan, loader):
-            good = [item for item in batch if "error" not in item]
-            for bad in (item for item in batch if "error" in item):
-                if on_corrupt == "error":
-                    raise CorruptImageError(f"cannot read image {bad['path']} ({bad['error']}); rerun with "
-                                            f"--on_corrupt skip to skip and count unreadable images")
-                skipped.append({key: bad[key] for key in ("index", "path", "error")})
-            if good:
-                with torch.inference_mode():
-                    for key, value in job.encode(good).items():
-                        parts[key].append(value.cpu())
-                infos.extend({key: v for key, v in item.items() if key != "image"} for item in good)
-            progress.update(len(indices))
-            if last:
-                span = (k * shard_size, min((k + 1) * shard_size, num_items))
-                _write_shard(out, k, span, parts, dtype, infos, skipped, job, (rank, world))
-                parts, infos, skipped, written = defaultdict(list), [], [], written + 1
-                if stop_after_shards is not None and written >= stop_after_shards:
-                    os.kill(os.getpid(), signal.SIGKILL)
-    progress.close()
+    with tqdm(total=sum(len(indices) for _, indices, _ in plan), desc=f"rank {rank}/{world}", unit="img",
+              position=rank, dynamic_ncols=True) as progress:
+        if plan:
+            _extract_shards(job, out, plan, dtype=getattr(torch, settings["dtype"]), num_workers=num_workers,
+                            on_corrupt=on_corrupt, writer=(rank, world), progress=progress)
     state.wait_for_everyone()
     return _write_manifest(out, job, settings, num_shards) if state.is_main_process else None
+
+
+def _extract_shards(job: ExtractionJob, out: Path, plan: list[tuple[int, list[int], tuple[int, int] | None]], *,
+                    dtype: torch.dtype, num_workers: int, on_corrupt: str, writer: tuple[int, int],
+                    progress: tqdm) -> None:
+    """Encode the batches of ``plan`` (:func:`_batch_plan`'s) and write each shard after its last batch.
+    ``writer``: (rank, world size), for the shard records."""
+    loader = DataLoader(_Guarded(job.source), batch_sampler=[indices for _, indices, _ in plan],
+                        num_workers=num_workers, collate_fn=_as_list)
+    parts, infos, skipped = defaultdict(list), [], []
+    for (k, indices, span), batch in zip(plan, loader):
+        good = [item for item in batch if "error" not in item]
+        for bad in (item for item in batch if "error" in item):
+            if on_corrupt == "error":
+                raise CorruptImageError(f"cannot read image {bad['path']} ({bad['error']}); rerun with "
+                                        f"--on_corrupt skip to skip and count unreadable images")
+            skipped.append({key: bad[key] for key in ("index", "path", "error")})
+        if good:
+            with torch.inference_mode():
+                for key, value in job.encode(good).items():
+                    parts[key].append(value.cpu())
+            infos.extend({key: v for key, v in item.items() if key != "image"} for item in good)
+        progress.update(len(indices))
+        if span is not None:
+            _write_shard(out, k, span, parts, dtype, infos, skipped, job, writer)
+            parts, infos, skipped = defaultdict(list), [], []
 
 
 def _storage_dtype(fp16: bool) -> str:
@@ -382,20 +385,20 @@ def extract_coco(root: str | os.PathLike, split: str, out: str | os.PathLike, *,
     return run_extraction(CocoFeatures(source, ae, te, settings), out, **run_kwargs)
 
 
-def add_extraction_arguments(parser: argparse.ArgumentParser, scale_factor: float) -> None:
-    """The flags both extraction commands share."""
-    parser.add_argument("--out", required=True, help="extraction folder (rerun the same command to resume)")
-    parser.add_argument("--resolution", type=int, default=256, help="pixel resolution the images are encoded at")
-    parser.add_argument("--autoencoder", required=True, help="hub id, diffusers folder or original single file")
-    parser.add_argument("--single_file_config", default="", help="architecture of a single-file autoencoder")
-    parser.add_argument("--scale_factor", type=float, default=scale_factor,
-                        help="recorded in the manifest; the training config's autoencoder.scale_factor wins")
-    parser.add_argument("--autoencoder_dtype", default="fp32", choices=("fp32", "fp16", "bf16"),
-                        help="dtype the encoder runs in")
-    parser.add_argument("--fp16", action="store_true", help="store features as float16 (half the disk)")
-    parser.add_argument("--batch_size", type=int, default=32, help="images per encoder call")
-    parser.add_argument("--shard_size", type=int, default=1024, help="images per shard file")
-    parser.add_argument("--num_workers", type=int, default=4, help="image-decoding workers per process")
-    parser.add_argument("--on_corrupt", default="skip", choices=ON_CORRUPT,
-                        help="unreadable images: skip and count them, or stop with an error naming the file")
-    parser.add_argument("--stop_after_shards", type=int, default=None, help=argparse.SUPPRESS)  # tests: a kill
+def extraction_flags(scale_factor: float) -> tuple[Flag, ...]:
+    """The command-line flags both extraction commands share (their names are the keyword arguments above)."""
+    return (
+        Flag("out", required=True, metavar="DIR", help="extraction folder (rerun the same command to resume)"),
+        Flag("resolution", 256, int, help="pixel resolution the images are encoded at"),
+        Flag("autoencoder", required=True, metavar="PATH", help="hub id, diffusers folder or original single file"),
+        Flag("single_file_config", "", help="architecture of a single-file autoencoder"),
+        Flag("scale_factor", scale_factor, float,
+             help="recorded in the manifest; the training config's autoencoder.scale_factor wins"),
+        Flag("autoencoder_dtype", "fp32", choices=tuple(DTYPES), help="dtype the encoder runs in"),
+        Flag("fp16", False, bool, help="store features as float16 (half the disk)"),
+        Flag("batch_size", 32, int, help="images per encoder call"),
+        Flag("shard_size", 1024, int, help="images per shard file"),
+        Flag("num_workers", 4, int, help="image-decoding workers per process"),
+        Flag("on_corrupt", "skip", choices=ON_CORRUPT,
+             help="unreadable images: skip and count them, or stop with an error naming the file"),
+    )

@@ -10,16 +10,18 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 from diffusion.errors import DatasetNotFoundError
+from diffusion.seeds import derive_seed
 
 
 class InfiniteSampler(Sampler[int]):
     """Endless, deterministic, resumable index stream, sharded over ranks.
 
     The global stream concatenates epochs; epoch e is ``torch.randperm(n)`` drawn from a generator seeded with
-    ``seed + e`` (``arange(n)`` without shuffling). Rank r takes global positions r, r + world_size, ... that are
-    >= ``start_index``, the number of global positions already consumed (the samples a resumed run has trained on).
-    Only the current epoch's permutation is held, and resuming jumps straight to the right epoch. With
-    ``with_positions`` it yields ``(global position, index)`` pairs, the keys of :class:`StreamItems`.
+    ``derive_seed(seed, "epoch", e)`` (``arange(n)`` without shuffling). Rank r takes global positions r,
+    r + world_size, ... that are >= ``start_index``, the number of global positions already consumed (the samples
+    a resumed run has trained on). Only the current epoch's permutation is held, and resuming jumps straight to the
+    right epoch. With ``with_positions`` it yields ``(global position, index)`` pairs, the keys of
+    :class:`StreamItems`.
     """
 
     def __init__(
@@ -49,7 +51,7 @@ class InfiniteSampler(Sampler[int]):
     def _epoch_order(self, epoch: int) -> list[int]:
         if not self.shuffle:
             return list(range(self.dataset_len))
-        generator = torch.Generator().manual_seed(self.seed + epoch)
+        generator = torch.Generator().manual_seed(derive_seed(self.seed, "epoch", epoch))
         return torch.randperm(self.dataset_len, generator=generator).tolist()
 
     def __iter__(self) -> Iterator[int]:
@@ -94,6 +96,6 @@ class StreamItems(Dataset):
         position, index = key
         in_worker = torch.utils.data.get_worker_info() is not None  # a worker's RNG is its own to reseed
         with torch.random.fork_rng(devices=[], enabled=not in_worker):
-            torch.default_generator.manual_seed((self.seed * 1_000_000_007 + position) % 2**63)
+            torch.default_generator.manual_seed(derive_seed(self.seed, "item", position))
             item, errors = self.read(index)
         return {**item, "skipped": "\n".join(errors)}

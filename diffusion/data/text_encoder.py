@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from diffusion.data.autoencoder import looks_like_hub_id, resolve_dtype
-from diffusion.errors import WeightsNotFoundError
+from diffusion.errors import ConfigError, WeightsNotFoundError
 
 CLIP_HUB_ID = "openai/clip-vit-large-patch14"
 HOW_TO_GET_CLIP = (
@@ -49,7 +49,7 @@ class TextEncoder:
     def __init__(self, tokenizer, model, *, device="cpu", max_length: int = 77):
         positions = model.config.max_position_embeddings
         if max_length > positions:
-            raise ValueError(f"max_length {max_length} exceeds the text model's {positions} positions")
+            raise ConfigError(f"max_length {max_length} exceeds the text model's {positions} positions")
         self.tokenizer = tokenizer
         self.device = torch.device(device)
         self.model = model.to(self.device).eval().requires_grad_(False)
@@ -60,7 +60,7 @@ class TextEncoder:
     def load(cls, pretrained: str = CLIP_HUB_ID, *, device="cpu", dtype: str | torch.dtype = "fp32",
              max_length: int = 77) -> TextEncoder:
         if not pretrained:
-            raise ValueError("no text encoder given (text_encoder.pretrained is empty).\n" + HOW_TO_GET_CLIP)
+            raise ConfigError("no text encoder given (text_encoder.pretrained is empty).\n" + HOW_TO_GET_CLIP)
         tokenizer, model = _load_clip(pretrained, resolve_dtype(dtype))
         return cls(tokenizer, model, device=device, max_length=max_length)
 

@@ -1,12 +1,16 @@
 """Evaluation: FID, sFID, Inception Score and precision/recall, on pytorch-fid's FID Inception (or a digits
-classifier for the CPU quickstart).
+classifier for the CPU quickstart). This package re-exports the names below for eval_fid.py and the tests; the
+project's own modules import from the modules themselves.
 
     metrics      statistics, RunningStatistics, frechet_distance, inception_score, precision_recall
-    extractor    FeatureExtractor, build_feature_extractor            (inception.py, digits.py: the two extractors)
+    extractor    FeatureExtractor, the interface of the two extractors: inception.py (pytorch-fid's FID Inception)
+                 and digits.py (the quickstart's stand-ins: digit features, and the end-of-run digits accuracy)
+    extractors   EXTRACTORS, build_feature_extractor: the extractors by name
     sources      .npz files, image folders, dataset configs, MS-COCO as uint8 image datasets
     features     batched multi-process extraction, per-source feature caches, running statistics of a source or
                  of images generated on the fly (FID during training)
     reference    statistics files and ADM batches, reference_statistics_for_config (FID during training)
+    training     FID during training (the trainer's evaluator)
 
 ``eval_fid.py`` at the repository root is the command line over these.
 """

@@ -1,10 +1,14 @@
-"""A feature extractor for scikit-learn's 8x8 digits: FID for the CPU quickstart, with nothing to download.
+"""The digits stand-ins for Inception (scikit-learn's 8x8 digits, the CPU quickstart; nothing to download): a
+feature extractor for FID, and the end-of-run check of how many samples a classifier reads as their label.
 
 A small MLP (64 -> 128 -> 64 -> 10, tanh) is fit on the 1,797 real digits, quantised to uint8 exactly as samples are,
-with a fixed seed, full-batch Adam, in well under a second. Its 64 penultimate activations play Inception's pool3
-("pool": FID, precision/recall) and its 10 logits Inception's ("logits": an Inception Score out of 10). The reference
-statistics are those of the real digits (``diffusion.evaluation.reference``). Real digits against themselves give
-FID 0, blurred digits a few units, noise hundreds.
+with a fixed seed and full-batch Adam. Its 64 penultimate activations play Inception's pool3 ("pool": FID,
+precision/recall) and its 10 logits Inception's ("logits": an Inception Score out of 10). The reference statistics
+are those of the real digits (``diffusion.evaluation.reference``). Real digits against themselves give FID 0, blurred
+digits a few units, noise hundreds.
+
+The end-of-run check (``eval.metric = "digits_accuracy"``) judges samples with another classifier, an RBF SVM on the
+raw pixels, fit on all the real digits.
 """
 
 from __future__ import annotations
@@ -15,8 +19,10 @@ from functools import lru_cache
 import numpy as np
 import torch
 from sklearn.datasets import load_digits
+from sklearn.svm import SVC
 from torch import nn
 
+from diffusion.errors import InputError
 from diffusion.evaluation.extractor import FeatureExtractor
 
 SEED, STEPS, LR = 0, 120, 1e-2
@@ -69,7 +75,34 @@ class DigitsExtractor(FeatureExtractor):
 
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         if images.shape[1:3] != (SIDE, SIDE):
-            raise ValueError(f"the digits extractor reads 8x8 images, got {tuple(images.shape[1:3])}")
+            raise InputError(f"the digits extractor reads 8x8 images, got {tuple(images.shape[1:3])}")
         x = images.float().mean(dim=-1).flatten(1) / 255
         hidden = self.network[:4](x)
         return {"pool": hidden, "logits": self.network[4](hidden)}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The end-of-run check
+
+
+def make_digits_classifier() -> SVC:
+    """The (unfitted) classifier used to judge digit samples: an RBF SVM on the 64 raw pixel values in 0..16."""
+    return SVC(gamma=0.001, C=10.0)
+
+
+@lru_cache(maxsize=1)
+def _fitted_classifier() -> SVC:
+    """The classifier fit once per process on all 1,797 real digits."""
+    digits = load_digits()
+    return make_digits_classifier().fit(digits.data, digits.target)
+
+
+def digits_classifier_accuracy(samples: torch.Tensor, labels: torch.Tensor) -> float:
+    """Fraction of samples (N, 1, 8, 8) in [-1, 1] that a classifier fit on all 1,797 real digits assigns to the
+    given labels (N,). About 1.0 for real digits, about 0.1 for noise with balanced labels."""
+    if samples.shape[1:] != (1, SIDE, SIDE) or labels.shape != samples.shape[:1]:
+        raise ValueError(f"expected samples (N, 1, 8, 8) and labels (N,), got {tuple(samples.shape)}, "
+                         f"{tuple(labels.shape)}")
+    pixels = (samples.detach().float().cpu().clamp(-1, 1) + 1) / 2 * 16
+    predicted = _fitted_classifier().predict(pixels.reshape(len(pixels), SIDE * SIDE).numpy())
+    return float((predicted == labels.detach().cpu().numpy()).mean())

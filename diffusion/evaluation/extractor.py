@@ -1,4 +1,5 @@
-"""The feature-extractor interface every metric reads: uint8 images in, named feature matrices out.
+"""The interface of every feature extractor (:class:`FeatureExtractor`): uint8 images in, named feature matrices
+out. The extractors themselves are in inception.py and digits.py, built by name in extractors.py:
 
     extractor = build_feature_extractor("inception", weights="", device="cuda")
     features = extractor(images)        # uint8 (N, H, W, 3) numpy array or tensor, as the FID tools store samples
@@ -16,6 +17,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from diffusion.errors import InputError
 from diffusion.evaluation.metrics import full_precision
 
 
@@ -29,8 +31,8 @@ class FeatureExtractor:
     def __call__(self, images: np.ndarray | torch.Tensor) -> dict[str, torch.Tensor]:
         x = torch.as_tensor(images)
         if x.dtype != torch.uint8 or x.ndim != 4 or x.shape[-1] not in (1, 3):
-            raise ValueError(f"images must be uint8 (N, H, W, 1 or 3) as the FID tools store samples (see "
-                             f"diffusion.sampling.to_uint8), got {x.dtype} {tuple(x.shape)}")
+            raise InputError(f"images must be uint8 (N, H, W, 1 or 3) as the FID tools store samples (see "
+                             f"diffusion.sampling.generate.to_uint8), got {x.dtype} {tuple(x.shape)}")
         with torch.inference_mode(), full_precision():
             return self.forward(x.to(self.device))
 

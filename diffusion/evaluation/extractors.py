@@ -1,28 +1,28 @@
-"""The feature extractors by name."""
+"""The feature extractors by name: the one table of builders behind ``eval.feature_extractor`` and ``--extractor``."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Callable
 
 import torch
 
-if TYPE_CHECKING:
-    from diffusion.evaluation.extractor import FeatureExtractor
+from diffusion.errors import ConfigError
+from diffusion.evaluation.digits import DigitsExtractor
+from diffusion.evaluation.extractor import FeatureExtractor
+from diffusion.evaluation.inception import InceptionExtractor
 
-
-EXTRACTORS = ("inception", "digits")
+# name -> builder(weights, device)
+_BUILDERS: dict[str, Callable[[str, torch.device | str], FeatureExtractor]] = {
+    "inception": lambda weights, device: InceptionExtractor(weights, device=device),
+    "digits": lambda weights, device: DigitsExtractor(device=device),
+}
+EXTRACTORS = tuple(_BUILDERS)
 
 
 def build_feature_extractor(name: str = "inception", *, weights: str = "", device: torch.device | str = "cpu"
                             ) -> FeatureExtractor:
     """``inception``: pytorch-fid's FID Inception (``weights``: its .pth; "" = pytorch-fid's torch-hub cache).
     ``digits``: a small classifier fit on scikit-learn's 8x8 digits (CPU quickstart; ``weights`` unused)."""
-    if name == "inception":
-        from diffusion.evaluation.inception import InceptionExtractor
-
-        return InceptionExtractor(weights, device=device)
-    if name == "digits":
-        from diffusion.evaluation.digits import DigitsExtractor
-
-        return DigitsExtractor(device=device)
-    raise ValueError(f"unknown feature extractor {name!r}; choose one of {', '.join(EXTRACTORS)}")
+    if name not in _BUILDERS:
+        raise ConfigError(f"unknown feature extractor {name!r}; choose one of {', '.join(EXTRACTORS)}")
+    return _BUILDERS[name](weights, device)

@@ -24,6 +24,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from diffusion.errors import InputError
 from diffusion.evaluation.extractor import FeatureExtractor
 from diffusion.evaluation.metrics import RunningStatistics, statistics
 from diffusion.evaluation.sources import ImageSource
@@ -44,7 +45,7 @@ def rank_and_world(state) -> tuple[int, int]:
 def _stack(images: list[np.ndarray]) -> np.ndarray:
     shapes = sorted({image.shape for image in images})
     if len(shapes) > 1:
-        raise ValueError(f"images of different sizes in one batch ({', '.join(map(str, shapes[:4]))}): give an image "
+        raise InputError(f"images of different sizes in one batch ({', '.join(map(str, shapes[:4]))}): give an image "
                          f"folder one size with --resolution R (ADM's centre crop)")
     return np.stack(images)
 
@@ -52,7 +53,7 @@ def _stack(images: list[np.ndarray]) -> np.ndarray:
 def _my_batches(num_images: int, batch_size: int, state) -> list[range]:
     """This process's share of the global batches [0, B), [B, 2B), ...: every world-th one from its rank."""
     if num_images < 1 or batch_size < 1:
-        raise ValueError(f"need at least one image and a positive batch size, got {num_images} and {batch_size}")
+        raise InputError(f"need at least one image and a positive batch size, got {num_images} and {batch_size}")
     rank, world = rank_and_world(state)
     return [range(s, min(s + batch_size, num_images)) for s in range(0, num_images, batch_size)][rank::world]
 
@@ -61,7 +62,7 @@ def _source_batches(source: ImageSource, batch_size: int, num_workers: int, stat
                     ) -> Iterator[tuple[range, np.ndarray]]:
     """(indices, uint8 images) of this process's batches of ``source``, decoded by ``num_workers`` workers."""
     if len(source) == 0:
-        raise ValueError(f"{source.description} holds no images")
+        raise InputError(f"{source.description} holds no images")
     mine = _my_batches(len(source), batch_size, state)
     loader = DataLoader(source, batch_sampler=[list(r) for r in mine], collate_fn=_stack,
                         num_workers=num_workers if source.decodes else 0)
@@ -152,7 +153,7 @@ def generated_statistics(draw: Callable[[range], np.ndarray | torch.Tensor], num
 def statistics_of_features(features: dict[str, np.ndarray], keys: tuple[str, ...] = tuple(STATISTICS_KEYS)
                            ) -> dict[str, np.ndarray]:
     """The reference-file format (``mu``, ``sigma``[, ``mu_s``, ``sigma_s``]) of extracted features, for the
-    ``keys`` among pool / spatial that the features have (a 2048 x 2048 covariance of 50K rows takes seconds)."""
+    ``keys`` among pool / spatial that the features have."""
     out = {}
     for key in keys:
         if key in features:

@@ -31,7 +31,7 @@ from pytorch_fid.inception import (
 )
 from torch import nn
 
-from diffusion.errors import InceptionWeightsNotFoundError
+from diffusion.errors import CheckpointError, InceptionWeightsNotFoundError
 from diffusion.evaluation.extractor import FeatureExtractor
 
 WEIGHTS_FILE = FID_WEIGHTS_URL.rsplit("/", 1)[1]  # pt_inception-2015-12-05-6726825d.pth
@@ -78,14 +78,15 @@ def load_fid_inception(weights: str | os.PathLike = "") -> tuple[nn.Module, Path
     inception = build_fid_inception()
     expected = inception.state_dict()
     if not isinstance(state, dict):
-        raise ValueError(f"{path} holds a {type(state).__name__}, not the FID Inception's state_dict ({WEIGHTS_FILE})")
+        raise CheckpointError(f"{path} holds a {type(state).__name__}, not the FID Inception's state_dict "
+                              f"({WEIGHTS_FILE})")
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     shapes = [k for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k].shape)]
     if missing or unexpected or shapes:
-        raise ValueError(f"{path} is not the FID Inception's state_dict ({WEIGHTS_FILE}): {len(missing)} missing keys "
-                         f"{missing[:3]}, {len(unexpected)} unexpected {unexpected[:3]}, {len(shapes)} of other shapes "
-                         f"{shapes[:3]}")
+        raise CheckpointError(f"{path} is not the FID Inception's state_dict ({WEIGHTS_FILE}): {len(missing)} "
+                              f"missing keys {missing[:3]}, {len(unexpected)} unexpected {unexpected[:3]}, "
+                              f"{len(shapes)} of other shapes {shapes[:3]}")
     inception.load_state_dict(state)
     return inception.eval().requires_grad_(False), path
 
@@ -117,7 +118,7 @@ class FIDInception(nn.Module):
         x = 2 * x - 1
         spatial = None
         for name in LAYERS:
-            if name == "Mixed_6d":  # its 1x1 branch again (about 1% of the network's work) rather than a hook
+            if name == "Mixed_6d":  # its 1x1 branch run again (one small convolution) rather than a hook
                 spatial = self.inception.Mixed_6d.branch1x1(x)[:, :SPATIAL_CHANNELS]  # (N, 7, 17, 17)
             x = getattr(self.inception, name)(x)
         pool = x.flatten(1)  # (N, 2048)

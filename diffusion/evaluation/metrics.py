@@ -15,6 +15,8 @@ import numpy as np
 import torch
 from scipy import linalg
 
+from diffusion.errors import InputError
+
 ArrayLike = np.ndarray | torch.Tensor
 
 
@@ -47,7 +49,7 @@ def statistics(features: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
     """(mu, sigma) of features (N, D) in float64: the mean and the unbiased covariance, as pytorch-fid computes them."""
     x = _float64(features)
     if len(x) < 2:
-        raise ValueError(f"statistics need at least 2 feature vectors, got {len(x)}")
+        raise InputError(f"statistics need at least 2 feature vectors, got {len(x)}")
     return x.mean(axis=0), np.cov(x, rowvar=False)
 
 
@@ -81,7 +83,7 @@ class RunningStatistics:
     def compute(self) -> tuple[np.ndarray, np.ndarray]:
         n = int(self.count.item())
         if n < 2:
-            raise ValueError(f"statistics need at least 2 feature vectors, got {n}")
+            raise InputError(f"statistics need at least 2 feature vectors, got {n}")
         mu = self.sum / n
         sigma = (self.outer - n * torch.outer(mu, mu)) / (n - 1)
         return mu.cpu().numpy(), sigma.cpu().numpy()
@@ -99,7 +101,7 @@ def frechet_distance(mu1: ArrayLike, sigma1: ArrayLike, mu2: ArrayLike, sigma2: 
     mu1, mu2 = (np.atleast_1d(np.asarray(m, dtype=np.float64)) for m in (_numpy(mu1), _numpy(mu2)))
     sigma1, sigma2 = (np.atleast_2d(np.asarray(s, dtype=np.float64)) for s in (_numpy(sigma1), _numpy(sigma2)))
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape or sigma1.shape != (len(mu1), len(mu1)):
-        raise ValueError(f"statistics of different feature spaces: mu {mu1.shape} vs {mu2.shape}, sigma "
+        raise InputError(f"statistics of different feature spaces: mu {mu1.shape} vs {mu2.shape}, sigma "
                          f"{sigma1.shape} vs {sigma2.shape} (were both made with the same feature extractor?)")
     covmean = linalg.sqrtm(sigma1 @ sigma2)
     if not np.isfinite(covmean).all():
@@ -107,7 +109,7 @@ def frechet_distance(mu1: ArrayLike, sigma1: ArrayLike, mu2: ArrayLike, sigma2: 
         covmean = linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
     if np.iscomplexobj(covmean):
         if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
-            raise ValueError(f"the square root of sigma1 sigma2 has an imaginary part of up to "
+            raise InputError(f"the square root of sigma1 sigma2 has an imaginary part of up to "
                              f"{np.abs(covmean.imag).max():.3g}: the covariances are not valid (NaN features or "
                              f"statistics from different extractors?)")
         covmean = covmean.real
@@ -132,7 +134,7 @@ def inception_score(logits: ArrayLike, splits: int = 10) -> tuple[float, float]:
     """
     x = _float64(logits)
     if len(x) < splits:
-        raise ValueError(f"the Inception Score over {splits} splits needs at least {splits} samples, got {len(x)}")
+        raise InputError(f"the Inception Score over {splits} splits needs at least {splits} samples, got {len(x)}")
     log_p = x - x.max(axis=1, keepdims=True)
     log_p -= np.log(np.exp(log_p).sum(axis=1, keepdims=True))
     p = np.exp(log_p)
@@ -158,7 +160,7 @@ def manifold_radii(features: torch.Tensor, k: int = 3, max_elements: int = 2**28
     """Squared distance from every point to its k-th nearest neighbour in the same set (itself excluded), computed
     a block of rows at a time so that ``max_elements`` bounds the distance matrix held (50K x 50K fits)."""
     if len(features) <= k:
-        raise ValueError(f"a k = {k} nearest-neighbour manifold needs more than {k} points, got {len(features)}")
+        raise InputError(f"a k = {k} nearest-neighbour manifold needs more than {k} points, got {len(features)}")
     radii = torch.empty(len(features), dtype=features.dtype, device=features.device)
     rows = max(1, max_elements // len(features))
     for start in range(0, len(features), rows):
@@ -189,7 +191,7 @@ def precision_recall(reference: ArrayLike, samples: ArrayLike, k: int = 3, devic
     ref = torch.as_tensor(_float64(reference), dtype=torch.float32, device=device)
     gen = torch.as_tensor(_float64(samples), dtype=torch.float32, device=device)
     if ref.shape[1] != gen.shape[1]:
-        raise ValueError(f"reference features are {ref.shape[1]}-d, sample features {gen.shape[1]}-d")
+        raise InputError(f"reference features are {ref.shape[1]}-d, sample features {gen.shape[1]}-d")
     with full_precision():
         ref_radii, gen_radii = manifold_radii(ref, k, max_elements), manifold_radii(gen, k, max_elements)
         precision = _inside_any_ball(gen, ref, ref_radii, max_elements).double().mean().item()

@@ -4,7 +4,7 @@ File formats (.npz):
 
     statistics file        mu (D,), sigma (D, D) float64 [+ mu_s, sigma_s: the spatial features', for sFID].
                            U-ViT's ``fid_stats_*.npz``, pytorch-fid's ``--save-stats`` and ``eval_fid.py
-                           --save-stats`` (which adds mu_s/sigma_s when the extractor has spatial features).
+                           --save_stats`` (which adds mu_s/sigma_s when the extractor has spatial features).
     ADM reference batch    arr_0 uint8 (N, H, W, 3) images + mu, sigma, mu_s, sigma_s computed by ADM's TensorFlow
                            evaluator (``VIRTUAL_imagenet256_labeled.npz``). Its statistics are recomputed from arr_0
                            with the extractor used for the samples unless the file's own are asked for: the
@@ -15,12 +15,14 @@ File formats (.npz):
 from __future__ import annotations
 
 import os
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import ml_collections
 import numpy as np
 
+from diffusion.errors import InputError, InputNotFoundError
 from diffusion.evaluation.extractor import FeatureExtractor
 from diffusion.evaluation.features import (
     STATISTICS_KEYS,
@@ -35,20 +37,31 @@ from diffusion.evaluation.features import (
 )
 from diffusion.evaluation.sources import DatasetImages, ImageSource, NpzImages, open_images
 
-STATISTICS_FILE_KEYS = ("mu", "sigma", "mu_s", "sigma_s")
+STATISTICS_FILE_KEYS = tuple(name for names in STATISTICS_KEYS.values() for name in names)  # mu, sigma, mu_s, ...
+
+
+def _open_npz(path: str | os.PathLike):
+    """``np.load`` of an .npz file (arrays read on access), or one InputError naming a file that is not one."""
+    try:
+        data = np.load(path)
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
+        raise InputError(f"{path} is not a readable .npz file ({err})") from None
+    if not isinstance(data, np.lib.npyio.NpzFile):
+        raise InputError(f"{path} is not an .npz file (it holds a single array)")
+    return data
 
 
 def npz_arrays(path: str | os.PathLike) -> list[str]:
     """Names of the arrays in an .npz (nothing is loaded)."""
-    with np.load(path) as data:
+    with _open_npz(path) as data:
         return list(data.files)
 
 
 def read_statistics(path: str | os.PathLike) -> dict[str, np.ndarray]:
     """``mu``, ``sigma`` (and ``mu_s``, ``sigma_s`` if present) of a statistics file or ADM batch, as float64."""
-    with np.load(path) as data:
+    with _open_npz(path) as data:
         if "mu" not in data.files or "sigma" not in data.files:
-            raise ValueError(f"{path} holds no FID statistics (mu, sigma); its arrays: {', '.join(data.files)}")
+            raise InputError(f"{path} holds no FID statistics (mu, sigma); its arrays: {', '.join(data.files)}")
         return {key: data[key].astype(np.float64) for key in STATISTICS_FILE_KEYS if key in data.files}
 
 
@@ -63,7 +76,7 @@ def check_dimensions(stats: dict[str, np.ndarray], extractor: FeatureExtractor, 
     """Refuse statistics of another feature space than the extractor's (e.g. Inception stats with digit features)."""
     dim = extractor.dims["pool"]
     if stats["mu"].shape != (dim,) or stats["sigma"].shape != (dim, dim):
-        raise ValueError(f"{where} holds statistics of {stats['mu'].shape[0]}-d features, but the {extractor.id} "
+        raise InputError(f"{where} holds statistics of {stats['mu'].shape[0]}-d features, but the {extractor.id} "
                          f"extractor makes {dim}-d ones: use statistics made with the same extractor")
     return stats
 
@@ -102,14 +115,14 @@ def load_reference(spec: str | os.PathLike, extractor: FeatureExtractor, *, need
     arrays = npz_arrays(path) if path.suffix == ".npz" and path.is_file() and not coco_split else None
     if arrays is not None and "arr_0" not in arrays:
         if need_features:
-            raise ValueError(f"precision/recall need the reference's images, but {path} is a statistics file (mu, "
+            raise InputError(f"precision/recall need the reference's images, but {path} is a statistics file (mu, "
                              f"sigma): give an ADM reference batch, an image folder or a dataset config")
         stats = check_dimensions(read_statistics(path), extractor, str(path))
         return Reference(str(path), stats, statistics_from="file") if main else None
     file_stats = None
     if file_statistics:
         if arrays is None or "mu" not in arrays:
-            raise ValueError(f"--adm_stats takes the statistics stored in an ADM reference batch; {path} has none")
+            raise InputError(f"--adm_stats takes the statistics stored in an ADM reference batch; {path} has none")
         file_stats = check_dimensions(read_statistics(path), extractor, str(path))
     source: ImageSource = NpzImages(path) if arrays is not None else open_images(
         spec, resolution=resolution, coco_split=coco_split, overrides=overrides)
@@ -145,8 +158,8 @@ def reference_statistics_for_config(config: ml_collections.ConfigDict, extractor
     if reference:
         path = Path(reference)
         if not path.is_file():
-            raise FileNotFoundError(f"eval.reference {path} not found: give a statistics .npz (mu, sigma), an ADM "
-                                    f"reference batch, or leave it empty to use the training images")
+            raise InputNotFoundError(f"eval.reference {path} not found: give a statistics .npz (mu, sigma), an ADM "
+                                     f"reference batch, or leave it empty to use the training images")
         if "arr_0" not in npz_arrays(path):
             return check_dimensions(read_statistics(path), extractor, f"eval.reference {path}")
         source: ImageSource = NpzImages(path)

@@ -27,11 +27,11 @@ from pytorch_fid.fid_score import IMAGE_EXTENSIONS
 from torch.utils.data import Dataset
 
 from diffusion.config.loading import apply_override, load_config
+from diffusion.data.cached import CACHED_FEATURE_DATASETS
 from diffusion.data.datasets import CocoCaptions, build_dataset, center_crop_arr
-from diffusion.errors import ConfigError, DatasetNotFoundError
+from diffusion.errors import ConfigError, CorruptImageError, DatasetNotFoundError, InputError, InputNotFoundError
 from diffusion.sampling.generate import to_uint8
 
-CACHED_FEATURE_DATASETS = ("latents", "coco_latents")
 _HEADER_READERS = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
 
 
@@ -85,23 +85,28 @@ class NpzImages(ImageSource):
     def __init__(self, path: str | os.PathLike, key: str = "arr_0") -> None:
         self.path = Path(path)
         if not self.path.is_file():
-            raise FileNotFoundError(f"no such .npz file: {self.path}")
+            raise InputNotFoundError(f"no such .npz file: {self.path}")
         self.description = str(self.path)
         self.beside = self.path
-        with zipfile.ZipFile(self.path) as zf:
+        try:
+            archive = zipfile.ZipFile(self.path)
+        except zipfile.BadZipFile:
+            raise InputError(f"{self.path} is not an .npz file (not a zip archive): truncated, or another kind of "
+                             f"file") from None
+        with archive as zf:
             names = [n.removesuffix(".npy") for n in zf.namelist()]
             if key not in names:
-                raise ValueError(f"{self.path} holds no images ({key}); its arrays: {', '.join(names)}")
+                raise InputError(f"{self.path} holds no images ({key}); its arrays: {', '.join(names)}")
             self._info = zf.getinfo(f"{key}.npy")
             with zf.open(self._info) as f:
                 version = np.lib.format.read_magic(f)
                 read_header = _HEADER_READERS.get(version)
                 if read_header is None:
-                    raise ValueError(f"{self.path}: {key} is stored in .npy format version {version}, not read here")
+                    raise InputError(f"{self.path}: {key} is stored in .npy format version {version}, not read here")
                 shape, fortran, dtype = read_header(f)
                 header_length = f.tell()
         if dtype != np.uint8 or len(shape) != 4 or shape[-1] not in (1, 3) or fortran:
-            raise ValueError(f"{self.path}: {key} must be uint8 (N, H, W, 3) images as sample.py and ADM write them, "
+            raise InputError(f"{self.path}: {key} must be uint8 (N, H, W, 3) images as sample.py and ADM write them, "
                              f"got {dtype} {shape}{' (Fortran order)' if fortran else ''}")
         self.shape = tuple(shape)
         self._item_bytes = int(np.prod(shape[1:]))
@@ -131,7 +136,7 @@ class NpzImages(ImageSource):
     def _read_item(self, index: int) -> bytes:
         data = self._stream.read(self._item_bytes)
         if len(data) != self._item_bytes:
-            raise ValueError(f"{self.path} ends before image {index} of {len(self)}: the file is truncated")
+            raise InputError(f"{self.path} ends before image {index} of {len(self)}: the file is truncated")
         return data
 
     def __getitem__(self, index: int) -> np.ndarray:
@@ -165,7 +170,7 @@ class FolderImages(ImageSource):
     def __init__(self, folder: str | os.PathLike, resolution: int | None = None) -> None:
         self.folder = Path(folder)
         if not self.folder.is_dir():
-            raise FileNotFoundError(f"no such image folder: {self.folder}")
+            raise InputNotFoundError(f"no such image folder: {self.folder}")
         self.files = list_images(self.folder)
         if not self.files:
             raise DatasetNotFoundError(f"no image files ({', '.join(sorted(IMAGE_EXTENSIONS))}) under {self.folder}")
@@ -186,7 +191,7 @@ class FolderImages(ImageSource):
             with Image.open(path) as image:
                 image = image.convert("RGB")
         except (OSError, ValueError) as e:
-            raise OSError(f"cannot read image file {path}: {e}") from e
+            raise CorruptImageError(f"cannot read image file {path}: {e}") from e
         return center_crop_arr(image, self.resolution) if self.resolution else np.asarray(image)
 
 
@@ -231,7 +236,7 @@ class DatasetImages(ImageSource):
 
 class CocoImages(ImageSource):
     """MS-COCO 2014 images that have captions, centre square, Lanczos to ``resolution`` (U-ViT's
-    ``fid_stats_mscoco256_val.npz``), read through :class:`diffusion.data.CocoCaptions`."""
+    ``fid_stats_mscoco256_val.npz``), read through :class:`diffusion.data.datasets.CocoCaptions`."""
 
     decodes = True
 
@@ -273,8 +278,8 @@ def open_images(spec: str | os.PathLike, *, resolution: int | None = None, coco_
     with ``coco_split``, the MS-COCO 2014 root (at ``resolution``, default 256)."""
     path = Path(spec)
     if coco_split and not path.is_dir():
-        raise FileNotFoundError(f"--coco needs the MS-COCO root folder (holding {coco_split}2014/ and annotations/), "
-                                f"got {path}")
+        raise InputNotFoundError(f"--coco needs the MS-COCO root folder (holding {coco_split}2014/ and annotations/), "
+                                 f"got {path}")
     if path.suffix == ".py":
         return DatasetImages(load_config_with_overrides(path, overrides), description=str(path))
     if overrides:
@@ -285,4 +290,4 @@ def open_images(spec: str | os.PathLike, *, resolution: int | None = None, coco_
         return NpzImages(path)
     if path.is_dir():
         return FolderImages(path, resolution)
-    raise FileNotFoundError(f"{path} is neither an .npz file, an image folder nor a config file (configs/<name>.py)")
+    raise InputNotFoundError(f"{path} is neither an .npz file, an image folder nor a config file (configs/<name>.py)")

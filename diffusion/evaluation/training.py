@@ -1,4 +1,5 @@
-"""FID during training: the EMA model sampled exactly as the config's evaluation sampler says.
+"""What the trainer evaluates: FID during training (the EMA model sampled exactly as the config's evaluation sampler
+says), its history in ``fid.json``, and the end-of-run check ``eval.metric``.
 
 U-ViT's recipe is FID on 10K samples every few checkpoints and FID-50K on the best one afterwards; both originals
 logged *unguided* FID for guided models, which confused users, so here the samples are drawn with the config's
@@ -13,15 +14,20 @@ images (computed once and cached in ``WORKDIR/eval``).
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
+from diffusion.evaluation.digits import digits_classifier_accuracy
 from diffusion.evaluation.extractors import build_feature_extractor
 from diffusion.evaluation.features import broadcast_from_main, generated_statistics, rank_and_world
 from diffusion.evaluation.metrics import frechet_distance
 from diffusion.evaluation.reference import reference_statistics_for_config
 from diffusion.files import write_atomic
-from diffusion.sampling.generate import SampleSource, num_real_classes
+from diffusion.sampling.generate import SampleSource, generate, num_real_classes
+from diffusion.sampling.grids import class_rows
 from diffusion.sampling.per_sample import LabelPlan
 
 HISTORY = "fid.json"
@@ -65,27 +71,34 @@ class FidHistory:
 
 
 class TrainingFID:
-    """Scores a model: ``fid(model, n_samples) -> float`` on every process (all must call it)."""
+    """Scores a model: ``fid(model, n_samples) -> float`` on every process (all must call it).
 
-    def __init__(self, config, workdir: Path, *, state, device, data, objective):
-        """``data``: the trainer's TrainData (shape, decode, null context, class counts, caption contexts)."""
+    What it needs of the training data comes as plain values: ``shape`` (C, H, W) of the model's samples, ``decode``
+    (latents -> images) for latent models, ``class_counts`` for ``sample.labels=train_freq``, and for text-to-image
+    models ``caption_contexts(count, seed)`` (the training captions' contexts, cycled) and ``null_context``."""
+
+    def __init__(self, config, workdir: Path, *, state, device, objective, shape: tuple[int, ...],
+                 decode: Callable | None = None, class_counts: list[int] | None = None,
+                 caption_contexts: Callable[[int, int], torch.Tensor] | None = None,
+                 null_context: torch.Tensor | None = None):
         ev = config.eval
-        self.config, self.state, self.device, self.data, self.objective = config, state, device, data, objective
+        self.config, self.state, self.device, self.objective = config, state, device, objective
+        self.shape, self.decode, self.class_counts = shape, decode, class_counts
+        self.caption_contexts, self.null_context = caption_contexts, null_context
         self.extractor = build_feature_extractor(ev.feature_extractor, weights=ev.inception_weights, device=device)
         self.reference = reference_statistics_for_config(config, self.extractor, workdir / "eval", state=state,
                                                          batch_size=ev.batch_size)
 
     def _source(self, model) -> SampleSource:
-        sample_cfg = self.config.sample
-        source = SampleSource(model, self.objective, sample_cfg, self.data.shape, seed=self.config.eval.seed,
-                              decode=self.data.decode, device=self.device)
-        if self.data.null_context is not None:  # text-to-image: the training captions' contexts, cycled
-            source.contexts = self.data.caption_contexts(MAX_CONTEXTS, self.config.eval.seed)
-            source.null_context = self.data.null_context
+        sample_cfg, seed = self.config.sample, self.config.eval.seed
+        source = SampleSource(model, self.objective, sample_cfg, self.shape, seed=seed, decode=self.decode,
+                              device=self.device)
+        if self.caption_contexts is not None:  # text-to-image: the training captions' contexts, cycled
+            source.contexts = self.caption_contexts(MAX_CONTEXTS, seed)
+            source.null_context = self.null_context
         elif num_real_classes(model):
-            counts = self.data.class_counts if sample_cfg.labels == "train_freq" else None
-            source.labels = LabelPlan(sample_cfg.labels, num_real_classes(model), seed=self.config.eval.seed,
-                                      class_counts=counts)
+            counts = self.class_counts if sample_cfg.labels == "train_freq" else None
+            source.labels = LabelPlan(sample_cfg.labels, num_real_classes(model), seed=seed, class_counts=counts)
         return source
 
     def __call__(self, model, n_samples: int, progress: bool = False) -> float:
@@ -93,6 +106,19 @@ class TrainingFID:
         stats = generated_statistics(lambda indices: source.uint8(indices)[0], n_samples, self.extractor,
                                      batch_size=self.config.eval.batch_size, state=self.state, progress=progress)
         fid = None
-        if rank_and_world(self.state)[0] == 0:  # the 2048-d matrix square root takes seconds: once
+        if rank_and_world(self.state)[0] == 0:  # the 2048-d matrix square root is costly: once
             fid = frechet_distance(stats["mu"], stats["sigma"], self.reference["mu"], self.reference["sigma"])
         return broadcast_from_main(fid, self.state)
+
+
+def end_of_run_metrics(config, ema, objective, image_shape, device) -> dict:
+    """The end-of-run check named by ``config.eval.metric`` (empty: none)."""
+    metric = config.eval.metric
+    if not metric:
+        return {}
+    if metric == "digits_accuracy":
+        labels = class_rows(num_real_classes(ema), config.eval.per_class)
+        samples = generate(ema, objective, config.sample, image_shape, labels=labels, seed=config.eval.seed,
+                           device=device)
+        return {"digits_accuracy": digits_classifier_accuracy(samples.cpu(), labels)}
+    raise AssertionError(f"eval.metric {metric!r} passed validation but has no implementation")

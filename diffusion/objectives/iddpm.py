@@ -18,7 +18,7 @@ rounding: every table is computed once in float64 and looked up as float32 (floa
 per-step arithmetic runs in that dtype. Tables are torch tensors cached per device, so nothing in the sampling
 loop touches numpy or the host.
 
-Interface as every objective of the project (see ``diffusion.objectives``):
+Interface as every objective of the project (see ``diffusion.objectives.vp``):
 ``training_losses(model, x0, cond) -> {"loss", "mse", "vb"}`` and ``sample(model, noise, cond, ...) -> x0``.
 The lower-level pieces (``q_sample``, ``p_mean_variance``, ``p_sample_loop``, ``ddim_sample_loop``, ...) take a
 ``model_fn(x_t, t_model) -> output`` with the conditioning already bound, and accept injected Gaussian draws.

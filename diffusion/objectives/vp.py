@@ -1,6 +1,6 @@
 """Noise schedules and the noise-prediction objective of the released U-ViT models.
 
-Two formulations, chosen by ``config.diffusion.kind`` (SPEC.md section 1):
+Two formulations, chosen by ``config.diffusion.kind`` (docs/originals.md#u-vit-diffusion-formulations):
 
 * ``"vp_sde"`` (CIFAR-10, CelebA, ImageNet 64, the U-ViT-L latent models): continuous-time VP SDE with
   beta(t) = beta_min + t (beta_max - beta_min), t ~ U[0, 1) in training, the network sees ``999 t``.
@@ -9,13 +9,14 @@ Two formulations, chosen by ``config.diffusion.kind`` (SPEC.md section 1):
   samplers treat it as continuous time t = n / 1000 and feed ``1000 t``.
 
 Both are VP processes x_t = alpha_t x_0 + sigma_t eps, described here by ``log alpha_t`` on t in [0, 1] so that
-every sampler of ``diffusion.samplers`` serves both. Every objective in the project (also ``diffusion.iddpm``) offers
-the same calls: ``training_losses(model, x0, cond) -> {"loss": (B,), ...}``, ``sample(model, noise, cond, ...) -> x0``
-and the tuple ``SAMPLERS`` of its sampler names.
+every sampler of ``diffusion.samplers`` serves both. Every objective in the project (also
+``diffusion.objectives.iddpm``) offers the same calls: ``training_losses(model, x0, cond) -> {"loss": (B,), ...}``,
+``sample(model, noise, cond, ...) -> x0`` and the tuple ``SAMPLERS`` of its sampler names.
 """
 
 from __future__ import annotations
 
+import inspect
 import math
 
 import torch
@@ -174,17 +175,26 @@ class NoisePredictionObjective:
                          randn=standard_normal(randn, generator), progress=progress)
 
 
+def build_vp_sde(beta_min: float = 0.1, beta_max: float = 20.0) -> NoisePredictionObjective:
+    """``diffusion.kind = "vp_sde"``: the continuous-time VP SDE; the network sees ``999 t``."""
+    return NoisePredictionObjective(LinearVPSchedule(beta_min, beta_max), time_input_scale=999.0,
+                                    discrete_training=False)
+
+
+def build_sd_discrete(num_steps: int = 1000, linear_start: float = 0.00085,
+                      linear_end: float = 0.012) -> NoisePredictionObjective:
+    """``diffusion.kind = "sd_discrete"``: the discrete "stable diffusion" schedule; the network sees the step."""
+    betas = stable_diffusion_betas(num_steps, linear_start, linear_end)
+    return NoisePredictionObjective(DiscreteVPSchedule(betas), time_input_scale=float(len(betas)),
+                                    discrete_training=True)
+
+
 def build_noise_prediction(kind: str, **kwargs) -> NoisePredictionObjective:
-    if kind == "vp_sde":
-        schedule = LinearVPSchedule(kwargs.pop("beta_min", 0.1), kwargs.pop("beta_max", 20.0))
-        obj = NoisePredictionObjective(schedule, time_input_scale=999.0, discrete_training=False)
-    elif kind == "sd_discrete":
-        betas = stable_diffusion_betas(kwargs.pop("num_steps", 1000), kwargs.pop("linear_start", 0.00085),
-                                       kwargs.pop("linear_end", 0.012))
-        obj = NoisePredictionObjective(DiscreteVPSchedule(betas), time_input_scale=float(len(betas)),
-                                       discrete_training=True)
-    else:
+    """``build_vp_sde`` or ``build_sd_discrete`` by ``kind``, refusing settings that kind does not have."""
+    builders = {"vp_sde": build_vp_sde, "sd_discrete": build_sd_discrete}
+    if kind not in builders:
         raise ValueError(f"unknown noise-prediction diffusion kind {kind!r}")
-    if kwargs:
-        raise ValueError(f"unknown diffusion settings for {kind!r}: {sorted(kwargs)}")
-    return obj
+    unknown = sorted(set(kwargs) - set(inspect.signature(builders[kind]).parameters))
+    if unknown:
+        raise ValueError(f"unknown diffusion settings for {kind!r}: {unknown}")
+    return builders[kind](**kwargs)

@@ -1,6 +1,6 @@
 """Every sampler behind the papers' numbers, behind one interface: ``objective.sample(model, noise, cond, ...)``.
 
-Noise-prediction VP objectives (U-ViT; ``diffusion.objectives``) run ``sample_vp``; ``steps`` counts network
+Noise-prediction VP objectives (U-ViT; ``diffusion.objectives.vp``) run ``sample_vp``; ``steps`` counts network
 evaluations (twice the batch with guidance, in one call). Defaults (``None``) are U-ViT's settings:
 
 | sampler        | method                                         | grid (default)                    | t_end |
@@ -17,11 +17,14 @@ ones, ``euler_maruyama`` with 1000 steps for CIFAR-10 and CelebA.) On a discrete
 first trained step, t = 1/N, unless asked. ``order`` (1-3) sets the highest order of the singlestep solvers,
 ``skip_type`` ("logSNR" | "time_uniform") the grid of every DPM-Solver/DDIM sampler.
 
-The improved-DDPM objective (DiT; ``diffusion.iddpm``) keeps its discrete ancestral and DDIM loops and shares
-``check_options`` and ``standard_normal`` from here.
+The improved-DDPM objective (DiT; ``diffusion.objectives.iddpm``) keeps its discrete ancestral and DDIM loops
+and shares ``check_options`` and ``standard_normal`` from here.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from functools import partial
 
 import torch
 
@@ -33,8 +36,6 @@ from diffusion.samplers.vp import EpsFn, Marginals, clip_x0, time_grid
 __all__ = ["SKIP_TYPES", "VP_SAMPLERS", "Marginals", "check_options", "default_skip_type", "default_t_end",
            "fast_orders", "sample_vp", "singlestep_times", "standard_normal", "time_grid"]
 
-VP_SAMPLERS = ("dpm_solver", "dpm_solver++", "dpm_solver++2m", "ddim", "euler_maruyama", "euler_ode")
-
 
 def default_t_end(sampler: str, schedule) -> float:
     """U-ViT's last time: 1e-4 for DPM-Solver on continuous time, else 1e-3; never below ``schedule.t_min``."""
@@ -43,6 +44,46 @@ def default_t_end(sampler: str, schedule) -> float:
 
 def default_skip_type(sampler: str) -> str:
     return "logSNR" if sampler == "dpm_solver" else "time_uniform"
+
+
+# Each sampler as a function of (eps_fn, schedule, x) and every option of sample_vp, taking the ones it uses.
+
+
+def _singlestep(eps_fn: EpsFn, schedule, x: torch.Tensor, *, data_prediction: bool, steps: int, order: int,
+                t_end: float, skip_type: str, progress: bool, **_) -> torch.Tensor:
+    return dpm_solver_singlestep(eps_fn, schedule, x, steps=steps, order=order, t_end=t_end, skip_type=skip_type,
+                                 data_prediction=data_prediction, progress=progress)
+
+
+def _multistep(eps_fn: EpsFn, schedule, x: torch.Tensor, *, steps: int, t_end: float, skip_type: str,
+               progress: bool, **_) -> torch.Tensor:
+    return dpm_solver_2m(eps_fn, schedule, x, steps=steps, t_end=t_end, skip_type=skip_type, progress=progress)
+
+
+def _ddim(eps_fn: EpsFn, schedule, x: torch.Tensor, *, steps: int, t_end: float, skip_type: str, eta: float,
+          randn: Randn, progress: bool, **_) -> torch.Tensor:
+    return ddim(eps_fn, schedule, x, steps=steps, t_end=t_end, skip_type=skip_type, eta=eta, randn=randn,
+                progress=progress)
+
+
+def _euler(eps_fn: EpsFn, schedule, x: torch.Tensor, *, stochastic: bool, steps: int, t_end: float, randn: Randn,
+           progress: bool, **_) -> torch.Tensor:
+    if steps < 2:
+        raise ValueError(f"{'euler_maruyama' if stochastic else 'euler_ode'} needs steps >= 2 (its grid is [0] + "
+                         f"linspace(t_end, 1, steps))")
+    return euler_maruyama(eps_fn, schedule, x, steps=steps, t_end=t_end, randn=randn if stochastic else None,
+                          progress=progress)
+
+
+_SAMPLERS: dict[str, Callable[..., torch.Tensor]] = {
+    "dpm_solver": partial(_singlestep, data_prediction=False),
+    "dpm_solver++": partial(_singlestep, data_prediction=True),
+    "dpm_solver++2m": _multistep,
+    "ddim": _ddim,
+    "euler_maruyama": partial(_euler, stochastic=True),
+    "euler_ode": partial(_euler, stochastic=False),
+}
+VP_SAMPLERS = tuple(_SAMPLERS)
 
 
 def sample_vp(eps_fn: EpsFn, schedule, noise: torch.Tensor, *, sampler: str, steps: int, order: int = 3,
@@ -54,20 +95,10 @@ def sample_vp(eps_fn: EpsFn, schedule, noise: torch.Tensor, *, sampler: str, ste
     in float32 (float64 for float64 noise); every table is a device tensor built before the loop.
     """
     check_options(sampler, VP_SAMPLERS, steps=steps, order=order, skip_type=skip_type, eta=eta, t_end=t_end)
-    if sampler in ("euler_maruyama", "euler_ode") and steps < 2:
-        raise ValueError(f"{sampler} needs steps >= 2 (its grid is [0] + linspace(t_end, 1, steps))")
     x = noise if noise.dtype == torch.float64 else noise.float()
     t_end = default_t_end(sampler, schedule) if t_end is None else t_end
     skip_type = default_skip_type(sampler) if skip_type is None else skip_type
     if clip_denoised:
         eps_fn = clip_x0(eps_fn, schedule)
-    if sampler in ("dpm_solver", "dpm_solver++"):
-        return dpm_solver_singlestep(eps_fn, schedule, x, steps=steps, order=order, t_end=t_end, skip_type=skip_type,
-                                     data_prediction=sampler == "dpm_solver++", progress=progress)
-    if sampler == "dpm_solver++2m":
-        return dpm_solver_2m(eps_fn, schedule, x, steps=steps, t_end=t_end, skip_type=skip_type, progress=progress)
-    if sampler == "ddim":
-        return ddim(eps_fn, schedule, x, steps=steps, t_end=t_end, skip_type=skip_type, eta=eta, randn=randn,
-                    progress=progress)
-    return euler_maruyama(eps_fn, schedule, x, steps=steps, t_end=t_end,
-                          randn=randn if sampler == "euler_maruyama" else None, progress=progress)
+    return _SAMPLERS[sampler](eps_fn, schedule, x, steps=steps, order=order, t_end=t_end, skip_type=skip_type,
+                              eta=eta, randn=randn, progress=progress)

@@ -1,9 +1,9 @@
 """VP marginals on a time grid: alpha_t, sigma_t and the half log-SNR lambda_t, computed once before a loop.
 
-A VP process has x_t = alpha_t x_0 + sigma_t eps with alpha_t^2 + sigma_t^2 = 1; a schedule (``diffusion.objectives``)
-supplies ``log_alpha(t)``, its inverse ``t_from_log_alpha`` and ``beta(t)``. DPM-Solver works in
-lambda_t = log(alpha_t / sigma_t) (Lu et al. 2022, "DPM-Solver", Sec. 3.1), which decreases strictly in t.
-Samplers see the network as ``eps_fn(x, t) -> eps`` with ``t`` a 0-dim device tensor.
+A VP process has x_t = alpha_t x_0 + sigma_t eps with alpha_t^2 + sigma_t^2 = 1; a schedule
+(``diffusion.objectives.vp``) supplies ``log_alpha(t)``, its inverse ``t_from_log_alpha`` and ``beta(t)``.
+DPM-Solver works in lambda_t = log(alpha_t / sigma_t) (Lu et al. 2022, "DPM-Solver", Sec. 3.1), which decreases
+strictly in t. Samplers see the network as ``eps_fn(x, t) -> eps`` with ``t`` a 0-dim device tensor.
 """
 
 from __future__ import annotations

@@ -16,22 +16,28 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
-from diffusion.sampling.per_sample import PerSampleNoise
+from diffusion.errors import ConfigError
+from diffusion.samplers.common import check_options
+from diffusion.sampling.per_sample import LabelPlan, PerSampleNoise
 
-if TYPE_CHECKING:
-    from diffusion.sampling.per_sample import LabelPlan
-
-
-# objective.sample keyword arguments that come from the ``sample`` config section
-SAMPLER_KEYS = ("sampler", "steps", "order", "t_end", "skip_type", "eta", "guidance_scale", "guidance_channels",
-                "clip_denoised")
-
-
+# The ``sample`` config keys that are keyword arguments of ``objective.sample``: key -> (type, meaning). The one
+# list of them: sample.py's flags and the job records derive from it.
+SAMPLER_SETTINGS = {
+    "sampler": (str, "one of the objective's samplers (diffusion.samplers; iddpm: ddpm, ddim)"),
+    "steps": (int, "network evaluations"),
+    "order": (int, "highest order of the singlestep DPM-Solvers (1-3)"),
+    "t_end": (float, "last time of the continuous-time samplers (default: the sampler's)"),
+    "skip_type": (str, "time grid of DPM-Solver and DDIM: logSNR | time_uniform"),
+    "eta": (float, "DDIM stochasticity (0 = deterministic)"),
+    "guidance_scale": (float, "guidance scale w in eps_u + w (eps_c - eps_u) (1 = none)"),
+    "guidance_channels": (str, "all, or k: guide only the first k channels"),
+    "clip_denoised": (bool, "clamp x0 predictions to [-1, 1] (default: the objective's setting)"),
+}
+SAMPLER_KEYS = tuple(SAMPLER_SETTINGS)
 
 
 def sample_settings(sample_cfg) -> dict:
@@ -50,15 +56,21 @@ def preview_settings(config):
 
 
 def check_settings(objective, settings: dict) -> None:
-    """Refuse sampler settings the objective cannot run, with the valid choices in the message."""
+    """Refuse sampler settings the objective cannot run, with the valid choices in the message (a ConfigError:
+    the settings come from the config and the command line)."""
     if settings["sampler"] not in objective.SAMPLERS:
-        raise ValueError(f"unknown sampler {settings['sampler']!r} for {type(objective).__name__}; "
-                         f"choose one of {', '.join(objective.SAMPLERS)}")
+        raise ConfigError(f"unknown sampler {settings['sampler']!r} for {type(objective).__name__}; "
+                          f"choose one of {', '.join(objective.SAMPLERS)}")
     if not isinstance(settings["steps"], int) or settings["steps"] < 1:
-        raise ValueError(f"steps must be a positive number of network evaluations, got {settings['steps']!r}")
+        raise ConfigError(f"steps must be a positive number of network evaluations, got {settings['steps']!r}")
     channels = str(settings["guidance_channels"])
     if channels != "all" and not (channels.isdigit() and int(channels) > 0):
-        raise ValueError(f"guidance_channels must be 'all' or a positive channel count, got {channels!r}")
+        raise ConfigError(f"guidance_channels must be 'all' or a positive channel count, got {channels!r}")
+    try:  # the samplers' own checks of the other options, before any network runs
+        check_options(settings["sampler"], objective.SAMPLERS, steps=settings["steps"], order=settings["order"],
+                      skip_type=settings["skip_type"], eta=settings["eta"], t_end=settings["t_end"])
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
 
 
 def num_real_classes(model) -> int:

@@ -14,7 +14,7 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
-from diffusion.errors import JobMismatchError
+from diffusion.errors import ConfigError, InputError, JobMismatchError
 from diffusion.files import write_atomic
 
 
@@ -64,7 +64,7 @@ class SampleJob:
         out = Path(out)
         for name, value in (("number of samples", num_samples), ("chunk size", chunk_size)):
             if value is not None and value < 1:
-                raise ValueError(f"the {name} must be positive, got {value}")
+                raise ConfigError(f"the {name} must be positive, got {value}")
         settings = json.loads(json.dumps(settings))  # the form it takes in the JSON record
         record = out.with_suffix(".job.json")
         if record.is_file():
@@ -97,11 +97,15 @@ class SampleJob:
         write_atomic(self.chunk_path(c), lambda f: np.savez(f, **arrays))
 
     def read_chunk(self, c: int) -> tuple[np.ndarray, np.ndarray | None]:
-        with np.load(self.chunk_path(c)) as data:
-            images = data["images"]
-            labels = data["labels"] if "labels" in data else None
+        try:
+            with np.load(self.chunk_path(c)) as data:
+                images = data["images"]
+                labels = data["labels"] if "labels" in data else None
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as err:
+            raise InputError(f"{self.chunk_path(c)} is unreadable ({type(err).__name__}: {err}); delete it and "
+                             f"re-run to redraw it") from None
         if len(images) != len(self.chunk_indices(c)):
-            raise ValueError(f"{self.chunk_path(c)} holds {len(images)} samples, expected "
+            raise InputError(f"{self.chunk_path(c)} holds {len(images)} samples, expected "
                              f"{len(self.chunk_indices(c))}; delete it and re-run to redraw it")
         return images, labels
 

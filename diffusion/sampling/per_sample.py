@@ -9,20 +9,19 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 
-LABEL_MODES = ("uniform", "balanced", "train_freq")
-
+from diffusion.config.schema import LABEL_MODES
+from diffusion.errors import ConfigError
+from diffusion.seeds import derive_seed
 
 _NOISE, _LABELS = 0, 1  # independent random streams of one sample
 
 
 def index_seed(seed: int, index: int, stream: int) -> int:
-    """A 63-bit seed for one random stream of sample ``index``; hashed (numpy's SeedSequence) so that nearby
-    (seed, index) pairs give unrelated streams."""
-    state = np.random.SeedSequence([seed % 2**64, index, stream]).generate_state(1, np.uint64)[0]
-    return int(state) >> 1
+    """A 63-bit seed for one random stream of sample ``index`` (``derive_seed(seed, index, stream)``), so that nearby
+    (seed, index) pairs give unrelated streams. Sample jobs on disk hold samples drawn with it: never change it."""
+    return derive_seed(seed, index, stream)
 
 
 class PerSampleNoise:
@@ -66,16 +65,16 @@ class LabelPlan:
 
     def __post_init__(self):
         if self.mode not in (*LABEL_MODES, "given"):
-            raise ValueError(f"unknown label distribution {self.mode!r}; choose one of {', '.join(LABEL_MODES)}")
+            raise ConfigError(f"unknown label distribution {self.mode!r}; choose one of {', '.join(LABEL_MODES)}")
         if self.num_classes < 1:
-            raise ValueError("labels need a class-conditional model")
+            raise ConfigError("labels need a class-conditional model")
         if self.mode == "given":
             check_labels(self.given or [], self.num_classes)
             if not self.given:
-                raise ValueError("no labels given")
+                raise ConfigError("no labels given")
         if self.mode == "train_freq" and len(self.class_counts or []) != self.num_classes:
-            raise ValueError(f"train_freq needs {self.num_classes} class counts (the model's classes), got "
-                             f"{len(self.class_counts or [])}")
+            raise ConfigError(f"train_freq needs {self.num_classes} class counts (the model's classes), got "
+                              f"{len(self.class_counts or [])}")
         if self.mode == "balanced":
             self._perm = torch.randperm(self.num_classes, generator=torch.Generator().manual_seed(
                 index_seed(self.seed, 0, _LABELS + 1)))
@@ -106,7 +105,7 @@ class LabelPlan:
 def check_labels(labels: Sequence[int], num_classes: int) -> None:
     bad = [c for c in labels if not 0 <= c < num_classes]
     if bad:
-        raise ValueError(f"labels {bad} out of range: this model has classes 0..{num_classes - 1}")
+        raise ConfigError(f"labels {bad} out of range: this model has classes 0..{num_classes - 1}")
 
 
 def class_counts_from_folder(folder: str | Path) -> list[int]:
@@ -129,7 +128,7 @@ def training_class_counts(config, meta: dict) -> list[int]:
     try:
         return class_counts_from_folder(folder)
     except (FileNotFoundError, NotADirectoryError) as err:
-        raise ValueError(
+        raise ConfigError(
             f"--label_dist train_freq needs the training set's class frequencies: the checkpoint records no "
             f"class_counts and {folder} is not an ImageFolder tree ({err}). Point --config.data.root at the "
             f"dataset (its train/ folder is counted), or use --label_dist uniform|balanced") from None

@@ -9,16 +9,14 @@ at any time. ``scripts/benchmark.py`` is the command line over this module.
 What one repeat times: ``train`` -- ``steps`` optimizer steps (forward, loss, backward, AdamW, EMA update; with
 ``data="loader"`` also reading and, for on-the-fly latent training, VAE-encoding the batch); ``sample`` -- one batch
 drawn with the configured sampler at ``nfe`` network evaluations (with classifier-free guidance when ``guidance`` > 1,
-both halves in one batched forward). FLOPs are the forward's, counted on the meta device with the explicit attention
-path (FlopCounterMode does not see SDPA's CPU kernels); MFU = FLOPs actually needed per second / measured peak, with
-a training step costing 3x the forward.
+both halves in one batched forward). FLOPs are the forward's (:func:`diffusion.tools.flops.forward_flops`); MFU =
+FLOPs actually needed per second / the measured matmul peak, with a training step costing 3x the forward.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
-import inspect
 import json
 import multiprocessing as mp
 import os
@@ -28,7 +26,20 @@ import statistics
 import time
 from dataclasses import dataclass, field
 
+import accelerate
+import diffusers
 import torch
+
+from diffusion.config.loading import apply_override, load_config, parse_value
+from diffusion.config.schema import base_config
+from diffusion.errors import ConfigError
+from diffusion.registry import build_model, build_objective, set_attention
+from diffusion.sampling.generate import sample_settings
+from diffusion.sampling.loader import input_shape
+from diffusion.tools.flops import forward_flops, synthetic_conditioning
+from diffusion.training.data import batch_conditioning, prepare_data, stream_batches
+from diffusion.training.pieces import update_ema
+from diffusion.training.speed import OPTIMIZER_IMPLS, adamw, reuse_freed_memory
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -58,14 +69,6 @@ class Variant:
     config: dict = field(default_factory=dict)
 
 
-def _parse_bool(text: str) -> bool:
-    if text.lower() in ("1", "true", "yes", "on"):
-        return True
-    if text.lower() in ("0", "false", "no", "off"):
-        return False
-    raise ValueError(f"expected true/false, got {text!r}")
-
-
 def parse_variant(spec: str) -> Variant:
     """``NAME:key=value,key=value``: keys are :class:`Variant` fields, ``options=<set>`` (an OPTION_SETS entry) or
     dotted config keys (``data.name=latents``), e.g. ``bf16-math:precision=bf16,options=plain,attention=math``."""
@@ -75,17 +78,17 @@ def parse_variant(spec: str) -> Variant:
     for item in filter(None, body.split(",")):
         key, sep, text = item.partition("=")
         if not sep:
-            raise ValueError(f"variant {spec!r}: {item!r} is not key=value")
+            raise ConfigError(f"variant {spec!r}: {item!r} is not key=value")
         if key == "options":
             if text not in OPTION_SETS:
-                raise ValueError(f"variant {spec!r}: unknown option set {text!r}; known: {', '.join(OPTION_SETS)}")
+                raise ConfigError(f"variant {spec!r}: unknown option set {text!r}; known: {', '.join(OPTION_SETS)}")
             values.update(OPTION_SETS[text])
         elif "." in key:
             config[key] = text
         elif key in fields and key not in ("name", "config"):
-            values[key] = _parse_bool(text) if "bool" in str(fields[key].type) else text
+            values[key] = parse_value(text, True) if "bool" in str(fields[key].type) else text
         else:
-            raise ValueError(f"variant {spec!r}: unknown key {key!r}; known: options, "
+            raise ConfigError(f"variant {spec!r}: unknown key {key!r}; known: options, "
                              f"{', '.join(k for k in fields if k not in ('name', 'config'))}, or a dotted config key")
     variant = Variant(name=name, config=config, **values)
     check_variant(variant)
@@ -93,14 +96,12 @@ def parse_variant(spec: str) -> Variant:
 
 
 def check_variant(variant: Variant) -> None:
-    from diffusion.training.speed import OPTIMIZER_IMPLS
-
     for key, value, known in (("precision", variant.precision, tuple(PRECISIONS)),
                               ("attention", variant.attention, ("auto", "sdpa", "math")),
                               ("optimizer", variant.optimizer, OPTIMIZER_IMPLS),
                               ("data", variant.data, ("synthetic", "loader"))):
         if value not in known:
-            raise ValueError(f"variant {variant.name!r}: unknown {key} {value!r}; known: {', '.join(known)}")
+            raise ConfigError(f"variant {variant.name!r}: unknown {key} {value!r}; known: {', '.join(known)}")
 
 
 def standard_variants(precisions: list[str], option_sets: list[str]) -> list[Variant]:
@@ -132,57 +133,22 @@ class Setup:
 
 
 def build_config(setup: Setup, variant: Variant):
-    from diffusion.config.loading import apply_override, load_config
-    from diffusion.config.recipes import dit_paper_recipe
-    from diffusion.config.schema import base_config
-
     if setup.config_path:
         config = load_config(setup.config_path)
     else:
         config = base_config()
-        if setup.preset.startswith("DiT"):
-            config = dit_paper_recipe(config)
+        if setup.preset.startswith("DiT"):  # DiT's recipe, as configs/imagenet256_dit_xl2.py writes it out
+            config.model.update(class_dropout_prob=0.1, learn_sigma=True)
+            config.diffusion.update(kind="iddpm", num_steps=1000, beta_schedule="linear", learn_sigma=True)
+            config.optim.update(lr=1e-4, betas=(0.9, 0.999), weight_decay=0.0, warmup_steps=0)
+            config.train.update(batch_size=256, ema_decay=0.9999, grad_clip=0.0, mixed_precision="no", tf32=True)
+            config.sample.update(sampler="ddpm", steps=250, guidance_scale=1.5, guidance_channels="all")
         config.model.update(name="dit" if setup.preset.startswith("DiT") else "uvit", preset=setup.preset)
     for key, text in {**setup.overrides, **variant.config}.items():
         apply_override(config, key, str(text))
     if variant.checkpointing is not None:
         config.model.use_checkpoint = variant.checkpointing
     return config
-
-
-def input_shape(net: torch.nn.Module, model_kwargs: dict) -> tuple[int, int, int]:
-    """(C, H, W) the backbone takes, from its constructor keywords and their defaults."""
-    defaults = {k: p.default for k, p in inspect.signature(type(net)).parameters.items()}
-    kw = {**defaults, **model_kwargs}
-    channels = kw.get("in_chans", kw.get("in_channels"))
-    size = kw.get("img_size", kw.get("input_size"))
-    return int(channels), int(size), int(size)
-
-
-def synthetic_conditioning(net, batch: int, device, generator: torch.Generator) -> dict:
-    from diffusion.sampling.generate import num_real_classes
-
-    if getattr(net, "clip_dim", None) is not None:
-        return {"context": torch.randn(batch, net.num_clip_token, net.clip_dim, generator=generator).to(device)}
-    classes = num_real_classes(net)
-    return {"y": torch.randint(0, classes, (batch,), generator=generator).to(device)} if classes > 0 else {}
-
-
-def forward_flops(config, shape: tuple[int, int, int], cond: dict) -> int:
-    """FLOPs (2 per multiply-add) of one forward for one sample, counted on the meta device."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    from diffusion.registry import build_model, set_attention
-
-    with torch.device("meta"):
-        net = set_attention(build_model(config.model), "math").eval()
-        x = torch.zeros(1, *shape)
-        t = torch.zeros(1)
-        meta_cond = {k: torch.zeros((1, *v.shape[1:]), dtype=v.dtype) for k, v in cond.items()}
-    counter = FlopCounterMode(display=False)
-    with counter, torch.no_grad():
-        net(x, t, **meta_cond)
-    return int(counter.get_total_flops())
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -202,9 +168,6 @@ class Workload:
     """The model, data and step of one variant, built inside its worker."""
 
     def __init__(self, setup: Setup, variant: Variant):
-        from diffusion.registry import build_model, build_objective, resolve_model_kwargs, set_attention
-        from diffusion.training.speed import adamw
-
         self.setup, self.variant = setup, variant
         self.device = torch.device(setup.device)
         self.config = config = build_config(setup, variant)
@@ -215,11 +178,11 @@ class Workload:
         self.model = torch.compile(self.net) if variant.compile else self.net
         self.objective = build_objective(config.diffusion)
         generator = torch.Generator().manual_seed(setup.seed)
-        self.shape = input_shape(self.net, resolve_model_kwargs(config.model)[1])
+        self.shape = input_shape(config)
         self.batches = self._loader() if variant.data == "loader" else None
         self.x = torch.randn(setup.batch, *self.shape, generator=generator).to(self.device)
         self.cond = synthetic_conditioning(self.net, setup.batch, self.device, generator)
-        self.flops = forward_flops(config, self.shape, self.cond)
+        self.flops = forward_flops(config, self.cond)
         self.autocast = torch.autocast(self.device.type, dtype=PRECISIONS[variant.precision],
                                        enabled=variant.precision != "fp32")
         if setup.task == "train":
@@ -240,8 +203,6 @@ class Workload:
 
     def _loader(self):
         """The config's dataset through the trainer's data path (StreamItems, on-the-fly VAE encoding)."""
-        from diffusion.training.data import prepare_data, stream_batches
-
         self.data = prepare_data(self.config, self.device)
         return stream_batches(self.data.dataset, self.setup.seed, self.setup.batch, self.config.data.num_workers,
                               self.device)
@@ -249,8 +210,6 @@ class Workload:
     def _next_batch(self) -> tuple[torch.Tensor, dict]:
         if self.batches is None:
             return self.x, self.cond
-        from diffusion.training.data import batch_conditioning
-
         batch = next(self.batches)
         x = batch["x"].to(self.device, non_blocking=True)
         if self.data.encode is not None:
@@ -275,8 +234,6 @@ class Workload:
     # -- steps -----------------------------------------------------------------------------------------------
 
     def train_step(self) -> None:
-        from diffusion.training.pieces import update_ema
-
         x, cond = self._next_batch()
         if self.variant.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
@@ -294,8 +251,6 @@ class Workload:
         self.losses.append(loss.item())
 
     def sample_batch(self) -> None:
-        from diffusion.sampling.generate import sample_settings
-
         cfg = self.config.sample
         settings = sample_settings(cfg)
         settings.update(steps=self.setup.nfe or settings["steps"], sampler=self.setup.sampler or settings["sampler"])
@@ -332,8 +287,6 @@ def _worker(conn, setup: Setup, variant: Variant) -> None:
         if setup.threads:
             torch.set_num_threads(setup.threads)
         if variant.reuse_memory and setup.device == "cpu":
-            from diffusion.training.speed import reuse_freed_memory
-
             reuse_freed_memory()
         if variant.tf32 and setup.device.startswith("cuda"):
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
@@ -351,30 +304,7 @@ def _worker(conn, setup: Setup, variant: Variant) -> None:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def matmul_peak(dtype: torch.dtype, device: str, size: int = 0, repeats: int = 5) -> float:
-    """The best FLOP/s of square matmuls on this machine in ``dtype`` (CPU: 2048, GPU: 8192)."""
-    size = size or (8192 if device.startswith("cuda") else 2048)
-    a = torch.randn(size, size, device=device).to(dtype)
-    b = torch.randn(size, size, device=device).to(dtype)
-    out = torch.empty(size, size, device=device, dtype=dtype)
-    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
-    inner = 20 if device.startswith("cuda") else 3
-    torch.mm(a, b, out=out)
-    best = 0.0
-    for _ in range(repeats):
-        sync()
-        start = time.perf_counter()
-        for _ in range(inner):
-            torch.mm(a, b, out=out)
-        sync()
-        best = max(best, inner * 2 * size**3 / (time.perf_counter() - start))
-    return best
-
-
 def machine_info(device: str) -> dict:
-    import accelerate
-    import diffusers
-
     cpu = platform.processor()
     try:
         with open("/proc/cpuinfo") as f:
@@ -478,52 +408,3 @@ def write_report(path: str, results: list[dict], info: dict, peaks: dict, setup_
               "results": results}
     with open(path, "w") as f:
         json.dump(report, f, indent=2)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Latent training end to end: cached latents vs encoding with the SD VAE at every step
-# ----------------------------------------------------------------------------------------------------------
-
-# The Stable Diffusion KL-f8 autoencoder (stabilityai/sd-vae-ft-ema's config.json): randomly initialised it costs the
-# same time as the trained one.
-SD_VAE_CONFIG = dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(128, 256, 512, 512),
-                     down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-                     layers_per_block=2, norm_num_groups=32, act_fn="silu", sample_size=256)
-
-
-def prepare_latent_fixture(folder: str, resolution: int = 256, images: int = 16, progress=print) -> dict:
-    """``folder``/imagenet/train (an ImageFolder of JPEGs, 2 classes), ``folder``/sd-vae (a random SD-architecture
-    AutoencoderKL saved with save_pretrained) and ``folder``/latents (their moments, extracted by
-    diffusion.latents.extract_imagefolder). Reused when already there. Returns the config overrides of the two data
-    paths: ``cached`` and ``vae`` (on-the-fly encoding, the original DiT's way)."""
-    from pathlib import Path
-
-    import numpy as np
-    from PIL import Image
-
-    from diffusion.data.extraction import extract_imagefolder
-
-    root = Path(folder)
-    train = root / "imagenet" / "train"
-    vae = root / "sd-vae"
-    latents = root / "latents"
-    if not (train / "done").exists():
-        rng = np.random.default_rng(0)
-        for i in range(images):
-            (train / f"class_{i % 2}").mkdir(parents=True, exist_ok=True)
-            smooth = rng.random((resolution // 16, resolution // 16, 3)) * 255
-            image = Image.fromarray(smooth.astype(np.uint8)).resize((resolution + 32, resolution), Image.BICUBIC)
-            image.save(train / f"class_{i % 2}" / f"{i:05d}.JPEG", quality=90)
-        (train / "done").touch()
-    if not (vae / "config.json").exists():
-        from diffusers import AutoencoderKL
-
-        torch.manual_seed(0)
-        AutoencoderKL(**SD_VAE_CONFIG).save_pretrained(vae)
-    if not (latents / "manifest.json").exists():
-        progress(f"[benchmark] extracting the latents of {images} images with the SD VAE (once)")
-        extract_imagefolder(train, latents, resolution=resolution, autoencoder=str(vae), batch_size=8, num_workers=0)
-    common = {"autoencoder.pretrained": str(vae), "data.image_size": str(resolution), "data.num_workers": "0",
-              "data.verify_checksums": "false"}
-    return {"cached": {**common, "data.name": "latents", "data.root": str(latents)},
-            "vae": {**common, "data.name": "imagenet", "data.root": str(root / "imagenet")}}

@@ -1,20 +1,26 @@
-"""The training data as the loop sees it: the dataset, its codecs, the conditioning of a batch, a step's draws."""
+"""The training data as the loop sees it: the dataset, its codecs, the stream of batches, the conditioning of a
+batch, a step's draws."""
 
 from __future__ import annotations
 
+import logging
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
+from diffusion.data.autoencoder import Autoencoder
+from diffusion.data.cached import CACHED_FEATURE_DATASETS
 from diffusion.data.datasets import build_dataset
 from diffusion.data.stream import InfiniteSampler, StreamItems
-from diffusion.errors import ConfigError
+from diffusion.errors import ConfigError, UnreadableDataError
 from diffusion.sampling.generate import num_real_classes
+from diffusion.seeds import derive_seed
 from diffusion.training.pieces import drop_contexts, drop_labels
 from diffusion.training.stopping import ignore_stop_signals
 
-LATENT_DATASETS = ("latents", "coco_latents")  # yield scaled SD-VAE latents already
+log = logging.getLogger("diffusion.train")
 
 
 @dataclass
@@ -47,17 +53,16 @@ def class_counts(dataset) -> list[int] | None:
 
 
 def prepare_data(config, device) -> TrainData:
+    """The training set of ``config.data`` with the autoencoder around it (latent models), as :class:`TrainData`."""
     autoencoder = None
     if config.autoencoder.pretrained:
-        from diffusion.data.autoencoder import Autoencoder
-
         autoencoder = Autoencoder.from_config(config.autoencoder, device=device)
-    elif config.data.name in LATENT_DATASETS:
+    elif config.data.name in CACHED_FEATURE_DATASETS:  # scaled latents already
         raise ConfigError(f"data.name={config.data.name!r} holds SD-VAE latents: set autoencoder.pretrained to the "
                           f"autoencoder they were extracted with (checked against the manifest; decodes previews)")
     dataset = build_dataset(config.data, train=True, autoencoder_cfg=config.autoencoder,
                             text_encoder_cfg=config.text_encoder)
-    on_the_fly = autoencoder is not None and config.data.name not in LATENT_DATASETS
+    on_the_fly = autoencoder is not None and config.data.name not in CACHED_FEATURE_DATASETS
     example, _ = StreamItems(dataset, config.seed).read(0)
     shape = autoencoder.latent_shape(config.data.image_size) if on_the_fly else tuple(example["x"].shape)
     null_context = getattr(dataset, "null_context", None)
@@ -118,6 +123,20 @@ def stream_batches(dataset, seed: int, batch_size: int, num_workers: int, device
     return iter(loader)
 
 
+def count_skipped(skipped: list[str], on_corrupt: str, rank: int, world: int) -> int:
+    """Apply data.on_corrupt to the unreadable images a micro-batch replaced: stop naming the file, or warn."""
+    errors = [error for item in skipped if item for error in item.split("\n")]
+    if errors and on_corrupt == "error":
+        raise UnreadableDataError(f"{errors[0]}. Replace or delete the file, or set --config.data.on_corrupt=skip to "
+                                  f"skip unreadable images (each is replaced by the next readable one and counted)")
+    for error in errors:
+        where = f" (process {rank})" if world > 1 else ""
+        print(f"[train] warning{where}: skipped an unreadable image, the next readable one took its place: {error}",
+              file=sys.stderr)
+        log.warning("skipped an unreadable image: %s", error)
+    return len(errors)
+
+
 @dataclass
 class StepDraws:
     """Times, noise and dropout draws of one step for the whole global batch, rows in stream order."""
@@ -131,3 +150,13 @@ class StepDraws:
         positions r, r + world, ..., so micro-batch m holds the step's rows m * mb * world + r + j * world."""
         rows = slice(micro * micro_batch * world + rank, (micro + 1) * micro_batch * world, world)
         return {"t": self.t[rows], "noise": self.noise[rows]}, self.uniform[rows]
+
+
+def step_draws(objective, batch_size: int, shape: tuple[int, ...], seed: int, step: int, device) -> StepDraws:
+    """The draws of step ``step`` for all ``batch_size`` rows of the global batch at once, from one generator on the
+    device: the same numbers for any process count, micro-batch size or accumulation."""
+    generator = torch.Generator(device).manual_seed(derive_seed(seed, "global draws", step))
+    t = objective.sample_time(batch_size, device, generator)
+    uniform = torch.rand(batch_size, device=device, generator=generator)
+    noise = torch.randn((batch_size, *shape), device=device, generator=generator)
+    return StepDraws(t=t, noise=noise, uniform=uniform)

@@ -5,7 +5,8 @@ AdamW state live as DTensor shards, 1/N per process, gathered block by block for
 trainer keeps outside the sharded network is kept so that nothing else changes:
 
 * Checkpoints are the ordinary full state dicts (same keys, same optimizer layout): :func:`full_state` gathers the
-  shards at save time, and :func:`shard_optimizer_state` cuts a loaded optimizer state back into shards. A checkpoint
+  shards at save time, and :func:`shard_like` and :func:`shard_optimizer_state` cut loaded weights and optimizer
+  state back into shards. A checkpoint
   written with FSDP resumes without it and the other way round, and sample.py reads it as any other.
 * The EMA is averaged shard by shard (:class:`ShardedEMA`, no communication in the step) and gathered into the full
   EMA module, which previews, FID and checkpoints read, only when they read it.
@@ -87,6 +88,15 @@ def _like(value, param: torch.Tensor):
     return value
 
 
+def shard_like(state: dict, module: torch.nn.Module) -> dict:
+    """A full state dict (every process holds it) with each tensor cut into the shards of ``module``'s entry of the
+    same name and shape, ready for ``module.load_state_dict``; as it is for an unsharded module."""
+    if not is_sharded(module):
+        return state
+    own = module.state_dict()
+    return {k: _like(v, own[k]) if k in own else v for k, v in state.items()}
+
+
 def shard_optimizer_state(state: dict, optimizer: torch.optim.Optimizer) -> dict:
     """A full optimizer state dict (every process holds it) with each per-parameter tensor cut into the shards of its
     parameter, ready for ``optimizer.load_state_dict``. Saved states number the parameters in param-group order."""
@@ -101,7 +111,12 @@ class ShardedEMA:
 
     def __init__(self, ema: torch.nn.Module, net: torch.nn.Module):
         self.ema, self.net = ema, net
-        self.shards = [_like(e.detach().float(), p) for e, p in zip(ema.parameters(), net.parameters(), strict=True)]
+        self.reshard()
+
+    def reshard(self) -> None:
+        """Cut the full EMA module into shards again (after a resume loaded it)."""
+        params = zip(self.ema.parameters(), self.net.parameters(), strict=True)
+        self.shards = [_like(e.detach().float(), p) for e, p in params]
         self.stale = False
 
     @torch.no_grad()

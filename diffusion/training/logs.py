@@ -6,13 +6,8 @@ import logging
 import sys
 import uuid
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 log = logging.getLogger("diffusion.train")
-
-
-if TYPE_CHECKING:
-    from diffusion.training.run import Run
 
 
 def setup_logging(workdir: Path, is_main: bool) -> None:
@@ -55,8 +50,8 @@ class WandbLogger:
             self.run.finish()
 
 
-def report(run: Run, text: str) -> None:
-    """A notice for the user on stderr and in log.txt (rank 0)."""
-    if run.is_main:
+def report(is_main: bool, text: str) -> None:
+    """A notice for the user on stderr and in log.txt (rank 0: ``is_main``)."""
+    if is_main:
         log.warning("%s", text)
         print(f"[train] {text}", file=sys.stderr)

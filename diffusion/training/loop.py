@@ -1,25 +1,26 @@
-"""The training loop: one for every backbone, objective and dataset, read top to bottom.
+"""The training loop, read top to bottom: :func:`train`, one optimizer step, the loop, saving, previews, FID and the
+end of the run -- one loop for every backbone, objective and dataset (the run's objects are built in run.py).
 
 accelerate provides devices, DDP over processes and nodes -- or, with ``train.fsdp``, sharded training
-(diffusion/distributed.py) -- and mixed precision (autocast + fp16 grad scaler). Weights, optimizer state and the EMA
-stay fp32.
+(diffusion/training/distributed.py) -- and mixed precision (autocast + fp16 grad scaler). Weights, optimizer state and
+the EMA stay fp32.
 
-Determinism. The randomness of step s is a function of (seed, s): with ``train.global_noise`` the noise, times and
-label/caption dropout of the whole global batch come from one generator seeded by (seed, s) and each process takes
-its rows, so 2 processes x B, 1 process x 2B and 2 accumulation steps x B are the same run; torch's global RNG is
-reseeded from (seed, rank, s) every step; and an item's augmentation depends on its position in the data stream
-(``diffusion.data.StreamItems``). Checkpoints store the samples consumed, so a run resumed from any checkpoint --
-also one saved on a signal at an arbitrary step -- continues bit-identically (CPU, fp32).
+Determinism. The randomness of step s is a function of (seed, s), every stream's seed derived by
+:func:`diffusion.seeds.derive_seed`: with ``train.global_noise`` the noise, times and label/caption dropout of the
+whole global batch come from one generator seeded by (seed, s) and each process takes its rows, so 2 processes x B,
+1 process x 2B and 2 accumulation steps x B are the same run; torch's global RNG is reseeded from (seed, rank, s)
+every step; and an item's augmentation depends on its position in the data stream
+(:class:`diffusion.data.stream.StreamItems`). Checkpoints store the samples consumed, so a run resumed from any
+checkpoint -- also one saved on a signal at an arbitrary step -- continues bit-identically (CPU, fp32).
 
 Robustness. One run per working directory (``train.lock``). SIGTERM, SIGINT and SIGUSR1 save a checkpoint at the
 next step boundary and raise :class:`StoppedBySignal` (train.py exits 3); a second signal exits at once. Resume
 takes the newest checkpoint whose checksums verify, naming the damaged ones it skips, and refuses config changes
-that would alter the run (:data:`RESUMABLE_CHANGES` lists those it accepts) unless ``allow_config_change``.
+that would alter the run (resume.py's ``RESUMABLE_CHANGES`` lists those it accepts) unless ``allow_config_change``.
 """
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import math
@@ -28,64 +29,52 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 from tqdm.auto import tqdm
 
 from diffusion import checkpoint as ckpt
 from diffusion.config.schema import check_values
-from diffusion.errors import UnreadableDataError
-from diffusion.evaluation.digits_accuracy import digits_classifier_accuracy
-from diffusion.evaluation.training import FidHistory, TrainingFID, fid_name
-from diffusion.sampling.generate import generate, num_real_classes, preview_settings
-from diffusion.sampling.grids import class_rows, sample_grid
-from diffusion.training.data import StepDraws, batch_conditioning, preview_contexts, stream_batches
-from diffusion.training.distributed import (
-    full_state,
-)
+from diffusion.errors import NonFiniteLossError
+from diffusion.evaluation.training import end_of_run_metrics, fid_name
+from diffusion.registry import set_attention
+from diffusion.sampling.generate import preview_settings
+from diffusion.sampling.grids import sample_grid
+from diffusion.sampling.loader import load_for_sampling
+from diffusion.training.data import batch_conditioning, count_skipped, preview_contexts, step_draws, stream_batches
+from diffusion.training.distributed import full_state
 from diffusion.training.logs import report
 from diffusion.training.pieces import ema_decay_at, learning_rate, reseed, update_ema
-from diffusion.training.resume import prepare, resume
-from diffusion.training.run import announce, start_run
+from diffusion.training.resume import Progress
+from diffusion.training.run import Run, start_run
 from diffusion.training.stopping import StoppedBySignal, StopRequest, workdir_lock
-
-if TYPE_CHECKING:
-    from diffusion.training.run import Progress, Run
-
 
 log = logging.getLogger("diffusion.train")
 
 
-def training_batches(run: Run, samples_seen: int):
-    """This process's micro-batches from global stream position ``samples_seen`` on, endlessly."""
-    return stream_batches(run.data.dataset, run.config.seed, run.micro_batch, run.config.data.num_workers, run.device,
-                          run.rank, run.world, samples_seen)
+def train(config, workdir: str | Path, allow_config_change: bool = False) -> Path:
+    """Train from ``config`` in ``workdir``, resuming from its newest intact checkpoint. Returns the final checkpoint.
+
+    Raises StoppedBySignal once a checkpoint is saved after SIGTERM/SIGINT/SIGUSR1; ConfigError for settings that
+    cannot work or that change the run being resumed (unless ``allow_config_change``); WorkdirBusyError when
+    another live run holds ``workdir``; CheckpointSaveError when a checkpoint cannot be written.
+    """
+    check_values(config)
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    with workdir_lock(workdir), StopRequest() as stop:
+        run, progress = start_run(config, workdir, allow_config_change)
+        final = train_loop(run, progress, stop)
+        if stop.agreed(run.accelerator):
+            run.wandb.finish()
+            raise StoppedBySignal(stop.signal_name or "a signal to another process", progress.step,
+                                  final if run.is_main else None)
+        return finish(run, progress, final)
 
 
-def count_skipped(run: Run, skipped: list[str]) -> int:
-    """Apply data.on_corrupt to the unreadable images a micro-batch replaced: stop naming the file, or warn."""
-    errors = [error for item in skipped if item for error in item.split("\n")]
-    if errors and run.config.data.on_corrupt == "error":
-        raise UnreadableDataError(f"{errors[0]}. Replace or delete the file, or set --config.data.on_corrupt=skip to "
-                                  f"skip unreadable images (each is replaced by the next readable one and counted)")
-    for error in errors:
-        where = f" (process {run.rank})" if run.world > 1 else ""
-        print(f"[train] warning{where}: skipped an unreadable image, the next readable one took its place: {error}",
-              file=sys.stderr)
-        log.warning("skipped an unreadable image: %s", error)
-    return len(errors)
-
-
-def step_draws(run: Run, step: int) -> StepDraws:
-    """One generator seeded by (seed, step), on the device, drawing for ``train.batch_size`` rows at once: the
-    same numbers for any process count, micro-batch size or accumulation."""
-    n = run.config.train.batch_size
-    generator = torch.Generator(run.device).manual_seed((run.config.seed + 1) * 6_364_136_223_846_793 + step)
-    t = run.objective.sample_time(n, run.device, generator)
-    uniform = torch.rand(n, device=run.device, generator=generator)
-    noise = torch.randn((n, *run.data.shape), device=run.device, generator=generator)
-    return StepDraws(t=t, noise=noise, uniform=uniform)
+# ----------------------------------------------------------------------------------------------------------
+# One optimizer step
+# ----------------------------------------------------------------------------------------------------------
 
 
 @dataclass
@@ -101,15 +90,16 @@ class Window:
 
 def train_step(run: Run, batches, progress: Progress, window: Window) -> None:
     """One optimizer step over grad_accum_steps micro-batches, then the EMA update."""
-    tc, oc = run.config.train, run.config.optim
-    reseed(run.config.seed, run.rank, progress.step)
+    tc, oc, seed = run.config.train, run.config.optim, run.config.seed
+    reseed(seed, run.rank, progress.step)
     window.lr = learning_rate(progress.step, oc.lr, oc.warmup_steps)
     for group in run.optimizer.param_groups:
         group["lr"] = window.lr
-    draws = step_draws(run, progress.step) if tc.global_noise else None
+    draws = (step_draws(run.objective, tc.batch_size, run.data.shape, seed, progress.step, run.device)
+             if tc.global_noise else None)
     for micro in range(tc.grad_accum_steps):
         batch = next(batches)
-        window.skipped += count_skipped(run, batch.pop("skipped"))
+        window.skipped += count_skipped(batch.pop("skipped"), run.config.data.on_corrupt, run.rank, run.world)
         given, uniform = draws.rows(micro, run.micro_batch, run.rank, run.world) if draws else ({}, None)
         x = batch["x"].to(run.device, non_blocking=True)
         if run.data.encode is not None:
@@ -134,6 +124,35 @@ def train_step(run: Run, batches, progress: Progress, window: Window) -> None:
     window.steps += 1
 
 
+# ----------------------------------------------------------------------------------------------------------
+# The loop
+# ----------------------------------------------------------------------------------------------------------
+
+
+def train_loop(run: Run, progress: Progress, stop: StopRequest) -> Path:
+    """Steps until train.steps or a stop request all processes agree on; returns the checkpoint of the step the
+    loop ended at (saving one unless the periodic save just did)."""
+    tc, ev = run.config.train, run.config.eval
+    batches = stream_batches(run.data.dataset, run.config.seed, run.micro_batch, run.config.data.num_workers,
+                             run.device, run.rank, run.world, progress.samples_seen)
+    window = Window(loss_sum=torch.zeros((), device=run.device))
+    with tqdm(total=tc.steps, initial=progress.step, disable=not run.is_main, desc="train", dynamic_ncols=True) as bar:
+        while progress.step < tc.steps and not stop.agreed(run.accelerator):
+            train_step(run, batches, progress, window)
+            bar.update(1)
+            step = progress.step
+            checkpoint_now = step % tc.ckpt_every == 0 or step == tc.steps
+            if step % tc.log_every == 0 or checkpoint_now:
+                log_window(run, step, window, progress.saved, bar)
+            if checkpoint_now:
+                save(run, progress)
+            if run.fid is not None and ev.every > 0 and step % ev.every == 0:
+                score_fid(run, progress)
+            if tc.sample_every > 0 and step % tc.sample_every == 0 and step != tc.steps:
+                preview(run, step)
+    return progress.saved if progress.saved_now else save(run, progress)
+
+
 def log_window(run: Run, step: int, window: Window, last_ckpt: Path | None, bar) -> None:
     """The global mean loss (every process's micro-batches weigh the same) and throughput since the last line."""
     totals = run.accelerator.reduce(torch.stack([window.loss_sum, torch.tensor(float(window.skipped),
@@ -141,7 +160,7 @@ def log_window(run: Run, step: int, window: Window, last_ckpt: Path | None, bar)
     mean_loss = totals[0].item() / run.world / window.steps
     run.skipped_images += int(totals[1].item())
     if not math.isfinite(mean_loss):
-        raise FloatingPointError(
+        raise NonFiniteLossError(
             f"loss is {mean_loss} at step {step}; nothing was saved after {last_ckpt or 'the start'}. "
             f"Lower optim.lr, enable train.grad_clip, or use train.mixed_precision=bf16/no.")
     throughput = window.steps * run.config.train.batch_size / (time.perf_counter() - window.start)
@@ -151,6 +170,11 @@ def log_window(run: Run, step: int, window: Window, last_ckpt: Path | None, bar)
     run.wandb.log({"loss": mean_loss, "lr": window.lr, "img_per_sec": throughput}, step)
     window.loss_sum.zero_()
     window.steps, window.skipped, window.start = 0, 0, time.perf_counter()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Saving, previews, FID
+# ----------------------------------------------------------------------------------------------------------
 
 
 def save(run: Run, progress: Progress) -> Path:
@@ -167,7 +191,8 @@ def save(run: Run, progress: Progress) -> Path:
                                     train_state=train_state, keep=run.config.train.keep_checkpoints)
         log.info("step %d: saved %s", progress.step, path)
     run.accelerator.wait_for_everyone()
-    return path or run.workdir / ckpt.CHECKPOINTS / f"step_{progress.step:08d}"
+    progress.saved = path or run.workdir / ckpt.CHECKPOINTS / f"step_{progress.step:08d}"
+    return progress.saved
 
 
 def preview(run: Run, step: int) -> Path | None:
@@ -182,48 +207,35 @@ def preview(run: Run, step: int) -> Path | None:
     return path
 
 
-def start_fid(run: Run) -> None:
-    """Feature extractor and reference statistics for FID during training, when the config asks for it."""
-    ev = run.config.eval
-    if ev.every <= 0 and ev.final_n_samples <= 0:
-        return
-    run.fid = TrainingFID(run.config, run.workdir, state=run.accelerator, device=run.device, data=run.data,
-                          objective=run.objective)
-    run.fid_history = FidHistory.load(run.workdir)
-
-
-def score_fid(run: Run, progress: Progress, last_ckpt: Path | None) -> Path:
+def score_fid(run: Run, progress: Progress) -> None:
     """FID-``eval.n_samples`` of the EMA weights with the evaluation sampler and guidance; the step gets a checkpoint
     (so the best one can be scored in full later) and the score goes to the console, log.txt, wandb and fid.json."""
-    step = progress.step
-    if last_ckpt is None or last_ckpt.name != f"step_{step:08d}":
-        last_ckpt = save(run, progress)
-    fid = run.fid(run.full_ema(), run.config.eval.n_samples, progress=run.is_main)
+    step, ev, sc = progress.step, run.config.eval, run.config.sample
+    if not progress.saved_now:
+        save(run, progress)
+    fid = run.fid(run.full_ema(), ev.n_samples, progress=run.is_main)
     run.fid_history.add(step, fid)
     if run.is_main:
         run.fid_history.write()
-        best = run.fid_history.best_step
-        text = (f"step {step} FID-{run.config.eval.n_samples} {fid:.4f} ({run.config.sample.sampler}, "
-                f"{run.config.sample.steps} steps, guidance {run.config.sample.guidance_scale:g}; best {best})")
+        text = (f"step {step} FID-{ev.n_samples} {fid:.4f} ({sc.sampler}, {sc.steps} steps, guidance "
+                f"{sc.guidance_scale:g}; best {run.fid_history.best_step})")
         log.info("%s", text)
         print(f"[train] {text}", file=sys.stderr)
-        run.wandb.log({fid_name(run.config.eval.n_samples): fid}, step)
+        run.wandb.log({fid_name(ev.n_samples): fid}, step)
     run.accelerator.wait_for_everyone()
-    return last_ckpt
 
 
 def score_best_checkpoint(run: Run) -> dict:
     """U-ViT's recipe after training: the best in-training checkpoint scored with ``eval.final_n_samples``."""
     history, n = run.fid_history, run.config.eval.final_n_samples
-    best = history.best_step if history is not None else None
+    best = history.best_step
     if n <= 0 or best is None:
         return {}
     path = run.workdir / ckpt.CHECKPOINTS / f"step_{best:08d}"
     if not path.is_dir():
-        report(run, f"the best checkpoint {path} is gone (train.keep_checkpoints); FID-{n} not computed")
+        report(run.is_main, f"the best checkpoint {path} is gone (train.keep_checkpoints); FID-{n} not computed")
         return {}
-    model = copy.deepcopy(run.ema)
-    model.load_state_dict(ckpt.load_checkpoint_dir(path, weights="ema")[0])
+    model = set_attention(load_for_sampling(path, codecs=False).model, run.config.train.attention).to(run.device)
     fid = run.fid(model, n, progress=run.is_main)
     history.final = {"step": best, "n_samples": n, "fid": fid, "checkpoint": str(path)}
     if run.is_main:
@@ -231,29 +243,9 @@ def score_best_checkpoint(run: Run) -> dict:
     return {f"best_{fid_name(n)}": fid, "best_step": best}
 
 
-def train_loop(run: Run, progress: Progress, stop: StopRequest, last_ckpt: Path | None) -> Path:
-    """Steps until train.steps or a stop request all processes agree on; returns the checkpoint of the step the
-    loop ended at (saving one unless the periodic save just did)."""
-    tc = run.config.train
-    batches = training_batches(run, progress.samples_seen)
-    window = Window(loss_sum=torch.zeros((), device=run.device))
-    with tqdm(total=tc.steps, initial=progress.step, disable=not run.is_main, desc="train", dynamic_ncols=True) as bar:
-        while progress.step < tc.steps and not stop.agreed(run.accelerator):
-            train_step(run, batches, progress, window)
-            bar.update(1)
-            step = progress.step
-            checkpoint_now = step % tc.ckpt_every == 0 or step == tc.steps
-            if step % tc.log_every == 0 or checkpoint_now:
-                log_window(run, step, window, last_ckpt, bar)
-            if checkpoint_now:
-                last_ckpt = save(run, progress)
-            if run.fid is not None and run.config.eval.every > 0 and step % run.config.eval.every == 0:
-                last_ckpt = score_fid(run, progress, last_ckpt)
-            if tc.sample_every > 0 and step % tc.sample_every == 0 and step != tc.steps:
-                preview(run, step)
-    if last_ckpt is not None and last_ckpt.name == f"step_{progress.step:08d}":
-        return last_ckpt
-    return save(run, progress)
+# ----------------------------------------------------------------------------------------------------------
+# The end of the run
+# ----------------------------------------------------------------------------------------------------------
 
 
 def finish(run: Run, progress: Progress, final: Path) -> Path:
@@ -262,7 +254,7 @@ def finish(run: Run, progress: Progress, final: Path) -> Path:
     best = score_best_checkpoint(run) if run.fid is not None else {}
     ema = run.full_ema()
     if run.is_main:
-        metrics = {**evaluate(run.config, ema, run.objective, run.data.shape, run.device), **best}
+        metrics = {**end_of_run_metrics(run.config, ema, run.objective, run.data.shape, run.device), **best}
         if metrics:
             log.info("step %d eval %s", progress.step, metrics)
             run.wandb.log(metrics, progress.step)
@@ -277,40 +269,3 @@ def finish(run: Run, progress: Progress, final: Path) -> Path:
     run.wandb.finish()
     run.accelerator.end_training()
     return final
-
-
-def train(config, workdir: str | Path, allow_config_change: bool = False) -> Path:
-    """Train from ``config`` in ``workdir``, resuming from its newest intact checkpoint. Returns the final checkpoint.
-
-    Raises StoppedBySignal once a checkpoint is saved after SIGTERM/SIGINT/SIGUSR1; ConfigError for settings that
-    cannot work or that change the run being resumed (unless ``allow_config_change``); WorkdirBusyError when
-    another live run holds ``workdir``; CheckpointSaveError when a checkpoint cannot be written.
-    """
-    check_values(config)
-    workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    with workdir_lock(workdir), StopRequest() as stop:
-        run = start_run(config, workdir)
-        progress, resumed, train_state = resume(run, allow_config_change)
-        prepare(run, resumed, train_state)
-        announce(run, progress, resumed)
-        start_fid(run)
-        final = train_loop(run, progress, stop, resumed)
-        if stop.agreed(run.accelerator):
-            run.wandb.finish()
-            raise StoppedBySignal(stop.signal_name or "a signal to another process", progress.step,
-                                  final if run.is_main else None)
-        return finish(run, progress, final)
-
-
-def evaluate(config, ema, objective, image_shape, device) -> dict:
-    """End-of-run evaluation named by ``config.eval.metric`` (empty: none)."""
-    metric = config.eval.metric
-    if not metric:
-        return {}
-    if metric == "digits_accuracy":
-        labels = class_rows(num_real_classes(ema), config.eval.per_class)
-        samples = generate(ema, objective, config.sample, image_shape, labels=labels, seed=config.eval.seed,
-                           device=device)
-        return {"digits_accuracy": digits_classifier_accuracy(samples.cpu(), labels)}
-    raise AssertionError(f"eval.metric {metric!r} passed validation but has no implementation")

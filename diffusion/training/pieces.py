@@ -1,8 +1,11 @@
-"""Small pieces of a training step: parameter groups, learning rate, EMA, label and caption dropout."""
+"""Small pieces of a training step: parameter groups, learning rate, EMA, label and caption dropout, the step's
+global RNG."""
 
 from __future__ import annotations
 
 import torch
+
+from diffusion.seeds import derive_seed
 
 NO_DECAY_NAMES = ("pos_embed", "label_emb", "embedding_table")
 
@@ -57,4 +60,5 @@ def drop_contexts(context: torch.Tensor, p_uncond: float, null_context: torch.Te
 
 
 def reseed(seed: int, rank: int, step: int) -> None:
-    torch.manual_seed((seed * 1_000_003 + rank * 7_919 + step) % 2**63)
+    """torch's global RNG for step ``step`` of process ``rank``: whatever draws from it is a function of the step."""
+    torch.manual_seed(derive_seed(seed, "torch", rank, step))

@@ -1,44 +1,36 @@
-"""Resuming a run from its newest intact checkpoint."""
+"""Resuming a run: the newest intact checkpoint, the config changes a resume accepts, and restoring everything the
+checkpoint holds (weights, EMA, optimizer, grad scaler, data position) in one place."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
+import torch
+from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list
 
 from diffusion import checkpoint as ckpt
+from diffusion.checkpoint import load_state_strict
 from diffusion.config.loading import flatten_config, override_flag
 from diffusion.errors import ConfigError
-from diffusion.training.distributed import (
-    ShardedEMA,
-    autocast_forward,
-    is_sharded,
-    shard_optimizer_state,
-)
+from diffusion.training.distributed import ShardedEMA, shard_like, shard_optimizer_state
 from diffusion.training.logs import report
-from diffusion.training.run import Progress
-
-if TYPE_CHECKING:
-    from diffusion.training.run import Run
 
 
-def prepare(run: Run, resumed: Path | None, train_state: dict) -> None:
-    """Hand the (resumed) network and optimizer to accelerate, then load the checkpoint's optimizer state (cut into
-    shards with FSDP, which replaces the parameters) and grad-scaler state (the scaler exists only after this)."""
-    run.model, run.optimizer = run.accelerator.prepare(run.net, run.optimizer)
-    run.ema.to(run.device)
-    if is_sharded(run.net):
-        autocast_forward(run.model, run.accelerator)
-        run.sharded_ema = ShardedEMA(run.ema, run.net)
-    elif run.config.train.fsdp:
-        report(run, f"train.fsdp={run.config.train.fsdp} needs a multi-process launch; training unsharded")
-    if train_state:
-        load_state(run.optimizer, shard_optimizer_state(train_state["optimizer"], run.optimizer),
-                   resumed / "train_state.pt")
-    scaler_state = train_state.get("scaler") or {}
-    if scaler_state and run.accelerator.scaler is not None:
-        run.accelerator.scaler.load_state_dict(scaler_state)
+@dataclass
+class Progress:
+    """Where a run stands besides its weights and optimizer: step and data position (what a checkpoint's train_state
+    records), and the newest checkpoint the run has, saved or resumed from."""
+
+    step: int = 0
+    samples_seen: int = 0  # global stream positions consumed: the data position never depends on batch-size history
+    saved: Path | None = None
+
+    @property
+    def saved_now(self) -> bool:
+        """Whether the newest checkpoint is of the current step."""
+        return self.saved is not None and self.saved.name == f"step_{self.step:08d}"
 
 
 # Config keys whose change a resumed run accepts (and logs): they leave the meaning of the checkpoint's optimizer
@@ -80,14 +72,15 @@ def config_changes(saved, config, saved_meta: dict, meta: dict) -> dict[str, tup
             if old.get(k, _UNSET) != new.get(k, _UNSET)}
 
 
-def check_config_changes(run: Run, found: ckpt.Checkpoint, allow: bool) -> None:
+def check_config_changes(found: ckpt.Checkpoint, config, meta: dict, workdir: Path, allow: bool,
+                         is_main: bool) -> None:
     """Refuse a resume whose config changes the run (naming each key), unless ``allow``; log accepted changes."""
-    changes = config_changes(found.config, run.config, found.meta, run.meta)
+    changes = config_changes(found.config, config, found.meta, meta)
     refused = {k: v for k, v in changes.items() if not _resumable(k)}
     if refused and not allow:
         listing = "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in refused.items())
         restore = " ".join(_restore_flag(k, old) for k, (old, _) in refused.items())
-        what = (f"{run.workdir} holds a run of a different model ({found.path})"
+        what = (f"{workdir} holds a run of a different model ({found.path})"
                 if any(k.startswith("model.") for k in refused) else f"resuming {found.path} with a changed config")
         raise ConfigError(f"{what}: {listing}. Such changes alter what the run trains. To continue the run, restore "
                           f"them: {restore}; to start a new run, use another --workdir; to continue with the changes "
@@ -95,55 +88,50 @@ def check_config_changes(run: Run, found: ckpt.Checkpoint, allow: bool) -> None:
     if changes:
         listing = "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changes.items())
         how = " (accepted by --allow_config_change)" if refused else ""
-        report(run, f"config changes since {found.path.name}{how}: {listing}")
+        report(is_main, f"config changes since {found.path.name}{how}: {listing}")
 
 
-def find_checkpoint(run: Run) -> ckpt.Checkpoint | None:
+def find_checkpoint(workdir: Path, accelerator: Accelerator) -> ckpt.Checkpoint | None:
     """Rank 0 removes stale ``.tmp`` saves and picks the newest checkpoint whose files verify, naming each damaged
     one it passes over; every other process then reads the same one."""
+    is_main = accelerator.is_main_process
     choice: list[str | None] = [None]
     found = None
-    if run.is_main:
-        for path in ckpt.remove_stale_tmp(run.workdir):
-            report(run, f"removed {path}, left by a save that never finished")
-        dirs = ckpt.checkpoint_dirs(run.workdir)
+    if is_main:
+        for path in ckpt.remove_stale_tmp(workdir):
+            report(is_main, f"removed {path}, left by a save that never finished")
+        dirs = ckpt.checkpoint_dirs(workdir)
         for path in reversed(dirs):
             try:
                 found = ckpt.load_checkpoint(path)
                 choice = [path.name]
                 break
             except ckpt.CheckpointError as err:
-                report(run, f"warning: skipping damaged checkpoint {path.name}: {err}")
+                report(is_main, f"warning: skipping damaged checkpoint {path.name}: {err}")
         if dirs and found is None:
-            raise ckpt.CheckpointError(f"no usable checkpoint under {run.workdir / ckpt.CHECKPOINTS}: every one is "
+            raise ckpt.CheckpointError(f"no usable checkpoint under {workdir / ckpt.CHECKPOINTS}: every one is "
                                        f"damaged (see above); move them elsewhere to start this run from scratch")
-    if run.world > 1:
+    if accelerator.num_processes > 1:
         broadcast_object_list(choice)
-        if not run.is_main and choice[0] is not None:
-            found = ckpt.load_checkpoint(run.workdir / ckpt.CHECKPOINTS / choice[0], verify=False)
+        if not is_main and choice[0] is not None:
+            found = ckpt.load_checkpoint(workdir / ckpt.CHECKPOINTS / choice[0], verify=False)
     return found
 
 
-def load_state(target, state: dict, source: Path) -> None:
-    """``target.load_state_dict(state)`` (a module or the optimizer); a mismatch -- reachable only through
-    --allow_config_change -- is one error naming the file and torch's first findings."""
-    try:
-        target.load_state_dict(state)
-    except (RuntimeError, ValueError, KeyError) as err:
-        findings = "; ".join(line.strip() for line in str(err).splitlines()[-3:] if line.strip())
-        raise ConfigError(f"{source} does not fit the configured model: {findings}") from None
-
-
-def resume(run: Run, allow_config_change: bool) -> tuple[Progress, Path | None, dict]:
-    """Load the newest intact checkpoint into the run's network and EMA, once its config is found to continue this
-    one. -> (progress, the checkpoint or None, its train state: optimizer and grad scaler, loaded by prepare)."""
-    found = find_checkpoint(run)
+def restore(found: ckpt.Checkpoint | None, net: torch.nn.Module, ema: torch.nn.Module, sharded_ema: ShardedEMA | None,
+            optimizer: torch.optim.Optimizer, scaler) -> Progress:
+    """Load everything ``found`` holds into the run, after accelerate.prepare: weights and EMA (cut into shards with
+    FSDP, which replaced the parameters), optimizer state (likewise), grad-scaler state (the scaler exists only
+    after prepare) and the data position. A mismatch -- reachable only through --allow_config_change -- is one
+    ConfigError naming the file."""
     if found is None:
-        return Progress(), None, {}
-    check_config_changes(run, found, allow_config_change)
-    load_state(run.net, found.model, found.path / "model.safetensors")
-    load_state(run.ema, found.ema, found.path / "ema.safetensors")
+        return Progress()
+    load_state_strict(net, shard_like(found.model, net), found.path / "model.safetensors")
+    load_state_strict(ema, found.ema, found.path / "ema.safetensors")
+    if sharded_ema is not None:
+        sharded_ema.reshard()
     state = found.train_state
-    # Checkpoints from before samples_seen was recorded consumed step x their own batch size.
-    samples_seen = state.get("samples_seen", state["step"] * found.config.train.batch_size)
-    return Progress(step=state["step"], samples_seen=samples_seen), found.path, state
+    load_state_strict(optimizer, shard_optimizer_state(state["optimizer"], optimizer), found.path / "train_state.pt")
+    if state["scaler"] and scaler is not None:
+        scaler.load_state_dict(state["scaler"])
+    return Progress(step=state["step"], samples_seen=state["samples_seen"], saved=found.path)

@@ -1,4 +1,5 @@
-"""The objects of one training run."""
+"""The objects of one training run, built once by :func:`start_run` and checked against each other: accelerator, data,
+network, EMA, optimizer, objective, logging and FID during training, resumed from the newest intact checkpoint."""
 
 from __future__ import annotations
 
@@ -9,11 +10,11 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 from accelerate import Accelerator
 
+from diffusion import checkpoint as ckpt
 from diffusion.config.loading import config_to_json
 from diffusion.errors import ConfigError
 from diffusion.evaluation.training import FidHistory, TrainingFID
@@ -26,49 +27,14 @@ from diffusion.registry import (
     set_attention,
 )
 from diffusion.sampling.generate import check_settings, num_real_classes, preview_settings, sample_settings
-from diffusion.sampling.per_sample import LABEL_MODES
-from diffusion.training.data import check_conditioning, prepare_data
-from diffusion.training.distributed import (
-    ShardedEMA,
-    enable_on_cpu,
-    fsdp_plugin,
-)
-from diffusion.training.logs import WandbLogger, setup_logging
+from diffusion.training.data import TrainData, check_conditioning, prepare_data
+from diffusion.training.distributed import ShardedEMA, autocast_forward, enable_on_cpu, fsdp_plugin, is_sharded
+from diffusion.training.logs import WandbLogger, report, setup_logging
 from diffusion.training.pieces import param_groups
-from diffusion.training.speed import adamw, reuse_freed_memory
+from diffusion.training.resume import Progress, check_config_changes, find_checkpoint, restore
+from diffusion.training.speed import adamw, cpu_has_native_bf16, reuse_freed_memory
 
 log = logging.getLogger("diffusion.train")
-
-
-if TYPE_CHECKING:
-    from diffusion.training.data import TrainData
-
-
-EVAL_METRICS = ("", "digits_accuracy")
-
-
-def check_sampling(config, objective, net, data: TrainData) -> None:
-    """The evaluation and preview samplers and the FID labels are used thousands of steps in: refuse a setting they
-    cannot run now, not at the first preview."""
-    try:
-        check_settings(objective, sample_settings(config.sample))
-        check_settings(objective, sample_settings(preview_settings(config)))
-    except ValueError as err:
-        raise ConfigError(f"sample / preview section: {err} (e.g. --config.preview.sampler=...)") from None
-    if config.sample.labels not in LABEL_MODES:
-        raise ConfigError(f"sample.labels={config.sample.labels!r}; choose one of {', '.join(LABEL_MODES)}")
-    if (config.eval.every > 0 and num_real_classes(net) and config.sample.labels == "train_freq"
-            and data.class_counts is None):
-        raise ConfigError("sample.labels=train_freq needs the training set's class counts, which this dataset does "
-                          "not provide: --config.sample.labels=uniform")
-
-
-@dataclass
-class Progress:
-    """Where a run stands besides its weights and optimizer: what a checkpoint's train_state records."""
-
-    step: int = 0
-    samples_seen: int = 0  # global stream positions consumed: the data position never depends on batch-size history
 
 
 @dataclass
@@ -81,17 +47,17 @@ class Run:
     data: TrainData
     net: torch.nn.Module  # the bare network: the weights saved and averaged into the EMA
     ema: torch.nn.Module
+    sharded_ema: ShardedEMA | None  # with FSDP: the EMA's running shards; ``ema`` is gathered from them
     model: torch.nn.Module  # net as prepared by accelerate (DDP or FSDP, compile): what the loss calls
     optimizer: torch.optim.Optimizer
     objective: object
     p_uncond: float
     meta: dict
     micro_batch: int
-    wandb: WandbLogger | None = None
-    skipped_images: int = 0
-    fid: TrainingFID | None = None  # FID during training (eval.every / eval.final_n_samples)
-    fid_history: FidHistory | None = None
-    sharded_ema: ShardedEMA | None = None  # with FSDP: the EMA's running shards; ``ema`` is gathered from them
+    wandb: WandbLogger
+    fid: TrainingFID | None  # FID during training (eval.every / eval.final_n_samples)
+    fid_history: FidHistory | None
+    skipped_images: int = 0  # unreadable images replaced so far (data.on_corrupt=skip)
 
     def full_ema(self) -> torch.nn.Module:
         """The EMA module, up to date. With FSDP a collective: every process calls it before any of them reads."""
@@ -114,32 +80,70 @@ class Run:
         return self.accelerator.is_main_process
 
 
-def start_run(config, workdir: Path) -> Run:
-    """Accelerator, logging, data, model, objective, EMA and optimizer of a run, checked against each other."""
+def start_run(config, workdir: Path, allow_config_change: bool = False) -> tuple[Run, Progress]:
+    """Every object of the run, built once, and where it stands: resumed from the newest intact checkpoint in
+    ``workdir`` (refused when its config would change the run, unless ``allow_config_change``), else step 0."""
     tc, oc = config.train, config.optim
-    # A multi-process launch (torchrun / accelerate launch) on a machine without CUDA: DDP over gloo on the CPU.
+    accelerator = build_accelerator(config)
+    is_main, device = accelerator.is_main_process, accelerator.device
+    setup_logging(workdir, is_main)
+    speed_settings(tc, device, is_main)
+    data = prepare_data(config, device)
+    net, objective, p_uncond, meta = build_network(config, data)
+    found = find_checkpoint(workdir, accelerator)
+    if found is not None:
+        check_config_changes(found, config, meta, workdir, allow_config_change, is_main)
+    ema = copy.deepcopy(net).float().requires_grad_(False).eval()
+    optimizer = adamw(param_groups(net, oc.weight_decay, oc.decay_all_params), oc.lr, oc.betas, oc.eps, oc.impl)
+    model, optimizer, sharded_ema = prepare(accelerator, net, ema, optimizer, tc.fsdp)
+    progress = restore(found, net, ema, sharded_ema, optimizer, accelerator.scaler)
+    micro_batch = tc.batch_size // (accelerator.num_processes * tc.grad_accum_steps)  # check_values: divisible
+    sharded = f" sharded ({tc.fsdp})" if sharded_ema is not None else ""
+    layout = (f"{accelerator.num_processes} process(es){sharded}, micro-batch {micro_batch} x "
+              f"{tc.grad_accum_steps} accum")
+    wandb = WandbLogger(config, workdir, is_main)
+    if is_main:
+        announce(config, workdir, meta, net, layout, progress, found)
+    fid, fid_history = start_fid(config, workdir, accelerator, data, objective)
+    return Run(config=config, workdir=workdir, accelerator=accelerator, data=data, net=net, ema=ema,
+               sharded_ema=sharded_ema, model=model, optimizer=optimizer, objective=objective, p_uncond=p_uncond,
+               meta=meta, micro_batch=micro_batch, wandb=wandb, fid=fid, fid_history=fid_history), progress
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The pieces of start_run, in its order
+# ----------------------------------------------------------------------------------------------------------
+
+
+def build_accelerator(config) -> Accelerator:
+    """Devices, processes and mixed precision. A multi-process launch (torchrun / accelerate launch) on a machine
+    without CUDA is DDP over gloo on the CPU; with train.fsdp, FSDP2 over the backbone's blocks."""
+    tc = config.train
     launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
     cpu_ddp = launched and not torch.cuda.is_available()
     plugin = fsdp_plugin(tc.fsdp, block_class(config.model.name), tc.mixed_precision) if launched else None
     accelerator = Accelerator(mixed_precision=tc.mixed_precision, cpu=cpu_ddp, fsdp_plugin=plugin,
                               dynamo_backend="inductor" if tc.compile else None)
     enable_on_cpu(accelerator, plugin)
-    setup_logging(workdir, accelerator.is_main_process)
-    per_step = accelerator.num_processes * tc.grad_accum_steps
-    if tc.batch_size % per_step:
-        raise ConfigError(f"train.batch_size={tc.batch_size} must be divisible by processes x grad_accum_steps "
-                          f"= {accelerator.num_processes} x {tc.grad_accum_steps}: e.g. "
-                          f"--config.train.batch_size={per_step * max(1, round(tc.batch_size / per_step))}")
-    if config.eval.metric not in EVAL_METRICS:
-        raise ConfigError(f"unknown eval.metric {config.eval.metric!r}; known: {', '.join(EVAL_METRICS[1:])}")
+    return accelerator
+
+
+def speed_settings(tc, device: torch.device, is_main: bool) -> None:
+    """TF32 and the CPU heap setting; a notice when bf16 would be emulated on this CPU."""
     if tc.tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    if tc.cpu_reuse_memory and accelerator.device.type == "cpu":
+    if tc.cpu_reuse_memory and device.type == "cpu":
         reuse_freed_memory()
+    if tc.mixed_precision == "bf16" and device.type == "cpu" and not cpu_has_native_bf16():
+        report(is_main, "train.mixed_precision=bf16: this CPU has no native bf16 instructions (no avx512_bf16 or "
+                        "amx_bf16), so torch emulates bf16 in software, far slower than fp32; "
+                        "--config.train.mixed_precision=no trains faster here")
 
-    data = prepare_data(config, accelerator.device)
+
+def build_network(config, data: TrainData) -> tuple[torch.nn.Module, object, float, dict]:
+    """(network, objective, label-dropout rate, checkpoint meta), checked against the data and the samplers."""
     torch.manual_seed(config.seed)  # identical initial weights on every rank and every launch
-    net = set_attention(build_model(config.model), tc.attention)
+    net = set_attention(build_model(config.model), config.train.attention)
     model_name, model_kwargs = resolve_model_kwargs(config.model)
     objective = build_objective(config.diffusion)
     p_uncond = label_dropout(config, model_name, model_kwargs)
@@ -148,24 +152,56 @@ def start_run(config, workdir: Path) -> Run:
     meta = {"model_name": model_name, "model_kwargs": json.loads(json.dumps(model_kwargs)),
             "image_shape": list(data.shape), "class_names": data.class_names, "class_counts": data.class_counts,
             "torch": torch.__version__}
-    ema = copy.deepcopy(net).float().requires_grad_(False).eval()
-    optimizer = adamw(param_groups(net, oc.weight_decay, oc.decay_all_params), oc.lr, oc.betas, oc.eps, oc.impl)
-    return Run(config=config, workdir=workdir, accelerator=accelerator, data=data, net=net, ema=ema, model=net,
-               optimizer=optimizer, objective=objective, p_uncond=p_uncond, meta=meta,
-               micro_batch=tc.batch_size // per_step)
+    return net, objective, p_uncond, meta
 
 
-def announce(run: Run, progress: Progress, resumed: Path | None) -> None:
-    """config.json, the first log line, wandb: rank 0 only."""
-    run.wandb = WandbLogger(run.config, run.workdir, run.is_main)
-    if not run.is_main:
-        return
-    tc = run.config.train
-    (run.workdir / "config.json").write_text(config_to_json(run.config))
-    n_params = sum(p.numel() for p in run.net.parameters())
-    what = f"resuming from {resumed} (step {progress.step})" if resumed else "starting from scratch"
-    sharded = f" sharded ({tc.fsdp})" if run.sharded_ema is not None else ""
-    log.info("%s | %s %s, %.2fM params | %d process(es)%s, micro-batch %d x %d accum | %s", run.workdir,
-             run.meta["model_name"], run.config.model.get("preset") or "", n_params / 1e6, run.world, sharded,
-             run.micro_batch, tc.grad_accum_steps, what)
-    print(f"[train] {what}; workdir {run.workdir}", file=sys.stderr)
+def check_sampling(config, objective, net, data: TrainData) -> None:
+    """The evaluation and preview samplers and the FID labels are used thousands of steps in: refuse what the
+    objective or the data cannot run now (config.schema.check_values has checked the rest), not at the first
+    preview."""
+    try:
+        check_settings(objective, sample_settings(config.sample))
+        check_settings(objective, sample_settings(preview_settings(config)))
+    except ValueError as err:
+        raise ConfigError(f"sample / preview section: {err} (e.g. --config.preview.sampler=...)") from None
+    if (config.eval.every > 0 and num_real_classes(net) and config.sample.labels == "train_freq"
+            and data.class_counts is None):
+        raise ConfigError("sample.labels=train_freq needs the training set's class counts, which this dataset does "
+                          "not provide: --config.sample.labels=uniform")
+
+
+def prepare(accelerator: Accelerator, net, ema, optimizer, fsdp: str):
+    """Hand the network and optimizer to accelerate (DDP, or FSDP replacing the parameters by shards; compile) ->
+    (the model the loss calls, the optimizer, the EMA's shards with FSDP or None)."""
+    model, optimizer = accelerator.prepare(net, optimizer)
+    ema.to(accelerator.device)
+    sharded_ema = None
+    if is_sharded(net):
+        autocast_forward(model, accelerator)
+        sharded_ema = ShardedEMA(ema, net)
+    elif fsdp:
+        report(accelerator.is_main_process, f"train.fsdp={fsdp} needs a multi-process launch; training unsharded")
+    return model, optimizer, sharded_ema
+
+
+def announce(config, workdir: Path, meta: dict, net, layout: str, progress: Progress,
+             found: ckpt.Checkpoint | None) -> None:
+    """config.json and the first log line (rank 0)."""
+    (workdir / "config.json").write_text(config_to_json(config))
+    n_params = sum(p.numel() for p in net.parameters())
+    what = f"resuming from {found.path} (step {progress.step})" if found else "starting from scratch"
+    log.info("%s | %s %s, %.2fM params | %s | %s", workdir, meta["model_name"], config.model.get("preset") or "",
+             n_params / 1e6, layout, what)
+    print(f"[train] {what}; workdir {workdir}", file=sys.stderr)
+
+
+def start_fid(config, workdir: Path, accelerator: Accelerator, data: TrainData, objective):
+    """(scorer, history) of FID during training when the config asks for it, else (None, None)."""
+    ev = config.eval
+    if ev.every <= 0 and ev.final_n_samples <= 0:
+        return None, None
+    fid = TrainingFID(config, workdir, state=accelerator, device=accelerator.device, objective=objective,
+                      shape=data.shape, decode=data.decode, class_counts=data.class_counts,
+                      caption_contexts=data.caption_contexts if data.null_context is not None else None,
+                      null_context=data.null_context)
+    return fid, FidHistory.load(workdir)

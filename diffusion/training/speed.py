@@ -6,6 +6,8 @@ it computes (fp32 results are equal to rounding; tests/test_speed.py holds every
 * ``optim.impl``: torch's AdamW implementation (``for_loop`` | ``foreach`` | ``fused``); ``auto`` is fused.
 * ``train.cpu_reuse_memory``: keep freed tensor memory in the process heap on CPU instead of returning every
   block over 32 MB to the kernel (glibc's default), which makes each large activation page-fault afresh.
+* :func:`cpu_has_native_bf16`: whether bf16 runs natively on this CPU; elsewhere torch emulates it, far slower
+  than fp32, and the trainer and the benchmark say so.
 * ``train.compile`` (inductor), ``train.tf32``, ``train.mixed_precision`` and ``model.use_checkpoint``
   (gradient checkpointing) live with the trainer and the backbones.
 """
@@ -14,6 +16,8 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
+import platform
 
 import torch
 
@@ -40,9 +44,8 @@ def adamw(param_groups, lr: float, betas, eps: float, impl: str = "auto") -> tor
 def reuse_freed_memory() -> bool:
     """Tell glibc's malloc to serve every allocation from the heap and keep freed memory there (no mmap per large
     block, no trimming below 1 GiB). A CPU training step allocates the same large activations every step; by default
-    each one over 32 MB is a fresh mmap whose pages fault in on first touch, 2-4x the cost of the op that fills it
-    (an fp32 add of 12.6M elements: 18.8 ms -> 7.3 ms). Process-wide and harmless elsewhere; False where the C
-    library is not glibc (nothing changed)."""
+    each one over 32 MB is a fresh mmap whose pages fault in on first touch, which can cost more than the op that
+    fills it. Process-wide and harmless elsewhere; False where the C library is not glibc (nothing changed)."""
     name = ctypes.util.find_library("c")
     try:
         libc = ctypes.CDLL(name)
@@ -50,3 +53,26 @@ def reuse_freed_memory() -> bool:
     except (OSError, AttributeError, TypeError):
         return False
     return bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD))
+
+
+X86_BF16_FLAGS = ("avx512_bf16", "amx_bf16")  # /proc/cpuinfo flags of x86 CPUs with bf16 matmul instructions
+
+
+@functools.cache
+def cpu_has_native_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool:
+    """Whether this CPU computes bf16 in hardware: on x86 the ``avx512_bf16`` or ``amx_bf16`` flag, on ARM the
+    ``bf16`` feature (both read from ``cpuinfo``). Without them torch emulates bf16 matmuls in software. True where
+    it cannot tell (another platform, no readable ``cpuinfo``): nothing is claimed then."""
+    try:
+        with open(cpuinfo) as f:
+            text = f.read()
+    except OSError:
+        return True
+    words = {word for line in text.splitlines() if line.split(":")[0].strip() in ("flags", "Features")
+             for word in line.partition(":")[2].split()}
+    machine = platform.machine().lower()
+    if machine in ("x86_64", "amd64", "i386", "i686"):
+        return any(flag in words for flag in X86_BF16_FLAGS)
+    if machine in ("aarch64", "arm64"):
+        return "bf16" in words
+    return True

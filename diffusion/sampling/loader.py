@@ -1,0 +1,165 @@
+"""From a checkpoint to a ready-to-sample model: the one loader behind sample.py and anything else that samples a
+saved model.
+
+A checkpoint is a trainer checkpoint directory (or a run directory: its newest checkpoint), a released file known
+by name (:mod:`diffusion.released` names its config), or any other weights file in the original formats together
+with a config file. :func:`load_for_sampling` reads it, builds the backbone and loads the weights strictly, builds
+the objective, applies and checks the sampler settings, and (unless told not to) loads the autoencoder and text
+encoder the model needs around it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import ml_collections
+import torch
+
+from diffusion.checkpoint import latest_checkpoint, load_checkpoint_dir, load_state_strict, read_weights_file
+from diffusion.config.loading import apply_override, load_config
+from diffusion.data.autoencoder import Autoencoder
+from diffusion.data.text_encoder import TextEncoder
+from diffusion.errors import ConfigError, InputNotFoundError
+from diffusion.registry import build_model, build_objective, constructor_defaults, resolve_model_kwargs
+from diffusion.released import RELEASED, released_config
+from diffusion.sampling.generate import check_settings, num_real_classes, sample_settings
+
+
+@dataclass
+class ReadyModel:
+    """A network with its weights loaded (eval mode), its objective and config, the checkpoint it came from, the
+    (C, H, W) it samples in, and the autoencoder / text encoder it needs (None where it needs none)."""
+
+    model: torch.nn.Module
+    objective: object
+    config: ml_collections.ConfigDict
+    meta: dict  # the trainer checkpoint's meta.json; {} for a weights file
+    source: Path  # the checkpoint directory or weights file, resolved
+    weights: str  # "ema" | "model"
+    image_shape: tuple[int, ...]
+    autoencoder: Autoencoder | None = None
+    text_encoder: TextEncoder | None = None
+
+    @property
+    def conditioning(self) -> str:
+        """'text' | 'class' | 'none'."""
+        if getattr(self.model, "clip_dim", None) is not None:
+            return "text"
+        return "class" if num_real_classes(self.model) else "none"
+
+    @property
+    def decode(self):
+        """latents -> images in [-1, 1] for latent models; None for pixel models."""
+        return self.autoencoder.decode if self.autoencoder is not None else None
+
+    @property
+    def settings(self) -> dict:
+        """The sampler's keyword arguments (the config's ``sample`` section)."""
+        return sample_settings(self.config.sample)
+
+    def with_codecs(self, device) -> ReadyModel:
+        """Move the network to ``device`` and load the autoencoder and text encoder it needs there."""
+        self.model.to(device)
+        self.autoencoder, self.text_encoder = load_codecs(self.config, self.model, device)
+        return self
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Checkpoint -> state dict, config, meta
+# ----------------------------------------------------------------------------------------------------------
+
+
+def read_checkpoint(ckpt: str | Path, config_path: str | Path | None = None, weights: str = "ema"):
+    """-> (state_dict, config, meta, resolved path) of a checkpoint or run directory, a released file or a weights
+    file with ``config_path``."""
+    path = Path(ckpt)
+    if path.is_dir():
+        if config_path:
+            raise ConfigError("--config is only for weights files: a checkpoint directory carries its own config "
+                              "(use --config.key=value to override parts of it)")
+        resolved = path if (path / "meta.json").is_file() else latest_checkpoint(path) or path
+        state, config, meta = load_checkpoint_dir(resolved, weights=weights)
+        return state, config, meta, resolved.resolve()
+    if not path.is_file():
+        raise InputNotFoundError(f"checkpoint not found: {path}")
+    config_path = config_path or released_config(path.name)
+    if config_path is None:
+        raise ConfigError(f"{path} is a weights file: add --config=configs/<name>.py describing its model "
+                          f"(released files known by name need none: {', '.join(RELEASED)})")
+    config = load_config(config_path)
+    return read_weights_file(path, prefer=weights), config, {}, path.resolve()
+
+
+def input_shape(config, meta: dict | None = None) -> tuple[int, int, int]:
+    """(C, H, W) the network of ``config`` takes: the trainer's record in ``meta``, else the backbone's own input
+    (its constructor keywords: in_chans/in_channels and img_size/input_size, with the constructor's defaults)."""
+    if meta and meta.get("image_shape"):
+        return tuple(meta["image_shape"])
+    name, kwargs = resolve_model_kwargs(config.model)
+    kw = {**constructor_defaults(name), **kwargs}
+    channels = kw.get("in_chans", kw.get("in_channels"))
+    size = kw.get("img_size", kw.get("input_size"))
+    return int(channels), int(size), int(size)
+
+
+def load_codecs(config, model, device) -> tuple[Autoencoder | None, TextEncoder | None]:
+    """-> (autoencoder or None, text encoder or None): what latent and text-to-image models need around them."""
+    autoencoder = text_encoder = None
+    if config.autoencoder.pretrained:
+        autoencoder = Autoencoder.from_config(config.autoencoder, device)
+    if getattr(model, "clip_dim", None) is not None:
+        if not config.text_encoder.pretrained:
+            raise ConfigError("a text-to-image model needs --config.text_encoder.pretrained (a CLIP folder or hub id)")
+        text_encoder = TextEncoder.from_config(config.text_encoder, device)
+        width = text_encoder.null_context().shape[-1]
+        if width != model.clip_dim:
+            raise ConfigError(f"the text encoder gives {width}-d tokens; the model expects clip_dim={model.clip_dim}")
+    return autoencoder, text_encoder
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The loader
+# ----------------------------------------------------------------------------------------------------------
+
+
+def load_for_sampling(ckpt: str | Path, *, config_path: str | Path | None = None,
+                      overrides: Sequence[tuple[str, str]] = (), sample: dict | None = None, ema: bool = True,
+                      device="cpu", codecs: bool = True) -> ReadyModel:
+    """A checkpoint, ready to sample: ``overrides`` (dotted key, value text) apply to its config, then ``sample``
+    (sample-section key -> value, e.g. from command-line flags) to ``config.sample``; the sampler settings are
+    checked against the objective. ``codecs=False`` leaves the network on the CPU without autoencoder and text
+    encoder (call :meth:`ReadyModel.with_codecs` later). EMA weights unless ``ema=False``."""
+    weights = "ema" if ema else "model"
+    state, config, meta, source = read_checkpoint(ckpt, config_path, weights)
+    for key, value in overrides:
+        apply_override(config, key, value)
+    model = build_model(config.model)
+    what = f"{type(model).__name__} ({config.model.get('preset') or 'no preset'})"
+    load_state_strict(model, state, source, what, hint=" (check --config and the --config.model.* overrides)")
+    model.eval()
+    objective = build_objective(config.diffusion)
+    for key, value in (sample or {}).items():
+        config.sample[key] = value
+    check_settings(objective, sample_settings(config.sample))
+    ready = ReadyModel(model, objective, config, meta, source, weights, input_shape(config, meta))
+    return ready.with_codecs(device) if codecs else ready
+
+
+def job_settings(ready: ReadyModel, labels, prompts: list[str] | None) -> dict:
+    """Everything that decides the samples of an .npz job (recorded; a resume must match it)."""
+    config = ready.config
+    digest = hashlib.sha256(json.dumps(prompts).encode()).hexdigest()[:16] if prompts else None
+    return {
+        "checkpoint": str(ready.source), "weights": "EMA" if ready.weights == "ema" else "raw",
+        "model": resolve_model_kwargs(config.model)[1], "diffusion": config.diffusion.to_dict(),
+        "image_shape": list(ready.image_shape), "sampler": ready.settings, "seed": config.sample.seed,
+        "labels": labels.describe() if labels else None,
+        "prompts": {"count": len(prompts), "sha256": digest} if prompts else None,
+        "autoencoder": {k: config.autoencoder[k] for k in ("pretrained", "single_file_config", "scale_factor",
+                                                           "dtype")} if ready.autoencoder else None,
+        "text_encoder": config.text_encoder.to_dict() if ready.text_encoder else None,
+    }
