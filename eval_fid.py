@@ -34,7 +34,7 @@ import torch
 from accelerate import PartialState
 
 from diffusion.config.cli import Arguments, Command, Flag, run_main
-from diffusion.errors import ConfigError, InputError
+from diffusion.errors import ConfigError, InputError, user_files
 from diffusion.evaluation import (
     EXTRACTORS,
     build_feature_extractor,
@@ -181,7 +181,8 @@ def run(args: Arguments) -> int:
     start = time.perf_counter()
     state = PartialState(cpu=args.device == "cpu" or not torch.cuda.is_available())
     device = torch.device(args.device) if args.device else state.device
-    summary = (save_stats if args.save_stats else evaluate)(args, state, device)
+    with user_files():
+        summary = (save_stats if args.save_stats else evaluate)(args, state, device)
     if summary:
         print(f"{summary} [{time.perf_counter() - start:.1f} s]")
     return 0

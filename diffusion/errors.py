@@ -7,6 +7,8 @@ Each one is a :class:`UserError` (what the command line catches) and keeps the b
 from __future__ import annotations
 
 import pickle
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 
 class UserError(Exception):
@@ -69,3 +71,19 @@ class JobMismatchError(UserError, ValueError):
 
 class CorruptImageError(UserError, OSError):
     """An unreadable image (extraction with ``on_corrupt="error"``, an evaluation folder); names the file."""
+
+
+class FileAccessError(UserError, OSError):
+    """A file or folder the user named cannot be read or written (no permission, no space, not a folder)."""
+
+
+@contextmanager
+def user_files() -> Iterator[None]:
+    """Work whose every OS error concerns files the user named (eval_fid.py's samples, reference, caches and
+    outputs): such an error becomes a FileAccessError with the system's message."""
+    try:
+        yield
+    except UserError:
+        raise
+    except OSError as err:
+        raise FileAccessError(str(err)) from err

@@ -379,6 +379,7 @@ def test_eval_fid_clear_errors(tmp_path, capsys) -> None:
         (["s.npz", "garbage.npz"], "is not a readable .npz file"),
         (["s.npz", "digit_stats.npz", "--extractor=vgg"], "bad value for --extractor: expected one of"),
         (["s.npz", "digit_stats.npz", "--batch_size=many"], "bad value for --batch_size"),
+        (["s.npz", "digit_stats.npz", f"--json={tmp_path / 'garbage.npz' / 'scores.json'}"], "File exists"),
     ]
     (tmp_path / "garbage.npz").write_text("not an archive")
     _write_pngs(tmp_path / "broken", real[:3])
