@@ -1,25 +1,12 @@
-"""MS-COCO 256x256 text-to-image, U-ViT-S/2-Deep (17 layers) (U-ViT paper: FID 5.48). As mscoco_uvit_s2.py but for
-the preset; recipe and sampler: docs/originals.md#u-vit-training-recipes and #u-vit-sampling."""
+"""MS-COCO 256x256 text-to-image, U-ViT-S/2-Deep (17 layers) (U-ViT paper: FID 5.48): mscoco_uvit_s2.py's recipe and
+sampler with the deeper preset (docs/originals.md#u-vit-training-recipes and #u-vit-sampling)."""
 
-from diffusion.config.schema import base_config
+from pathlib import Path
+
+from diffusion.config.loading import load_config
 
 
 def get_config():
-    config = base_config()
-    config.seed = 1234
-    config.model.update(name="uvit", preset="U-ViT-S/2-Deep-T2I")
-    config.diffusion.kind = "sd_discrete"
-    config.cond.p_uncond = 0.1  # caption dropout to the empty caption's CLIP encoding
-    # Cached image moments (no flips) and the CLIP ViT-L/14 tokens of every caption.
-    config.data.update(name="coco_latents", root="data/mscoco256_features/train", image_size=256, random_flip=False,
-                       num_workers=8, verify_checksums=False)
-    config.autoencoder.update(pretrained="assets/stable-diffusion/autoencoder_kl.pth", scale_factor=0.23010)
-    config.text_encoder.update(pretrained="openai/clip-vit-large-patch14", max_length=77)
-    config.optim.update(lr=2e-4, betas=(0.9, 0.9), weight_decay=0.03, warmup_steps=5000)
-    config.train.update(steps=1_000_000, batch_size=256, mixed_precision="fp16", ema_decay=0.9999, log_every=100,
-                        ckpt_every=50_000, sample_every=5_000)
-    # DPM-Solver++ (data prediction, singlestep "fast"), 50 evaluations on a time-uniform grid from 1 to 1e-3
-    config.sample.update(sampler="dpm_solver++", steps=50, order=3, t_end=1e-3, skip_type="time_uniform",
-                         guidance_scale=2.0, per_class=4)  # w = 1 + s, s = 1
-    config.preview.update(steps=25)
+    config = load_config(Path(__file__).with_name("mscoco_uvit_s2.py"))
+    config.model.preset = "U-ViT-S/2-Deep-T2I"  # the one difference
     return config

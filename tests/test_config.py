@@ -120,15 +120,18 @@ def test_dit_recipe_in_full():
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
 def test_configs_write_out_their_recipes(path):
     """Every value of a config's recipe is readable in the config file: from the project it imports base_config
-    only (no shared recipe functions)."""
+    only (no shared recipe functions), or, for a variant, load_config to start from the sibling config it names."""
     import ast
 
     imported = {(node.module, alias.name) for node in ast.walk(ast.parse(path.read_text()))
                 if isinstance(node, ast.ImportFrom) for alias in node.names}
     imported |= {(alias.name, None) for node in ast.walk(ast.parse(path.read_text()))
                  if isinstance(node, ast.Import) for alias in node.names}
-    assert {(m, n) for m, n in imported if m.split(".")[0] in ("diffusion", "configs", "uvit", "dit")} == {
-        ("diffusion.config.schema", "base_config")}
+    project = {(m, n) for m, n in imported if m.split(".")[0] in ("diffusion", "configs", "uvit", "dit")}
+    assert project in ({("diffusion.config.schema", "base_config")}, {("diffusion.config.loading", "load_config")})
+    if project == {("diffusion.config.loading", "load_config")}:
+        (base,) = re.findall(r'with_name\("(\w+\.py)"\)', path.read_text())
+        assert (path.parent / base).is_file() and "load_config" not in (path.parent / base).read_text()
 
 
 def test_pointers_into_docs_originals_resolve():

@@ -19,7 +19,7 @@ from diffusion.config.cli import parse_command_line
 from diffusion.data.extraction import extract_coco, extract_imagefolder
 from diffusion.errors import ConfigError
 from diffusion.training.loop import train
-from tests.helpers import REPO, make_tiny_autoencoder, make_tiny_clip, write_coco, write_imagefolder
+from tests.helpers import REPO, TINY_MODEL, make_tiny_autoencoder, make_tiny_clip, write_coco, write_imagefolder
 
 RES = 32  # pixels -> 4x4x4 latents with the tiny autoencoder
 COMMON = ["--config.wandb.mode=disabled", "--config.eval.metric=", "--config.eval.every=0",
@@ -28,8 +28,7 @@ COMMON = ["--config.wandb.mode=disabled", "--config.eval.metric=", "--config.eva
           "--config.train.sample_every=2", "--config.data.num_workers=0", "--config.train.mixed_precision=no",
           "--config.sample.per_class=2", "--config.preview.steps=2", "--config.sample.steps=2",
           "--config.optim.warmup_steps=0"]
-TINY_UVIT = ["--config.model.embed_dim=32", "--config.model.depth=2", "--config.model.num_heads=2",
-             "--config.model.img_size=4", "--config.model.use_checkpoint=False"]
+LATENT_UVIT = [*TINY_MODEL["uvit"], "--config.model.img_size=4", "--config.model.use_checkpoint=False"]
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +61,7 @@ def _grid_height(path: Path) -> int:
 def test_train_from_cached_latents_decodes_previews_and_samples(assets, tmp_path):
     """U-ViT-H/2's recipe (discrete schedule, DPM-Solver++) shrunk: trains on the cache, previews are decoded
     32x32 images (not 4x4 latents), and sample.py writes decoded images from the trainer checkpoint."""
-    cfg = _config("imagenet256_uvit_h2.py", *TINY_UVIT, "--config.model.num_classes=3",
+    cfg = _config("imagenet256_uvit_h2.py", *LATENT_UVIT, "--config.model.num_classes=3",
                   "--config.model.null_label=2", f"--config.data.root={assets['latents']}",
                   f"--config.data.image_size={RES}", f"--config.autoencoder.pretrained={assets['ae']}")
     final = train(cfg, tmp_path)
@@ -84,7 +83,7 @@ def test_train_from_cached_latents_decodes_previews_and_samples(assets, tmp_path
 def test_train_encoding_images_on_the_fly(assets, tmp_path):
     """The original DiT's way: ImageFolder images through the VAE at every step (DiT recipe, learned sigma)."""
     cfg = _config("imagenet256_dit_xl2.py", "--config.model.preset=DiT-S/2", "--config.model.input_size=4",
-                  "--config.model.hidden_size=32", "--config.model.depth=2", "--config.model.num_heads=2",
+                  *TINY_MODEL["dit"],
                   "--config.model.num_classes=2", "--config.data.name=imagenet",
                   f"--config.data.root={assets['imagenet']}", f"--config.data.image_size={RES}",
                   f"--config.autoencoder.pretrained={assets['ae']}", "--config.sample.steps=2")
@@ -100,7 +99,7 @@ def test_train_encoding_images_on_the_fly(assets, tmp_path):
 def test_train_text_to_image_from_coco_features(assets, tmp_path):
     """U-ViT's MS-COCO recipe shrunk: cached image moments + CLIP caption tokens, 10% caption dropout to the
     empty caption's encoding; previews are decoded samples for training captions."""
-    cfg = _config("mscoco_uvit_s2.py", *TINY_UVIT, "--config.model.clip_dim=32",
+    cfg = _config("mscoco_uvit_s2.py", *LATENT_UVIT, "--config.model.clip_dim=32",
                   f"--config.data.root={assets['features']}", f"--config.data.image_size={RES}",
                   f"--config.autoencoder.pretrained={assets['ae']}",
                   f"--config.text_encoder.pretrained={assets['clip']}")
@@ -122,12 +121,12 @@ def test_caption_dropout_uses_the_null_context():
 
 def test_latent_config_refuses_a_cache_from_another_autoencoder(assets, tmp_path):
     other = make_tiny_autoencoder(tmp_path / "other_ae", seed=1)
-    cfg = _config("imagenet256_uvit_l2.py", *TINY_UVIT, "--config.model.num_classes=3", "--config.model.null_label=2",
+    cfg = _config("imagenet256_uvit_l2.py", *LATENT_UVIT, "--config.model.num_classes=3", "--config.model.null_label=2",
                   f"--config.data.root={assets['latents']}", f"--config.data.image_size={RES}",
                   f"--config.autoencoder.pretrained={other}")
     with pytest.raises(ConfigError, match="autoencoder"):
         train(cfg, tmp_path / "run")
-    cfg = _config("imagenet256_uvit_l2.py", *TINY_UVIT, f"--config.data.root={assets['latents']}",
+    cfg = _config("imagenet256_uvit_l2.py", *LATENT_UVIT, f"--config.data.root={assets['latents']}",
                   f"--config.autoencoder.pretrained={assets['ae']}")  # image_size 256 != the cache's 32
     with pytest.raises(ConfigError, match="256"):
         train(cfg, tmp_path / "run2")

@@ -29,11 +29,10 @@ from diffusion.sampling.grids import default_grid_classes, sample_grid
 from diffusion.sampling.jobs import SampleJob
 from diffusion.sampling.loader import input_shape, load_for_sampling
 from diffusion.sampling.per_sample import LabelPlan, PerSampleNoise, training_class_counts
-from tests.helpers import REPO, load_fixture, make_tiny_autoencoder, make_tiny_clip
+from tests.helpers import REPO, TINY_MODEL, load_fixture, make_tiny_autoencoder, make_tiny_clip
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
-DIT = [f"--config={REPO / 'configs/digits_dit.py'}", "--config.model.hidden_size=32", "--config.model.depth=2",
-       "--config.model.num_heads=2"]
+DIT = [f"--config={REPO / 'configs/digits_dit.py'}", *TINY_MODEL["dit"]]
 # ancestral DDPM (stochastic: a fresh Gaussian draw per step) with guidance on the null label
 DDPM = ["--sampler=ddpm", "--steps=6", "--guidance=2.0"]
 
@@ -299,9 +298,9 @@ UVIT_PIXEL = ["--config.model.embed_dim=64", "--config.model.depth=6", "--config
               "--config.model.img_size=32", "--config.model.patch_size=2", "--config.data.image_size=32"]
 DIT_LATENT = ["--config.model.hidden_size=64", "--config.model.depth=4", "--config.model.num_heads=4",
               "--config.model.input_size=8", "--config.model.num_classes=10", "--config.data.image_size=64"]
-TINY_T2I = ["--config.model.embed_dim=32", "--config.model.depth=2", "--config.model.num_heads=2",
+TINY_T2I = [*TINY_MODEL["uvit"],
             "--config.model.img_size=8", "--config.model.clip_dim=32", "--config.data.image_size=64"]
-IMAGENET64 = ["--config.model.embed_dim=32", "--config.model.depth=2", "--config.model.num_heads=2",
+IMAGENET64 = [*TINY_MODEL["uvit"],
               "--config.model.img_size=16", "--config.data.image_size=16"]
 
 # released file -> (where its original-layout weights come from, tiny overrides, grid flags)
