@@ -60,7 +60,7 @@ class Variant:
     precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast; weights, optimizer and EMA stay fp32)
     attention: str = "sdpa"  # auto | sdpa | math
     optimizer: str = "for_loop"  # fused | foreach | for_loop
-    reuse_memory: bool = False  # diffusion.speed.reuse_freed_memory (CPU)
+    reuse_memory: bool = False  # diffusion.training.speed.reuse_freed_memory (CPU)
     compile: bool = False  # torch.compile of the backbone (inductor)
     checkpointing: bool | None = None  # gradient checkpointing of the blocks (model.use_checkpoint); None: config's
     channels_last: bool = False  # channels-last memory format for the convolutions

@@ -45,9 +45,11 @@ def forward_flops(config, cond: dict | None = None) -> int:
 
 def _best_rate(size: int, dtype: torch.dtype, device: str, seconds: float) -> tuple[float, float]:
     """(best FLOP/s, seconds of one matmul) of ``size``-square matmuls, timed for about ``seconds`` after one
-    untimed call."""
+    untimed call. The product is ``a @ b.T`` with both contiguous, the layout of every linear layer: where bf16 is
+    emulated, torch's fallback kernels are much faster in this layout than for ``a @ b``, and a peak taken in the
+    other one would sit below what the networks reach."""
     a = torch.randn(size, size, device=device).to(dtype)
-    b = torch.randn(size, size, device=device).to(dtype)
+    b = torch.randn(size, size, device=device).to(dtype).t()
     out = torch.empty(size, size, device=device, dtype=dtype)
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     torch.mm(a, b, out=out)
