@@ -117,11 +117,17 @@ def build_objective(diffusion_cfg):
         raise ConfigError(str(err)) from None
 
 
+def attention_paths() -> tuple[str, ...]:
+    """The attention paths every backbone offers (each backbone's ``ATTENTION_PATHS``: auto | sdpa | math)."""
+    offered = [importlib.import_module(_backbone_module(name)[0].__module__).ATTENTION_PATHS for name in BACKBONES]
+    return tuple(path for path in offered[0] if all(path in paths for paths in offered))
+
+
 def set_attention(net: nn.Module, path: str) -> nn.Module:
-    """Route every attention layer of ``net`` through ``path`` (the backbones' ATTENTION_PATHS: auto | sdpa | math).
-    A speed choice only: the paths compute the same function, and no weight or checkpoint key depends on it."""
+    """Route every attention layer of ``net`` through ``path`` (one of :func:`attention_paths`). A speed choice
+    only: the paths compute the same function, and no weight or checkpoint key depends on it."""
     layers = [m for m in net.modules() if hasattr(m, "attention_path")]
-    known = getattr(importlib.import_module(type(net).__module__), "ATTENTION_PATHS", ("auto", "sdpa", "math"))
+    known = importlib.import_module(type(net).__module__).ATTENTION_PATHS
     if path not in known:
         raise ConfigError(f"unknown attention path {path!r}; known: {', '.join(known)}")
     for layer in layers:

@@ -33,7 +33,7 @@ import torch
 from diffusion.config.loading import apply_override, load_config, parse_value
 from diffusion.config.schema import base_config
 from diffusion.errors import ConfigError
-from diffusion.registry import build_model, build_objective, set_attention
+from diffusion.registry import attention_paths, build_model, build_objective, set_attention
 from diffusion.sampling.generate import sample_settings
 from diffusion.sampling.loader import input_shape
 from diffusion.tools.flops import forward_flops, synthetic_conditioning
@@ -97,7 +97,7 @@ def parse_variant(spec: str) -> Variant:
 
 def check_variant(variant: Variant) -> None:
     for key, value, known in (("precision", variant.precision, tuple(PRECISIONS)),
-                              ("attention", variant.attention, ("auto", "sdpa", "math")),
+                              ("attention", variant.attention, attention_paths()),
                               ("optimizer", variant.optimizer, OPTIMIZER_IMPLS),
                               ("data", variant.data, ("synthetic", "loader"))):
         if value not in known:
