@@ -17,7 +17,8 @@ BLOCK_CLASSES = {"uvit": "Block", "dit": "DiTBlock"}
 # diffusion.kind -> (module, builder): the builder's keyword arguments are the settings of that kind.
 OBJECTIVES = {"vp_sde": ("diffusion.objectives.vp", "build_vp_sde"),
               "sd_discrete": ("diffusion.objectives.vp", "build_sd_discrete"),
-              "iddpm": ("diffusion.objectives.iddpm", "build_iddpm")}
+              "iddpm": ("diffusion.objectives.iddpm", "build_iddpm"),
+              "transport": ("diffusion.objectives.transport", "build_transport")}
 
 
 def _backbone_module(name: str):

@@ -329,10 +329,11 @@ def test_diffusion_keywords_are_the_builders_signatures():
     import inspect
 
     from diffusion.config.loading import DIFFUSION_KEYWORDS
-    from diffusion.objectives import iddpm, vp
+    from diffusion.objectives import iddpm, transport, vp
     from diffusion.registry import OBJECTIVES, build_objective
 
-    builders = {"vp_sde": vp.build_vp_sde, "sd_discrete": vp.build_sd_discrete, "iddpm": iddpm.build_iddpm}
+    builders = {"vp_sde": vp.build_vp_sde, "sd_discrete": vp.build_sd_discrete, "iddpm": iddpm.build_iddpm,
+                "transport": transport.build_transport}
     assert set(OBJECTIVES) == set(DIFFUSION_KEYWORDS) == set(builders)
     for kind, builder in builders.items():
         assert DIFFUSION_KEYWORDS[kind] == tuple(inspect.signature(builder).parameters)

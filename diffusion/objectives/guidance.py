@@ -18,13 +18,16 @@ def concat_cond(cond: dict, null_cond: dict) -> dict:
 
 
 def guided_model(model: Callable, cond: dict, null_cond: dict | None, scale: float, eps_channels: int,
-                 channels: str | int = "all") -> Callable:
+                 channels: str | int = "all", interval: tuple[float, float] | None = None) -> Callable:
     """Return ``f(x, t) -> output`` that evaluates ``model(x, t, **cond)`` with guidance applied.
 
     ``eps_channels``: how many leading output channels are the noise prediction (the rest, e.g. DiT's learned
     variance, is taken from the conditional half unguided). ``channels``: ``"all"`` guides every noise channel
     (correct); an int ``k`` guides only the first ``k`` (DiT's released sampler guides 3 of 4 latent channels,
     needed to reproduce its FID 2.27). With ``scale == 1`` or no ``null_cond`` this is one plain forward.
+    ``interval = (t_lo, t_hi)``: guide only while t_lo <= t <= t_hi (inclusive; t as the network receives it, the
+    first sample's value), else one plain conditional forward of the batch (guidance interval, Kynkaanniemi et al.
+    2024; REPA's ``guidance_low`` / ``guidance_high``).
     """
     if null_cond is None or scale == 1.0:
         return lambda x, t: model(x, t, **cond)
@@ -33,6 +36,8 @@ def guided_model(model: Callable, cond: dict, null_cond: dict | None, scale: flo
 
     def forward(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         t = t.reshape(-1).expand(x.shape[0]) if t.numel() == 1 else t
+        if interval is not None and not interval[0] <= float(t[0]) <= interval[1]:
+            return model(x, t, **cond)
         out_c, out_u = model(torch.cat([x, x]), torch.cat([t, t]), **both).chunk(2)
         eps_c, eps_u = out_c[:, :guided], out_u[:, :guided]
         return torch.cat([eps_u + scale * (eps_c - eps_u), out_c[:, guided:]], dim=1)

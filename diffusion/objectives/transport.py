@@ -1,0 +1,235 @@
+"""The transport objective of SiT (flow matching / stochastic interpolants), ``diffusion.kind = "transport"``.
+
+Time runs from t = 0 (noise) to t = 1 (data), SiT's convention: ``x_t = alpha_t x1 + sigma_t x0`` with x1 the data
+and x0 ~ N(0, I) on one of the paths of ``diffusion.objectives.paths``. The network, called as
+``model(x_t, time_scale * t, **cond)`` (SiT and DiT-style backbones see t in [0, 1] itself: ``time_scale = 1``),
+predicts one of
+
+* ``velocity``: u_t = d_alpha_t x1 + d_sigma_t x0, loss mean((v - u_t)^2) (``loss_weight`` ignored, as SiT);
+* ``noise``: x0, loss mean(w (eps - x0)^2);
+* ``score``: -x0 / sigma_t, loss mean(w (s sigma_t + x0)^2);
+
+per sample, the mean over every non-batch dimension. ``loss_weight``: ``none`` (w = 1), ``velocity``
+(w = (drift_var / sigma_t)^2) or ``likelihood`` (w = drift_var / sigma_t^2), drift_var from the path's ``drift``.
+``cos_loss`` adds ``cos_loss * (1 - cos(v, u_t))`` per sample (the cosine over all of a sample's elements,
+LightningDiT's velocity-direction loss; velocity prediction only). A network with twice the data's channels
+(DiT with ``learn_sigma``) contributes its first half only, as SiT.
+
+Training times (``sample_time``): a base draw u in [0, 1) (``uniform``; ``logit_normal``: sigmoid(N(logit_mean,
+logit_std^2)), in SiT's time, so logit_mean > 0 favours the data side; ``mode``: SD3's mode sampling with scale
+``mode_scale``, f(u) = u + mode_scale (cos^2(pi u / 2) - 1 + u) in SiT's time, which is SD3's
+1 - u - s (cos^2(pi u / 2) - 1 + u) read with t -> 1 - t: positive scales favour the middle), then the timestep shift
+of SD3 / LightningDiT (``diffusion.samplers.transport.shift_time``: with s = 1 - t, s' = shift s / (1 + (shift - 1)
+s), t' = 1 - s'; shift > 1 spends more time near noise), then scaled into the training interval [t0, t1] of
+``paths.interval``: t0 + t' (t1 - t0).
+
+Sampling (``sample``, ``SAMPLERS``) runs SiT's probability-flow ODE and SDE integrators of
+``diffusion.samplers.transport`` on the fields ``fields`` builds from the (guided) network.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from diffusion.objectives.guidance import guided_model
+from diffusion.objectives.paths import PATHS, PREDICTIONS, Path, _expand, interval, resolve_eps
+from diffusion.samplers.common import Randn, check_options, standard_normal
+from diffusion.samplers.transport import Field, ode_grid, sample_ode, sample_sde, shift_time
+
+LOSS_WEIGHTS = ("none", "velocity", "likelihood")
+TIME_SAMPLINGS = ("uniform", "logit_normal", "mode")
+
+
+class Transport:
+    """A path, what the network predicts, and how training weighs and draws times (see the module docstring)."""
+
+    def __init__(self, path: Path, prediction: str = "velocity", loss_weight: str = "none",
+                 train_eps: float = 0.0, sample_eps: float | None = 0.0, time_sampling: str = "uniform",
+                 logit_mean: float = 0.0, logit_std: float = 1.0, mode_scale: float = 1.29,
+                 time_shift: float = 1.0, cos_loss: float = 0.0, time_scale: float = 1.0):
+        self.path, self.prediction, self.loss_weight = path, prediction, loss_weight
+        self.train_eps, self.sample_eps = train_eps, sample_eps
+        self.time_sampling, self.logit_mean, self.logit_std = time_sampling, logit_mean, logit_std
+        self.mode_scale, self.time_shift = mode_scale, time_shift
+        self.cos_loss, self.time_scale = cos_loss, time_scale
+        self.t0, self.t1 = interval(path, prediction, train_eps)
+
+    # -- training times --------------------------------------------------------------------------------------
+
+    def base_time(self, n: int, device, generator: torch.Generator | None = None) -> Tensor:
+        """The draw before shift and scaling: u in [0, 1) of ``time_sampling``'s distribution."""
+        if self.time_sampling == "logit_normal":
+            z = torch.randn(n, generator=generator, device=device)
+            return torch.sigmoid(self.logit_mean + self.logit_std * z)
+        u = torch.rand(n, generator=generator, device=device)
+        if self.time_sampling == "mode":
+            return u + self.mode_scale * (torch.cos(math.pi * u / 2) ** 2 - 1 + u)
+        return u
+
+    def to_interval(self, u: Tensor) -> Tensor:
+        """A base draw in [0, 1] -> a training time: the timestep shift, then t0 + u (t1 - t0)."""
+        u = shift_time(u, self.time_shift)
+        return self.t0 + u * (self.t1 - self.t0)
+
+    def sample_time(self, n: int, device, generator: torch.Generator | None = None) -> Tensor:
+        """n training times (float32, shape (n,)) from ``generator`` on ``device`` (the trainer's contract, as
+        ``vp.NoisePredictionObjective.sample_time``)."""
+        return self.to_interval(self.base_time(n, device, generator))
+
+    # -- the loss --------------------------------------------------------------------------------------------
+
+    def network_output(self, model, x_t: Tensor, t: Tensor, cond: dict) -> Tensor:
+        """model(x_t, time_scale t, **cond), keeping the first C channels of a 2C-channel output."""
+        t_net = t if self.time_scale == 1.0 else self.time_scale * t
+        out = model(x_t, t_net, **cond)
+        channels = x_t.shape[1]
+        if out.shape[1] == 2 * channels:
+            out = out[:, :channels]
+        if out.shape != x_t.shape:
+            raise ValueError(f"the network returned shape {tuple(out.shape)} for input {tuple(x_t.shape)}")
+        return out
+
+    def weight(self, x_t: Tensor, t: Tensor) -> Tensor | float:
+        """The loss weight w(t) of a noise or score prediction, broadcastable to x_t."""
+        if self.loss_weight == "none":
+            return 1.0
+        _, drift_var = self.path.drift(x_t, t)
+        sigma = self.path.coefficients(_expand(t, x_t))[1]
+        if self.loss_weight == "velocity":
+            return (drift_var / sigma) ** 2
+        return drift_var / sigma**2
+
+    def training_losses(self, model, x1: Tensor, cond: dict, t: Tensor | None = None,
+                        noise: Tensor | None = None) -> dict[str, Tensor]:
+        """{"loss": per-sample loss (B,), "pred": the network's prediction}. Without ``noise`` / ``t`` they are
+        drawn here, noise first (SiT's order)."""
+        x0 = torch.randn_like(x1) if noise is None else noise
+        t = self.sample_time(x1.shape[0], x1.device) if t is None else t
+        x_t, u_t = self.path.plan(t, x0, x1)
+        pred = self.network_output(model, x_t, t, cond)
+        out, dims = pred.float(), tuple(range(1, x1.ndim))
+        if self.prediction == "velocity":
+            loss = (out - u_t.float()).pow(2).mean(dims)
+            if self.cos_loss:
+                cos = F.cosine_similarity(out.flatten(1), u_t.float().flatten(1), dim=1)
+                loss = loss + self.cos_loss * (1 - cos)
+        else:
+            w = self.weight(x_t, t)
+            if self.prediction == "noise":
+                loss = (w * (out - x0.float()) ** 2).mean(dims)
+            else:
+                sigma = self.path.coefficients(_expand(t, x_t))[1]
+                loss = (w * (out * sigma + x0.float()) ** 2).mean(dims)
+        return {"loss": loss, "pred": pred}
+
+    # -- sampling --------------------------------------------------------------------------------------------
+
+    SAMPLERS = ("dopri5", "euler", "heun2", "sde_euler", "sde_heun")
+
+    def fields(self, net: Callable[[Tensor, Tensor], Tensor]) -> tuple[Field, Field]:
+        """(ODE drift, score) of a network ``net(x, t) -> prediction`` (SiT's ``Sampler.drift`` and
+        ``Sampler.score``): velocity -> (v, score_from_velocity); score -> (-drift_mean + drift_var s, s);
+        noise -> the same with s = eps / (-sigma_t). Each call is one network evaluation."""
+        path, prediction = self.path, self.prediction
+
+        def score(x: Tensor, t: Tensor) -> Tensor:
+            out = net(x, t)
+            if prediction == "velocity":
+                return path.score_from_velocity(out, x, t)
+            return out if prediction == "score" else path.score_from_noise(out, x, t)
+
+        def drift(x: Tensor, t: Tensor) -> Tensor:
+            if prediction == "velocity":
+                return net(x, t)
+            drift_mean, drift_var = path.drift(x, t)
+            return -drift_mean + drift_var * score(x, t)
+
+        return drift, score
+
+    def diffusion_field(self, form: str = "sigma", norm: float = 1.0) -> Field:
+        """w(x, t) of the sampling SDE (``paths.Path.diffusion``)."""
+        return lambda x, t: self.path.diffusion(x, t, form, norm)
+
+    @torch.no_grad()
+    def sample(self, model, noise: Tensor, cond: dict, *, null_cond: dict | None = None,
+               guidance_scale: float = 1.0, guidance_channels: str | int = "all", sampler: str = "dopri5",
+               steps: int = 50, atol: float = 1e-6, rtol: float = 1e-3, diffusion_form: str = "sigma",
+               diffusion_norm: float = 1.0, last_step: str = "mean", last_step_size: float = 0.04,
+               time_shift: float = 1.0, order: int = 3, t_end: float | None = None, skip_type: str | None = None,
+               eta: float = 0.0, clip_denoised: bool | None = None, randn: Randn | None = None,
+               generator: torch.Generator | None = None, progress: bool = False) -> Tensor:
+        """Data (t = 1) from ``noise`` (t = 0) with SiT's samplers (``diffusion.samplers.transport``):
+        ``dopri5`` / ``euler`` / ``heun2`` integrate the probability-flow ODE on ``linspace(t0, t1, steps)``
+        (SiT's ``num_steps``: grid points, so a fixed-step method takes steps - 1 steps), ``sde_euler`` /
+        ``sde_heun`` the SDE with diffusion w(t) = ``diffusion_form`` x ``diffusion_norm``, ending with
+        ``last_step`` (mean | euler | tweedie | none) over ``last_step_size``. The interval is SiT's
+        ``check_interval`` for ``sample_eps``; ``time_shift`` shifts the grid (``shift_time``). Guidance:
+        ``guided_model`` ([cond; null_cond] in one call, ``uncond + w (cond - uncond)``). SDE draws come from
+        ``randn(x)`` (one per step), else ``generator``. ``order`` (DPM-Solver's) is not used; ``t_end``,
+        ``skip_type``, ``eta`` and ``clip_denoised`` have no meaning here and are refused when set."""
+        check_options(sampler, self.SAMPLERS, steps=steps, order=order, skip_type=skip_type, eta=eta, t_end=t_end)
+        for name, value, default in (("t_end", t_end, None), ("skip_type", skip_type, None), ("eta", eta, 0.0),
+                                     ("clip_denoised", clip_denoised, None)):
+            if value != default and not (name == "clip_denoised" and value is False):
+                raise ValueError(f"{name} does not apply to the transport samplers (their interval comes from "
+                                 f"sample_eps and their grid from steps)")
+        if self.sample_eps is None:
+            raise ValueError("sample_eps is unset (train_eps was given without it, as SiT would): set sample_eps")
+        channels = noise.shape[1]
+        guided = guided_model(model, cond, null_cond, guidance_scale, channels, guidance_channels)
+
+        def net(x: Tensor, t: Tensor) -> Tensor:
+            t_net = t if self.time_scale == 1.0 else self.time_scale * t
+            return guided(x, t_net)[:, :channels].to(x.dtype)
+
+        drift, score = self.fields(net)
+        if not sampler.startswith("sde_"):
+            t0, t1 = interval(self.path, self.prediction, self.sample_eps)
+            return sample_ode(drift, noise, ode_grid(t0, t1, steps, time_shift), method=sampler, atol=atol,
+                              rtol=rtol)
+        last_step = str(last_step).lower()
+        last_step_size = 0.0 if last_step == "none" else last_step_size
+        t0, t1 = interval(self.path, self.prediction, self.sample_eps, sde=True, diffusion_form=diffusion_form,
+                          last_step_size=last_step_size)
+        return sample_sde(drift, self.diffusion_field(diffusion_form, diffusion_norm), score, noise,
+                          ode_grid(t0, t1, steps, time_shift), method=sampler[len("sde_"):], last_step=last_step,
+                          last_step_size=last_step_size, randn=standard_normal(randn, generator),
+                          alpha_sigma=lambda t: self.path.coefficients(t)[:2])
+
+
+def build_transport(path: str = "linear", prediction: str = "velocity", loss_weight: str = "none",
+                    train_eps: float | None = None, sample_eps: float | None = None, time_sampling: str = "uniform",
+                    logit_mean: float = 0.0, logit_std: float = 1.0, mode_scale: float = 1.29,
+                    time_shift: float = 1.0, cos_loss: float = 0.0, time_scale: float = 1.0) -> Transport:
+    """``diffusion.kind = "transport"``: SiT's ``create_transport`` (eps resolved by ``paths.resolve_eps``) plus
+    the training-time distribution, the velocity cosine loss and the network's time scale."""
+    path_name = str(path).lower()
+    if path_name not in PATHS:
+        raise ValueError(f"unknown path {path!r}; known: {', '.join(PATHS)}")
+    if prediction not in PREDICTIONS:
+        raise ValueError(f"unknown prediction {prediction!r}; known: {', '.join(PREDICTIONS)}")
+    loss_weight = "none" if loss_weight is None else str(loss_weight).lower()
+    if loss_weight not in LOSS_WEIGHTS:
+        raise ValueError(f"unknown loss_weight {loss_weight!r}; known: {', '.join(LOSS_WEIGHTS)}")
+    if time_sampling not in TIME_SAMPLINGS:
+        raise ValueError(f"unknown time_sampling {time_sampling!r}; known: {', '.join(TIME_SAMPLINGS)}")
+    if logit_std <= 0:
+        raise ValueError(f"logit_std must be > 0, got {logit_std!r}")
+    if time_sampling == "mode" and not -1.0 <= mode_scale <= 2 / (math.pi - 2):
+        raise ValueError(f"mode_scale must lie in [-1, 2 / (pi - 2)] (a monotone map of [0, 1]), got {mode_scale!r}")
+    if time_shift <= 0:
+        raise ValueError(f"time_shift must be > 0, got {time_shift!r}")
+    if cos_loss < 0:
+        raise ValueError(f"cos_loss must be >= 0, got {cos_loss!r}")
+    if cos_loss and prediction != "velocity":
+        raise ValueError("cos_loss applies to velocity prediction only")
+    if time_scale <= 0:
+        raise ValueError(f"time_scale must be > 0, got {time_scale!r}")
+    train_eps, sample_eps = resolve_eps(path_name, prediction, train_eps, sample_eps)
+    return Transport(PATHS[path_name](), prediction, loss_weight, train_eps, sample_eps, time_sampling, logit_mean,
+                     logit_std, mode_scale, time_shift, cos_loss, time_scale)

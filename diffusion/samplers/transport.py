@@ -1,0 +1,164 @@
+"""SiT's samplers for flow-matching / stochastic-interpolant objectives: probability-flow ODE and SDE.
+
+Time runs from t0 (near noise, t = 0) up to t1 (near data, t = 1), SiT's convention. The integrators know nothing
+of paths or predictions: they take callables built by the objective (``diffusion.objectives.transport``) from a
+path and a (guided) network:
+
+* ``drift(x, t)``: the ODE velocity dx/dt (SiT's ``Sampler.drift``); ``t`` is ``t * ones(B)`` in x's dtype;
+* ``diffusion(x, t)``: the SDE's diffusion coefficient w(t), broadcastable against x;
+* ``score(x, t)``: the score of the marginal at t.
+
+The SDE drift is ``F = drift + w * score``, two separate network evaluations per call, as in SiT.
+
+Fixed-step methods (``euler``, ``heun2``) step on the output grid itself: ``num_steps = N`` grid points mean N - 1
+steps. ``dopri5`` is torchdiffeq's adaptive Dormand-Prince solver with SiT's arguments (its step sequence ignores
+the grid and may evaluate the network beyond t1).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torchdiffeq import odeint
+
+from diffusion.samplers.common import Randn
+
+Field = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x, t of shape (B,)) -> tensor like x
+AlphaSigma = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]  # t -> (alpha_t, sigma_t)
+
+ODE_METHODS = ("euler", "heun2", "dopri5")
+SDE_METHODS = ("euler", "heun")
+LAST_STEPS = ("none", "mean", "tweedie", "euler")
+
+
+def shift_time(t: torch.Tensor, shift: float) -> torch.Tensor:
+    """Resolution-dependent timestep shift (SD3 / LightningDiT) in SiT's time (t = 1 data).
+
+    With s = 1 - t the noise-side time, s' = shift * s / (1 + (shift - 1) * s) and t' = 1 - s', i.e.
+    ``t' = t / (t + shift * (1 - t))``: shift > 1 spends more of the grid near noise; shift = 1 is the identity.
+    """
+    if shift <= 0:
+        raise ValueError(f"shift must be > 0, got {shift!r}")
+    if shift == 1.0:
+        return t
+    return t / (t + shift * (1 - t))
+
+
+def ode_grid(t0: float, t1: float, num_steps: int, shift: float = 1.0) -> torch.Tensor:
+    """SiT's output grid ``linspace(t0, t1, num_steps)`` in float32, optionally timestep-shifted (``shift_time``,
+    applied to every point, as LightningDiT: t = 0 and t = 1 stay fixed, other endpoints such as an SDE's
+    t1 = 1 - last_step_size move toward noise)."""
+    if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 2:
+        raise ValueError(f"num_steps must be an integer >= 2 (grid points, num_steps - 1 steps), got {num_steps!r}")
+    return shift_time(torch.linspace(t0, t1, num_steps, dtype=torch.float32), shift)
+
+
+def _batch_time(t: torch.Tensor | float, x: torch.Tensor) -> torch.Tensor:
+    """``t * ones(B)`` in x's dtype and device, as SiT hands time to the network."""
+    return torch.ones(x.shape[0], dtype=x.dtype, device=x.device) * torch.as_tensor(t).to(x)
+
+
+def _check_grid(grid: torch.Tensor) -> None:
+    if grid.ndim != 1 or grid.numel() < 2:
+        raise ValueError(f"grid must be a 1-D tensor of at least 2 times, got shape {tuple(grid.shape)}")
+
+
+def sample_ode(drift: Field, x: torch.Tensor, grid: torch.Tensor, method: str = "dopri5", atol: float = 1e-6,
+               rtol: float = 1e-3, trajectory: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Integrate dx/dt = drift(x, t) from grid[0] to grid[-1]; returns the final state, or with ``trajectory``
+    ``(final, states)`` where ``states`` holds the state at every grid time (``states[0] = x``).
+
+    ``euler``: x + dt * f(t, x) per grid interval. ``heun2``: k1 = f(t, x), k2 = f(t + dt, x + dt * k1),
+    x + dt * (k1 + k2) / 2. ``dopri5``: ``torchdiffeq.odeint(..., method="dopri5", atol=[atol], rtol=[rtol])``,
+    whose error norm spans the whole batch tensor (all samples share one step size).
+    """
+    if method not in ODE_METHODS:
+        raise ValueError(f"unknown ODE method {method!r}; choose one of {', '.join(ODE_METHODS)}")
+    _check_grid(grid)
+    if method == "dopri5":
+        states = odeint(lambda t, y: drift(y, _batch_time(t, y)), x, grid.to(x.device), method="dopri5",
+                        atol=[atol], rtol=[rtol])
+        return (states[-1], states) if trajectory else states[-1]
+
+    times = grid.to(device=x.device, dtype=x.dtype)
+    states = [x]
+    for i in range(len(times) - 1):
+        t, dt = times[i], times[i + 1] - times[i]
+        k1 = drift(x, _batch_time(t, x))
+        if method == "euler":
+            x = x + dt * k1
+        else:
+            k2 = drift(x + dt * k1, _batch_time(t + dt, x))
+            x = x + dt * (k1 + k2) / 2
+        if trajectory:
+            states.append(x)
+    return (x, torch.stack(states)) if trajectory else x
+
+
+def sde_drift(drift: Field, diffusion: Field, score: Field) -> Field:
+    """SiT's SDE drift ``F(x, t) = drift(x, t) + w(t) * score(x, t)`` (two network evaluations, drift first)."""
+
+    def forward(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return drift(x, t) + diffusion(x, t) * score(x, t)
+
+    return forward
+
+
+def sample_sde(drift: Field, diffusion: Field, score: Field, x: torch.Tensor, grid: torch.Tensor,
+               method: str = "euler", last_step: str = "mean", last_step_size: float = 0.04,
+               randn: Randn = torch.randn_like, alpha_sigma: AlphaSigma | None = None,
+               trajectory: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """SiT's SDE sampler: one step from each of the first N - 1 grid points (on a uniform grid dt = grid[1] -
+    grid[0] for every step, as SiT; on a shifted grid each step spans its own interval), then the last step at
+    t1 = grid[-1]. Returns the final state, or with ``trajectory`` ``(final, states)`` where
+    ``states`` holds the N - 1 SDE states and then the last-step output (SiT's returned list).
+
+    Each step draws one standard normal ``xi = randn(x)`` for the whole batch, first. ``euler``:
+    ``x + F(x, t) dt + sqrt(2 w(t)) xi sqrt(dt)``. ``heun``: ``x^ = x + sqrt(2 w(t)) xi sqrt(dt)``,
+    K1 = F(x^, t), K2 = F(x^ + dt K1, t + dt), ``x^ + dt (K1 + K2) / 2``.
+    ``last_step``: ``none`` (identity), ``mean`` (``x + F(x, t1) * last_step_size``, no noise), ``euler``
+    (``x + drift(x, t1) * last_step_size``) or ``tweedie`` (``x / alpha + sigma^2 / alpha * score(x, t1)``, with
+    ``alpha_sigma(t) -> (alpha_t, sigma_t)`` of the path). The caller puts t1 at 1 - last_step_size.
+    """
+    if method not in SDE_METHODS:
+        raise ValueError(f"unknown SDE method {method!r}; choose one of {', '.join(SDE_METHODS)}")
+    if last_step not in LAST_STEPS:
+        raise ValueError(f"unknown last_step {last_step!r}; choose one of {', '.join(LAST_STEPS)}")
+    if last_step == "tweedie" and alpha_sigma is None:
+        raise ValueError("last_step='tweedie' needs alpha_sigma(t) -> (alpha_t, sigma_t) of the path")
+    _check_grid(grid)
+    f = sde_drift(drift, diffusion, score)
+    times = grid.to(device=x.device, dtype=x.dtype)
+    steps = times.diff()
+    if not (steps > 0).all():
+        raise ValueError("the SDE samplers integrate forward in time (noise to data): grid must increase")
+    if torch.allclose(steps, steps[0], rtol=1e-4, atol=0):
+        steps = steps[:1].expand(len(steps))  # uniform: SiT's one dt = grid[1] - grid[0] for every step
+    states = []
+    for i in range(len(times) - 1):
+        t, dt = _batch_time(times[i], x), steps[i]
+        dw = randn(x) * torch.sqrt(dt)
+        if method == "euler":
+            w = diffusion(x, t)
+            x = (x + f(x, t) * dt) + torch.sqrt(2 * w) * dw
+        else:
+            x_hat = x + torch.sqrt(2 * diffusion(x, t)) * dw
+            k1 = f(x_hat, t)
+            k2 = f(x_hat + dt * k1, t + dt)
+            x = x_hat + 0.5 * dt * (k1 + k2)
+        if trajectory:
+            states.append(x)
+
+    t1 = _batch_time(times[-1], x)
+    if last_step == "mean":
+        x = x + f(x, t1) * last_step_size
+    elif last_step == "euler":
+        x = x + drift(x, t1) * last_step_size
+    elif last_step == "tweedie":
+        alpha, sigma = alpha_sigma(times[-1])
+        x = x / alpha + sigma**2 / alpha * score(x, t1)
+    if trajectory:
+        states.append(x)
+        return x, torch.stack(states)
+    return x
