@@ -9,7 +9,7 @@
 --ckpt is a trainer checkpoint (checkpoints/step_XXXXXXXX) or run directory (its newest checkpoint; the config is
 read from it: --config is refused, --config.key=value overrides apply), a released file known by name (see
 `python -m diffusion.released`; its config comes from that table), or any other weights file in the original
-formats (U-ViT .pth state_dict, DiT .pt EMA state_dict or {"model", "ema", "opt", "args"} training checkpoint,
+formats (U-ViT .pth state_dict, DiT / SiT .pt EMA state_dict or {"model", "ema", "opt", "args"} training checkpoint,
 .safetensors) together with --config=configs/<name>.py. EMA weights unless --ema=false.
 
 Sampler settings default to the config's `sample` section (the paper's sampler for the paper configs); the

@@ -1,4 +1,5 @@
-"""The checkpoints the two papers released, by file name, and the config that reproduces each paper number.
+"""The checkpoints the U-ViT, DiT and SiT papers released, by file name, and the config that reproduces each paper
+number.
 
 ``sample.py --ckpt=<released file>`` needs no ``--config``: the file name picks the config below (model, diffusion,
 autoencoder and the paper's sampler in ``config.sample``); ``--config.x=v`` overrides still apply. Rename a file and
@@ -21,8 +22,9 @@ class Released:
     paper_fid: float
 
 
-# File names exactly as the U-ViT (github.com/baofff/U-ViT) and DiT (github.com/facebookresearch/DiT) READMEs link
-# them. U-ViT files are plain EMA state_dicts (.pth); DiT's are plain EMA state_dicts (.pt).
+# File names exactly as the U-ViT (github.com/baofff/U-ViT), DiT (github.com/facebookresearch/DiT) and SiT
+# (github.com/willisma/SiT) READMEs link them. U-ViT files are plain EMA state_dicts (.pth); DiT's and SiT's are plain
+# EMA state_dicts (.pt) of the same DiT key layout (SiT's training checkpoints: {"model", "ema", "opt", "args"}).
 RELEASED: dict[str, Released] = {
     "cifar10_uvit_small.pth": Released("configs/cifar10_uvit_s2.py", "U-ViT-S/2", "CIFAR-10 32", 3.11),
     "celeba64_uvit_small.pth": Released("configs/celeba64_uvit_s4.py", "U-ViT-S/4", "CelebA 64", 2.87),
@@ -37,6 +39,7 @@ RELEASED: dict[str, Released] = {
                                            5.48),
     "DiT-XL-2-256x256.pt": Released("configs/imagenet256_dit_xl2.py", "DiT-XL/2", "ImageNet 256", 2.27),
     "DiT-XL-2-512x512.pt": Released("configs/imagenet512_dit_xl2.py", "DiT-XL/2", "ImageNet 512", 3.04),
+    "SiT-XL-2-256x256.pt": Released("configs/imagenet256_sit_xl2.py", "SiT-XL/2", "ImageNet 256", 2.06),
 }
 
 

@@ -83,6 +83,7 @@ PAPER_SAMPLING = {
     "mscoco_uvit_s2_deep": ("dpm_solver++", 50, 1e-3, "time_uniform", 2.0, "all", "sd_discrete", 0.1),
     "imagenet256_dit_xl2": ("ddpm", 250, None, None, 1.5, "3", "iddpm", 0.1),
     "imagenet512_dit_xl2": ("ddpm", 250, None, None, 1.5, "3", "iddpm", 0.1),
+    "imagenet256_sit_xl2": ("sde_euler", 250, None, None, 1.5, "3", "transport", 0.1),
 }
 
 
@@ -115,6 +116,22 @@ def test_dit_recipe_in_full():
         7_000_000, 256, 50_000, 100)
     assert config.train.mixed_precision == "no" and config.train.tf32
     assert (config.optim.lr, config.optim.weight_decay, config.optim.warmup_steps) == (1e-4, 0.0, 0)
+
+
+def test_sit_recipe_in_full():
+    """SiT's train.py: AdamW 1e-4, no decay, global batch 256, EMA 0.9999, 1400 epochs of ImageNet's 1,281,167
+    images in full batches, checkpoints every 50K; linear path, velocity; the DiT-XL/2 backbone and DiT's latents."""
+    sit, _ = parse_command_line([f"--config={REPO / 'configs/imagenet256_sit_xl2.py'}"])
+    dit, _ = parse_command_line([f"--config={REPO / 'configs/imagenet256_dit_xl2.py'}"])
+    assert (sit.train.steps, sit.train.batch_size, sit.train.ckpt_every, sit.train.ema_decay) == (
+        1400 * (1_281_167 // 256), 256, 50_000, 0.9999)
+    assert (sit.optim.lr, sit.optim.weight_decay, sit.optim.warmup_steps) == (1e-4, 0.0, 0)
+    assert (sit.diffusion.kind, sit.diffusion.path, sit.diffusion.prediction) == ("transport", "linear", "velocity")
+    assert sit.diffusion.get("time_scale", 1.0) == 1.0  # SiT's time input: t in [0, 1]
+    s = sit.sample  # SiT's sample.py SDE flags behind FID 2.06: --diffusion-form sigma --last-step Mean
+    assert (s.diffusion_form, s.diffusion_norm, s.last_step, s.last_step_size) == ("sigma", 1.0, "mean", 0.04)
+    assert sit.model.to_dict() == dit.model.to_dict()
+    assert sit.data.to_dict() == dit.data.to_dict() and sit.autoencoder.to_dict() == dit.autoencoder.to_dict()
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])

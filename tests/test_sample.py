@@ -2,6 +2,8 @@
 
 import argparse
 import contextlib
+import functools
+import inspect
 import io
 import json
 import os
@@ -317,6 +319,7 @@ RELEASED_CASES = {
     "mscoco_uvit_small_deep.pth": ("built", TINY_T2I, ["--prompts", "the cat"]),
     "DiT-XL-2-256x256.pt": ("dit_cond", DIT_LATENT, ["--labels=9,0"]),
     "DiT-XL-2-512x512.pt": ("dit_cond", DIT_LATENT, ["--labels=9,0"]),
+    "SiT-XL-2-256x256.pt": ("sit_samplers", DIT_LATENT, ["--labels=9,0"]),  # weights saved by SiT's own code
 }
 
 
@@ -375,7 +378,8 @@ FULL_SIZE = {"cifar10_uvit_small.pth": 44_255_328, "celeba64_uvit_small.pth": 44
              "imagenet64_uvit_large.pth": 286.83, "imagenet256_uvit_large.pth": 286.76,
              "imagenet256_uvit_huge.pth": 500_832_016, "imagenet512_uvit_large.pth": 286.86,
              "imagenet512_uvit_huge.pth": 500.94, "mscoco_uvit_small.pth": 44.69, "mscoco_uvit_small_deep.pth": 58.35,
-             "DiT-XL-2-256x256.pt": 675_129_632, "DiT-XL-2-512x512.pt": 675_129_632 + 768 * 1152}
+             "DiT-XL-2-256x256.pt": 675_129_632, "DiT-XL-2-512x512.pt": 675_129_632 + 768 * 1152,
+             "SiT-XL-2-256x256.pt": 675_129_632}  # SiT-XL/2 is DiT-XL/2's network (learned sigma kept)
 
 
 @pytest.mark.parametrize("name", sorted(RELEASED))
@@ -386,7 +390,7 @@ def test_released_config_builds_the_paper_model(name):
     n = sum(p.numel() for p in model.parameters())
     expected = FULL_SIZE[name]
     assert n == expected if isinstance(expected, int) else round(n / 1e6, 2) == expected
-    if name.startswith("DiT"):
+    if name.startswith(("DiT", "SiT")):
         assert len(model.state_dict()) == 292
 
 
@@ -571,3 +575,103 @@ def test_flag_words_and_label_syntax(tmp_path, dit_file):
     assert code == 2 and "--labels takes class numbers" in err and len(err.strip().splitlines()) == 1
     code, _, err = run_main("--ckpt", dit_file, *DIT, "--clip_denoised=maybe")
     assert code == 2 and "bad value for --clip_denoised: expected a boolean" in err
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The transport samplers' knobs: config keys and flags
+# ----------------------------------------------------------------------------------------------------------
+
+SIT_DEFAULTS = {"atol": 1e-6, "rtol": 1e-3, "diffusion_form": "sigma", "diffusion_norm": 1.0, "last_step": "mean",
+                "last_step_size": 0.04, "time_shift": 1.0, "guidance_t_lo": 0.0, "guidance_t_hi": 1.0}
+
+
+def test_transport_knobs_are_config_keys_flags_and_sampler_keywords():
+    """SiT's sample.py defaults in the schema, the same as Transport.sample's; one flag each; left out of the
+    other objectives' calls and records at their defaults."""
+    from diffusion.sampling.generate import OPTIONAL_KEYS, SAMPLER_KEYS
+
+    cfg = load_config(released_config("SiT-XL-2-256x256.pt"))
+    assert set(OPTIONAL_KEYS) == set(SIT_DEFAULTS) <= set(SAMPLER_KEYS)
+    assert {key: cfg.sample[key] for key in OPTIONAL_KEYS} == SIT_DEFAULTS
+    transport = build_objective(cfg.diffusion)
+    params = inspect.signature(transport.sample).parameters
+    assert {key: params[key].default for key in OPTIONAL_KEYS} == SIT_DEFAULTS
+    flags = {flag.name for flag in sample.COMMAND.flags}
+    assert set(OPTIONAL_KEYS) <= flags
+    assert sample_settings(cfg.sample, transport) == {key: cfg.sample[key] for key in SAMPLER_KEYS}
+    dit = load_config(released_config("DiT-XL-2-256x256.pt"))
+    iddpm = build_objective(dit.diffusion)
+    assert sample_settings(dit.sample, iddpm) == sample_settings(dit.sample) == \
+        {key: dit.sample[key] for key in SAMPLER_KEYS if key not in OPTIONAL_KEYS}
+
+
+def test_transport_knobs_are_refused_elsewhere_and_checked(tmp_path, dit_file):
+    out = f"--out={tmp_path / 'g.png'}"
+    code, _, err = run_main("--ckpt", dit_file, *DIT, "--time_shift=2", "--atol=1e-4", out)
+    assert code == 2 and "atol, time_shift belong to the transport samplers" in err
+    assert run_main("--ckpt", dit_file, *DIT, "--time_shift=1", "--steps=2", out)[0] == 0  # the default: accepted
+    sit = tmp_path / "SiT-XL-2-256x256.pt"
+    torch.save(load_fixture("sit_samplers")["state_dict"], sit)
+    for flags, message in ((["--last_step=final"], "unknown last_step 'final'"),
+                           (["--diffusion_form=cosine"], "unknown diffusion_form 'cosine'"),
+                           (["--guidance_t_lo=0.9", "--guidance_t_hi=0.5"], "guidance_t_lo <= guidance_t_hi"),
+                           (["--rtol=0"], "rtol must be")):
+        code, _, err = run_main("--ckpt", sit, *DIT_LATENT, "--config.autoencoder.pretrained=", "--steps=2", *flags,
+                                out)
+        assert code == 2 and message in err and "Traceback" not in err, (flags, err)
+
+
+def test_sit_training_checkpoint_by_name_with_every_knob(tmp_path, tiny_ae, monkeypatch):
+    """SiT's train.py checkpoint format under the released name: its EMA weights, and every knob from the flags
+    reaching Transport.sample and the job record."""
+    from diffusion.objectives.transport import Transport
+
+    ema = load_fixture("sit_samplers")["state_dict"]
+    raw = {k: v + 0.05 * torch.randn_like(v) for k, v in ema.items()}
+    opt = {"state": {}, "param_groups": [{"lr": 1e-4, "params": list(range(len(ema)))}]}
+    (tmp_path / "train").mkdir()
+    (tmp_path / "plain").mkdir()
+    torch.save({"model": raw, "ema": ema, "opt": opt, "args": argparse.Namespace(model="SiT-XL/2")},
+               tmp_path / "train" / "SiT-XL-2-256x256.pt")
+    torch.save(ema, tmp_path / "plain" / "SiT-XL-2-256x256.pt")
+    knobs = {"sampler": "sde_heun", "steps": 4, "diffusion_form": "linear", "diffusion_norm": 0.5,
+             "last_step": "tweedie", "last_step_size": 0.1, "time_shift": 2.0, "guidance_t_lo": 0.25,
+             "guidance_t_hi": 0.75, "atol": 1e-5, "rtol": 1e-2}
+    seen = []
+    original = Transport.sample
+
+    @functools.wraps(original)  # keeps the signature: the keys it takes are read from it
+    def spy(self, *args, **kwargs):
+        seen.append(kwargs)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(Transport, "sample", spy)
+    common = [*DIT_LATENT, f"--config.autoencoder.pretrained={tiny_ae}", "--n_samples=2", "--chunk_size=2",
+              "--labels=9,0", *(f"--{key}={value}" for key, value in knobs.items())]
+    for kind in ("train", "plain"):
+        code, _, err = run_main("--ckpt", tmp_path / kind / "SiT-XL-2-256x256.pt", *common,
+                                f"--out={tmp_path / kind}.npz")
+        assert code == 0, err
+    assert all(seen[0][key] == value for key, value in knobs.items())
+    assert seen[0]["guidance_scale"] == 1.5 and seen[0]["guidance_channels"] == "3"  # the config's paper sampler
+    record = json.loads((tmp_path / "train.job.json").read_text())["settings"]["sampler"]
+    assert all(record[key] == value for key, value in knobs.items())
+    assert np.array_equal(npz(tmp_path / "train.npz")["arr_0"], npz(tmp_path / "plain.npz")["arr_0"])
+
+
+def test_guidance_interval_is_in_sits_time():
+    """guidance_t_lo / guidance_t_hi are SiT times (0 = noise, 1 = data) whatever the network's time scale."""
+    from diffusion.objectives.transport import build_transport
+
+    for scale in (1.0, 1000.0):
+        calls = []
+
+        def model(x, t, y, calls=calls, scale=scale):
+            calls.append((float(t[0]) / scale, len(x)))
+            return torch.zeros_like(x)
+
+        objective = build_transport(time_scale=scale)
+        noise, y = torch.randn(2, 1, 2, 2), torch.tensor([1, 2])
+        objective.sample(model, noise, {"y": y}, null_cond={"y": torch.zeros_like(y)}, guidance_scale=2.0,
+                         sampler="euler", steps=5, guidance_t_lo=0.3, guidance_t_hi=0.6)
+        assert [(round(t, 4), n) for t, n in calls] == [(0.0, 2), (0.25, 2), (0.5, 4), (0.75, 2)]

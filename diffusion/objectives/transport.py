@@ -24,7 +24,8 @@ s), t' = 1 - s'; shift > 1 spends more time near noise), then scaled into the tr
 ``paths.interval``: t0 + t' (t1 - t0).
 
 Sampling (``sample``, ``SAMPLERS``) runs SiT's probability-flow ODE and SDE integrators of
-``diffusion.samplers.transport`` on the fields ``fields`` builds from the (guided) network.
+``diffusion.samplers.transport`` on the fields ``fields`` builds from the (guided) network; ``likelihood`` runs
+the ODE from data to noise for the log-likelihood and bits per dimension of data (SiT's ``sample_ode_likelihood``).
 """
 
 from __future__ import annotations
@@ -37,9 +38,18 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from diffusion.objectives.guidance import guided_model
-from diffusion.objectives.paths import PATHS, PREDICTIONS, Path, _expand, interval, resolve_eps
+from diffusion.objectives.paths import DIFFUSION_FORMS, PATHS, PREDICTIONS, Path, _expand, interval, resolve_eps
 from diffusion.samplers.common import Randn, check_options, standard_normal
-from diffusion.samplers.transport import Field, ode_grid, sample_ode, sample_sde, shift_time
+from diffusion.samplers.transport import (
+    LAST_STEPS,
+    Field,
+    bits_per_dim,
+    likelihood_ode,
+    ode_grid,
+    sample_ode,
+    sample_sde,
+    shift_time,
+)
 
 LOSS_WEIGHTS = ("none", "velocity", "likelihood")
 TIME_SAMPLINGS = ("uniform", "logit_normal", "mode")
@@ -156,11 +166,57 @@ class Transport:
         return lambda x, t: self.path.diffusion(x, t, form, norm)
 
     @torch.no_grad()
+    def likelihood(self, model, x1: Tensor, cond: dict, *, sampler: str = "dopri5", steps: int = 50,
+                   atol: float = 1e-6, rtol: float = 1e-3, divergence: str = "hutchinson", probes: int = 1,
+                   probe: str = "rademacher", resample_probes: bool = False, levels: int | None = None,
+                   data_range: float = 2.0, randn: Randn | None = None,
+                   generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+        """(log-likelihood per sample in nats, bits per dimension) of data ``x1`` (SiT's ``sample_ode_likelihood``):
+        the probability-flow ODE of the unguided network, ``sampler`` dopri5 | euler | heun2, run from data to
+        noise on the reverse of SiT's sampling interval (``linspace(1 - t0, 1 - t1, steps)``) jointly with the
+        log-density change, then the N(0, I) prior of the endpoint (``diffusion.samplers.transport.likelihood_ode``).
+        ``divergence``: ``hutchinson`` (``probes`` probes of ``probe``, drawn once per call from ``randn(x)``, else
+        ``generator``; afresh at every evaluation with ``resample_probes``, as SiT) or ``exact`` (one backward
+        pass per dimension: small data only). ``levels`` / ``data_range``: bits per dimension on the data's integer
+        grid (``bits_per_dim``). Unguided, as SiT's (which asserts cfg_scale == 1)."""
+        if self.sample_eps is None:
+            raise ValueError("sample_eps is unset (train_eps was given without it, as SiT would): set sample_eps")
+        t_data, t_noise = interval(self.path, self.prediction, self.sample_eps, reverse=True)
+        drift, _ = self.fields(lambda x, t: self.network_output(model, x, t, cond).to(x.dtype))
+        log_likelihood, _, _ = likelihood_ode(drift, x1, ode_grid(t_data, t_noise, steps), method=sampler, atol=atol,
+                                              rtol=rtol, divergence=divergence, probes=probes, probe=probe,
+                                              resample_probes=resample_probes, randn=standard_normal(randn, generator))
+        return log_likelihood, bits_per_dim(log_likelihood, x1[0].numel(), levels, data_range)
+
+    @staticmethod
+    def check_sample_options(*, atol: float = 1e-6, rtol: float = 1e-3, diffusion_form: str = "sigma",
+                             diffusion_norm: float = 1.0, last_step: str = "mean", last_step_size: float = 0.04,
+                             time_shift: float = 1.0, guidance_t_lo: float = 0.0, guidance_t_hi: float = 1.0) -> None:
+        """One ValueError for a transport sampling option that cannot run (``sample``'s keywords of the same
+        names), before any network evaluation."""
+        if not (atol > 0 and rtol > 0):
+            raise ValueError(f"atol and rtol must be > 0, got {atol!r} and {rtol!r}")
+        if diffusion_form not in DIFFUSION_FORMS:
+            raise ValueError(f"unknown diffusion_form {diffusion_form!r}; choose one of {', '.join(DIFFUSION_FORMS)}")
+        if diffusion_norm < 0:
+            raise ValueError(f"diffusion_norm must be >= 0, got {diffusion_norm!r}")
+        if str(last_step).lower() not in LAST_STEPS:
+            raise ValueError(f"unknown last_step {last_step!r}; choose one of {', '.join(LAST_STEPS)}")
+        if not 0 <= last_step_size < 1:
+            raise ValueError(f"last_step_size must lie in [0, 1), got {last_step_size!r}")
+        if time_shift <= 0:
+            raise ValueError(f"time_shift must be > 0, got {time_shift!r}")
+        if not 0 <= guidance_t_lo <= guidance_t_hi <= 1:
+            raise ValueError(f"the guidance interval needs 0 <= guidance_t_lo <= guidance_t_hi <= 1, got "
+                             f"({guidance_t_lo!r}, {guidance_t_hi!r})")
+
+    @torch.no_grad()
     def sample(self, model, noise: Tensor, cond: dict, *, null_cond: dict | None = None,
                guidance_scale: float = 1.0, guidance_channels: str | int = "all", sampler: str = "dopri5",
                steps: int = 50, atol: float = 1e-6, rtol: float = 1e-3, diffusion_form: str = "sigma",
                diffusion_norm: float = 1.0, last_step: str = "mean", last_step_size: float = 0.04,
-               time_shift: float = 1.0, order: int = 3, t_end: float | None = None, skip_type: str | None = None,
+               time_shift: float = 1.0, guidance_t_lo: float = 0.0, guidance_t_hi: float = 1.0, order: int = 3,
+               t_end: float | None = None, skip_type: str | None = None,
                eta: float = 0.0, clip_denoised: bool | None = None, randn: Randn | None = None,
                generator: torch.Generator | None = None, progress: bool = False) -> Tensor:
         """Data (t = 1) from ``noise`` (t = 0) with SiT's samplers (``diffusion.samplers.transport``):
@@ -169,10 +225,14 @@ class Transport:
         ``sde_heun`` the SDE with diffusion w(t) = ``diffusion_form`` x ``diffusion_norm``, ending with
         ``last_step`` (mean | euler | tweedie | none) over ``last_step_size``. The interval is SiT's
         ``check_interval`` for ``sample_eps``; ``time_shift`` shifts the grid (``shift_time``). Guidance:
-        ``guided_model`` ([cond; null_cond] in one call, ``uncond + w (cond - uncond)``). SDE draws come from
+        ``guided_model`` ([cond; null_cond] in one call, ``uncond + w (cond - uncond)``), only while
+        ``guidance_t_lo <= t <= guidance_t_hi`` (SiT's time; the default (0, 1): everywhere). SDE draws come from
         ``randn(x)`` (one per step), else ``generator``. ``order`` (DPM-Solver's) is not used; ``t_end``,
         ``skip_type``, ``eta`` and ``clip_denoised`` have no meaning here and are refused when set."""
         check_options(sampler, self.SAMPLERS, steps=steps, order=order, skip_type=skip_type, eta=eta, t_end=t_end)
+        self.check_sample_options(atol=atol, rtol=rtol, diffusion_form=diffusion_form, diffusion_norm=diffusion_norm,
+                                  last_step=last_step, last_step_size=last_step_size, time_shift=time_shift,
+                                  guidance_t_lo=guidance_t_lo, guidance_t_hi=guidance_t_hi)
         for name, value, default in (("t_end", t_end, None), ("skip_type", skip_type, None), ("eta", eta, 0.0),
                                      ("clip_denoised", clip_denoised, None)):
             if value != default and not (name == "clip_denoised" and value is False):
@@ -181,7 +241,9 @@ class Transport:
         if self.sample_eps is None:
             raise ValueError("sample_eps is unset (train_eps was given without it, as SiT would): set sample_eps")
         channels = noise.shape[1]
-        guided = guided_model(model, cond, null_cond, guidance_scale, channels, guidance_channels)
+        window = None if (guidance_t_lo, guidance_t_hi) == (0.0, 1.0) else \
+            (guidance_t_lo * self.time_scale, guidance_t_hi * self.time_scale)  # in the network's time
+        guided = guided_model(model, cond, null_cond, guidance_scale, channels, guidance_channels, interval=window)
 
         def net(x: Tensor, t: Tensor) -> Tensor:
             t_net = t if self.time_scale == 1.0 else self.time_scale * t

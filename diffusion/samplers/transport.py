@@ -13,10 +13,15 @@ The SDE drift is ``F = drift + w * score``, two separate network evaluations per
 Fixed-step methods (``euler``, ``heun2``) step on the output grid itself: ``num_steps = N`` grid points mean N - 1
 steps. ``dopri5`` is torchdiffeq's adaptive Dormand-Prince solver with SiT's arguments (its step sequence ignores
 the grid and may evaluate the network beyond t1).
+
+``likelihood_ode`` runs the probability-flow ODE the other way, data to noise, jointly with the log-density change
+(the divergence of the drift, exact or by Hutchinson's estimator), SiT's ``sample_ode_likelihood``; ``bits_per_dim``
+converts its nats.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -162,3 +167,111 @@ def sample_sde(drift: Field, diffusion: Field, score: Field, x: torch.Tensor, gr
         states.append(x)
         return x, torch.stack(states)
     return x
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# The likelihood through the probability-flow ODE (SiT's sample_ode_likelihood)
+# ------------------------------------------------------------------------------------------------------------------
+DIVERGENCES = ("hutchinson", "exact")
+PROBES = ("rademacher", "gaussian")
+
+
+def _sum_dims(x: torch.Tensor) -> torch.Tensor:
+    return x.sum(dim=tuple(range(1, x.ndim)))
+
+
+def draw_probes(x: torch.Tensor, probes: int = 1, probe: str = "rademacher",
+                randn: Randn = torch.randn_like) -> torch.Tensor:
+    """``probes`` Hutchinson probes shaped like x, stacked on a new first dimension: one ``randn(x)`` draw each, in
+    order, used as it is (``gaussian``) or as its sign (``rademacher``, +-1 with probability 1/2 each)."""
+    if probe not in PROBES:
+        raise ValueError(f"unknown probe {probe!r}; choose one of {', '.join(PROBES)}")
+    if isinstance(probes, bool) or not isinstance(probes, int) or probes < 1:
+        raise ValueError(f"probes must be a positive integer, got {probes!r}")
+    draws = torch.stack([randn(x) for _ in range(probes)])
+    return torch.where(draws >= 0, 1.0, -1.0).to(draws) if probe == "rademacher" else draws
+
+
+def drift_divergence(drift: Field, x: torch.Tensor, t: torch.Tensor,
+                     probes: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(drift(x, t), its divergence per sample, shape (B,)), both detached; one network evaluation.
+
+    With ``probes`` (K, *x.shape) the Hutchinson estimate ``mean_k sum(eps_k * J^T eps_k)`` (one vector-Jacobian
+    product per probe); without, the exact trace by one vector-Jacobian product per dimension of a sample (for
+    small dimensions)."""
+    with torch.enable_grad():
+        x = x.detach().requires_grad_(True)
+        v = drift(x, t)
+        if probes is not None:
+            div = sum(_sum_dims(torch.autograd.grad(v, x, eps, retain_graph=True)[0] * eps) for eps in probes)
+            div = div / len(probes)
+        else:
+            flat_v = v.reshape(v.shape[0], -1)
+            div = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
+            for d in range(flat_v.shape[1]):
+                grad = torch.autograd.grad(flat_v[:, d].sum(), x, retain_graph=True)[0]
+                div = div + grad.reshape(grad.shape[0], -1)[:, d]
+    return v.detach(), div.detach()
+
+
+def prior_logp(z: torch.Tensor) -> torch.Tensor:
+    """log N(z; 0, I) per sample (SiT's ``prior_logp``): -D/2 log(2 pi) - |z|^2 / 2, D the dimensions of a sample."""
+    dims = z[0].numel()
+    return -dims / 2 * math.log(2 * math.pi) - _sum_dims(z.pow(2)) / 2
+
+
+def bits_per_dim(log_likelihood: torch.Tensor, dims: int, levels: int | None = None,
+                 data_range: float = 2.0) -> torch.Tensor:
+    """Nats per sample -> bits per dimension, ``-log p / (D ln 2)``. With ``levels`` (e.g. 256 for 8-bit images)
+    the density is read on the integer grid of the data: data spanning ``data_range`` (2 for [-1, 1]) made of
+    ``levels`` values adds ``log2(levels / data_range)`` (7 bits for 8-bit images in [-1, 1]); the uniform
+    dequantization of the data before the likelihood is the caller's."""
+    bpd = -log_likelihood / (dims * math.log(2))
+    return bpd if levels is None else bpd + math.log2(levels / data_range)
+
+
+def likelihood_ode(drift: Field, x: torch.Tensor, grid: torch.Tensor, method: str = "dopri5", atol: float = 1e-6,
+                   rtol: float = 1e-3, divergence: str = "hutchinson", probes: int = 1, probe: str = "rademacher",
+                   resample_probes: bool = False,
+                   randn: Randn = torch.randn_like) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The log-likelihood of data ``x`` under the probability flow of ``drift``: integrate the augmented ODE
+    (dx/dt = drift(x, t), d delta/dt = -div drift(x, t)) along ``grid`` from the data time grid[0] to the noise
+    time grid[-1] (a decreasing grid, e.g. ``ode_grid(1, 0, n)``), then ``log p(x) = prior_logp(z) - delta`` with
+    z the endpoint. Returns ``(log_likelihood (B,), z, delta (B,))``.
+
+    ``divergence``: ``hutchinson`` (``probes`` probes of distribution ``probe``, drawn once from ``randn(x)``
+    before the solve and kept for the whole trajectory, so sample i's estimate depends only on its own draws;
+    ``resample_probes``: fresh probes at every network evaluation instead, SiT's way (one Rademacher probe per
+    evaluation): a smaller variance, but with ``dopri5`` the draws, and so each sample's result, depend on the
+    step sequence the whole batch shares) or ``exact`` (small dimensions).
+    ``dopri5`` is torchdiffeq's on the state (x, delta) with ``atol=[atol] * 2``, ``rtol=[rtol] * 2``, as SiT;
+    ``euler`` / ``heun2`` step on the grid as ``sample_ode``."""
+    if method not in ODE_METHODS:
+        raise ValueError(f"unknown ODE method {method!r}; choose one of {', '.join(ODE_METHODS)}")
+    if divergence not in DIVERGENCES:
+        raise ValueError(f"unknown divergence {divergence!r}; choose one of {', '.join(DIVERGENCES)}")
+    _check_grid(grid)
+    hutchinson = divergence == "hutchinson"
+    eps = draw_probes(x, probes, probe, randn) if hutchinson and not resample_probes else None
+
+    def f(t: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        probe_now = draw_probes(state[0], probes, probe, randn) if hutchinson and resample_probes else eps
+        v, div = drift_divergence(drift, state[0], _batch_time(t, state[0]), probe_now)
+        return v, -div.to(state[1])
+
+    state = (x, torch.zeros(x.shape[0], dtype=x.dtype, device=x.device))
+    if method == "dopri5":
+        z, delta = (s[-1] for s in odeint(f, state, grid.to(x.device), method="dopri5", atol=[atol] * 2,
+                                          rtol=[rtol] * 2))
+    else:
+        times = grid.to(device=x.device, dtype=x.dtype)
+        for i in range(len(times) - 1):
+            t, dt = times[i], times[i + 1] - times[i]
+            k1 = f(t, state)
+            if method == "euler":
+                state = tuple(s + dt * k for s, k in zip(state, k1))
+            else:
+                k2 = f(t + dt, tuple(s + dt * k for s, k in zip(state, k1)))
+                state = tuple(s + dt * (a + b) / 2 for s, a, b in zip(state, k1, k2))
+        z, delta = state
+    return prior_logp(z) - delta, z, delta

@@ -14,12 +14,14 @@ of ``w`` takes every ``w``-th unfinished chunk, and rank 0 streams the chunks in
 from __future__ import annotations
 
 import copy
+import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from diffusion.config.schema import base_config
 from diffusion.errors import ConfigError
 from diffusion.samplers.common import check_options
 from diffusion.sampling.per_sample import LabelPlan, PerSampleNoise
@@ -36,13 +38,41 @@ SAMPLER_SETTINGS = {
     "guidance_scale": (float, "guidance scale w in eps_u + w (eps_c - eps_u) (1 = none)"),
     "guidance_channels": (str, "all, or k: guide only the first k channels"),
     "clip_denoised": (bool, "clamp x0 predictions to [-1, 1] (default: the objective's setting)"),
+    # The transport objective's (SiT's) knobs; the other objectives' samplers take none of them.
+    "atol": (float, "absolute tolerance of the adaptive ODE solver (dopri5)"),
+    "rtol": (float, "relative tolerance of the adaptive ODE solver (dopri5)"),
+    "diffusion_form": (str, "diffusion coefficient of the transport SDE samplers: sigma | constant | SBDM | linear | "
+                            "decreasing | increasing-decreasing"),
+    "diffusion_norm": (float, "scale of the transport SDE's diffusion coefficient"),
+    "last_step": (str, "last step of the transport SDE samplers: mean | tweedie | euler | none"),
+    "last_step_size": (float, "time the transport SDE's last step covers"),
+    "time_shift": (float, "timestep shift of the transport samplers' time grid (1 = none)"),
+    "guidance_t_lo": (float, "transport: guide only from this time on (0 = noise, 1 = data)"),
+    "guidance_t_hi": (float, "transport: guide only up to this time"),
 }
 SAMPLER_KEYS = tuple(SAMPLER_SETTINGS)
+# Keys an objective's ``sample`` receives only if it takes them (by its signature): elsewhere they are left out at
+# their defaults (so the other objectives' calls and job records stay as they were) and refused when set.
+OPTIONAL_KEYS = ("atol", "rtol", "diffusion_form", "diffusion_norm", "last_step", "last_step_size", "time_shift",
+                 "guidance_t_lo", "guidance_t_hi")
+
+_OPTIONAL_DEFAULTS = {key: base_config().sample[key] for key in OPTIONAL_KEYS}
 
 
-def sample_settings(sample_cfg) -> dict:
-    """The ``sample`` config section -> keyword arguments of ``objective.sample``."""
-    return {key: sample_cfg[key] for key in SAMPLER_KEYS}
+def _takes(objective, key: str) -> bool:
+    return objective is not None and key in inspect.signature(objective.sample).parameters
+
+
+def sample_settings(sample_cfg, objective=None) -> dict:
+    """The ``sample`` config section -> keyword arguments of ``objective.sample``: every key of
+    ``SAMPLER_SETTINGS`` except the ``OPTIONAL_KEYS`` that hold their default and that ``objective`` does not take
+    (with no objective: every optional key at its default is left out, and the sampler's own default applies)."""
+    settings = {key: sample_cfg[key] for key in SAMPLER_KEYS if key not in OPTIONAL_KEYS}
+    for key in OPTIONAL_KEYS:
+        value = sample_cfg.get(key, _OPTIONAL_DEFAULTS[key])
+        if _takes(objective, key) or value != _OPTIONAL_DEFAULTS[key]:
+            settings[key] = value
+    return settings
 
 
 def preview_settings(config):
@@ -58,6 +88,10 @@ def preview_settings(config):
 def check_settings(objective, settings: dict) -> None:
     """Refuse sampler settings the objective cannot run, with the valid choices in the message (a ConfigError:
     the settings come from the config and the command line)."""
+    foreign = [key for key in OPTIONAL_KEYS if key in settings and not _takes(objective, key)]
+    if foreign:
+        raise ConfigError(f"{', '.join(foreign)} belong to the transport samplers (diffusion.kind=transport); "
+                          f"{type(objective).__name__} takes none of them: leave them at their defaults")
     if settings["sampler"] not in objective.SAMPLERS:
         raise ConfigError(f"unknown sampler {settings['sampler']!r} for {type(objective).__name__}; "
                           f"choose one of {', '.join(objective.SAMPLERS)}")
@@ -69,6 +103,9 @@ def check_settings(objective, settings: dict) -> None:
     try:  # the samplers' own checks of the other options, before any network runs
         check_options(settings["sampler"], objective.SAMPLERS, steps=settings["steps"], order=settings["order"],
                       skip_type=settings["skip_type"], eta=settings["eta"], t_end=settings["t_end"])
+        check = getattr(objective, "check_sample_options", None)
+        if check is not None:  # the objective's own checks of its optional keys
+            check(**{key: settings[key] for key in OPTIONAL_KEYS if key in settings})
     except ValueError as err:
         raise ConfigError(str(err)) from None
 
@@ -112,7 +149,7 @@ def generate(model, objective, sample_cfg, image_shape, *, labels: torch.Tensor 
     model.eval()
     try:
         out = objective.sample(model, noise, cond, null_cond=null_cond, randn=randn, progress=progress,
-                               **sample_settings(sample_cfg)).float()
+                               **sample_settings(sample_cfg, objective)).float()
     finally:
         model.train(was_training)
     return decode(out) if decode is not None else out

@@ -59,7 +59,7 @@ class ReadyModel:
     @property
     def settings(self) -> dict:
         """The sampler's keyword arguments (the config's ``sample`` section)."""
-        return sample_settings(self.config.sample)
+        return sample_settings(self.config.sample, self.objective)
 
     def with_codecs(self, device) -> ReadyModel:
         """Move the network to ``device`` and load the autoencoder and text encoder it needs there."""
