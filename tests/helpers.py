@@ -26,6 +26,14 @@ def load_fixture(name: str) -> dict:
     return torch.load(path, weights_only=True)
 
 
+def fixture_network(name: str, cls) -> tuple[torch.nn.Module, dict]:
+    """(``cls`` built from the fixture's config with its state_dict loaded strictly, in eval mode; the fixture)."""
+    fx = load_fixture(name)
+    model = cls(**fx["config"]).eval()
+    model.load_state_dict(fx["state_dict"], strict=True)
+    return model, fx
+
+
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     """max|a - b| / max|b|: the fixtures README's measure for outputs of large magnitude (samplers)."""
     return ((a - b).abs().max() / b.abs().max()).item()

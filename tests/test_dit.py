@@ -13,7 +13,7 @@ from diffusion.objectives.guidance import guided_model
 from diffusion.objectives.iddpm import build_iddpm
 from diffusion.tools.flops import forward_flops
 from dit import BLOCK_TYPES, PRESETS, DiT, count_params
-from tests.helpers import load_fixture, rel_err
+from tests.helpers import fixture_network, load_fixture, rel_err
 
 # docs/originals.md#dit-presets / paper Table 4: GFLOPs (multiply-accumulates) at 256x256, to two decimals.
 PAPER_GFLOPS = {
@@ -32,10 +32,7 @@ TINY = dict(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=2, 
 
 @functools.cache
 def fixture_model() -> tuple[DiT, dict]:
-    fx = load_fixture("dit_cond")
-    model = DiT(**fx["config"]).eval()
-    model.load_state_dict(fx["state_dict"], strict=True)
-    return model, fx
+    return fixture_network("dit_cond", DiT)
 
 
 @functools.cache

@@ -11,7 +11,7 @@ import torch
 from diffusion.objectives.guidance import guided_model
 from diffusion.objectives.iddpm import GaussianDiffusion, betas_for_schedule, build_iddpm, space_timesteps
 from dit import DiT
-from tests.helpers import load_fixture, rel_err
+from tests.helpers import fixture_network, rel_err
 
 TOL = 1e-5  # max|a - b| / max|b|, as the fixtures README suggests
 
@@ -19,10 +19,7 @@ TOL = 1e-5  # max|a - b| / max|b|, as the fixtures README suggests
 
 @functools.cache
 def fixture(name: str) -> tuple[DiT, dict]:
-    fx = load_fixture(name)
-    model = DiT(**fx["config"]).eval()
-    model.load_state_dict(fx["state_dict"], strict=True)
-    return model, fx
+    return fixture_network(name, DiT)
 
 
 class Recorder(torch.nn.Module):

@@ -17,7 +17,7 @@ from diffusion.objectives.iddpm import build_iddpm
 from diffusion.objectives.vp import build_noise_prediction
 from diffusion.samplers import Marginals, default_t_end, fast_orders, singlestep_times
 from dit import DiT
-from tests.helpers import load_fixture, rel_err
+from tests.helpers import fixture_network, load_fixture, rel_err
 from uvit import UViT
 
 KINDS = ("vp_sde", "sd_discrete")  # continuous linear VP; discrete "stable diffusion" betas seen as continuous time
@@ -245,10 +245,7 @@ class Recorder(torch.nn.Module):
 
 @functools.cache
 def fixture_model(name: str):
-    fx = load_fixture(name)
-    model = (DiT if fx["model"]["family"] == "dit" else UViT)(**fx["config"]).eval()
-    model.load_state_dict(fx["state_dict"], strict=True)
-    return model, fx
+    return fixture_network(name, DiT if load_fixture(name)["model"]["family"] == "dit" else UViT)
 
 
 @pytest.mark.parametrize("run", range(4))

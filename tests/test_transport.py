@@ -13,7 +13,7 @@ from diffusion.objectives.paths import PATHS, interval, resolve_eps
 from diffusion.objectives.transport import Transport, build_transport
 from diffusion.registry import build_objective
 from dit import DiT
-from tests.helpers import load_fixture
+from tests.helpers import fixture_network, load_fixture
 
 
 @pytest.fixture(scope="module")
@@ -134,11 +134,9 @@ def test_vp_path_does_not_start_at_pure_noise():
 
 
 @pytest.fixture(scope="module")
-def sit_model(sit):
+def sit_model():
     """SiT's network is this repository's DiT (learn_sigma: 2C output channels, the objective keeps the first C)."""
-    model = DiT(**sit["config"]).eval()
-    model.load_state_dict(sit["state_dict"])
-    return model
+    return fixture_network("sit_transport", DiT)[0]
 
 
 def _case_transport(spec) -> Transport:
@@ -303,10 +301,7 @@ def test_fields_match_sits_sampler_at_the_training_points(sit, sit_model):
 
 @pytest.fixture(scope="module")
 def sit_sampling():
-    fx = load_fixture("sit_samplers")
-    model = DiT(**fx["config"]).eval()
-    model.load_state_dict(fx["state_dict"])
-    return model, fx
+    return fixture_network("sit_samplers", DiT)
 
 
 SAMPLER_RUNS = range(17)

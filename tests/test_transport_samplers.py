@@ -13,17 +13,14 @@ from diffusion.objectives.guidance import guided_model
 from diffusion.objectives.paths import PATHS, Path, interval, resolve_eps
 from diffusion.samplers.transport import ode_grid, sample_ode, sample_sde, shift_time
 from dit import DiT
-from tests.helpers import load_fixture, rel_err
+from tests.helpers import fixture_network, rel_err
 
 C = 4  # latent channels; SiT's learn_sigma network emits 2C and keeps the first C
 
 
 @functools.cache
 def fixture() -> tuple[DiT, dict]:
-    fx = load_fixture("sit_samplers")
-    model = DiT(**fx["config"]).eval()
-    model.load_state_dict(fx["state_dict"], strict=True)
-    return model, fx
+    return fixture_network("sit_samplers", DiT)
 
 
 class Counted:
