@@ -416,9 +416,9 @@ def count_params(model: DiT | str | dict) -> int:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Presets: the twelve models of the paper (Table 1), keyed by its names. Data-dependent keywords keep the
-# constructor defaults of ImageNet 256 (32x32x4 SD-VAE latents, 1000 classes, learned sigma); pass
-# input_size=64 for 512x512.
+# Presets: the twelve models of the paper (Table 1), keyed by its names, and SiT's twelve. Data-dependent
+# keywords keep the constructor defaults of ImageNet 256 (32x32x4 SD-VAE latents, 1000 classes, learned sigma);
+# pass input_size=64 for 512x512.
 # ----------------------------------------------------------------------------------------------------------
 
 _SIZES = {
@@ -429,5 +429,9 @@ _SIZES = {
 }
 
 PRESETS: dict[str, dict] = {
-    f"DiT-{size}/{patch}": dict(**cfg, patch_size=patch) for size, cfg in _SIZES.items() for patch in (2, 4, 8)
+    f"{family}-{size}/{patch}": dict(**cfg, patch_size=patch)
+    for family in ("DiT", "SiT") for size, cfg in _SIZES.items() for patch in (2, 4, 8)
 }
+"""DiT's twelve and SiT's twelve (Ma et al. 2024, Table 1): SiT-X/p is DiT-X/p's network, weight for weight (its
+checkpoints load into either name); what makes it SiT is the objective, which feeds it t in [0, 1]
+(``diffusion.kind=transport``, ``time_scale=1``) instead of DiT's step index 0..999."""

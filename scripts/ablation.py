@@ -2,9 +2,12 @@
 
     python scripts/ablation.py --list
     python scripts/ablation.py VARIANT [--num_processes N] [--workdir DIR] [--dry_run] [--config.key=value ...]
+    python scripts/ablation.py VARIANT --recipe configs/cifar10_uvit_s2_fm.py    # the same study under flow matching
 
 Every variant is the CIFAR-10 U-ViT-S/2 recipe (configs/cifar10_uvit_s2.py) scored as in the paper's Fig. 2, FID on
 10K EMA samples every 50K steps, plus the variant's switches of the U-ViT constructor (``uvit/model.py``). It runs
+``--recipe`` names another U-ViT config to vary (``configs/cifar10_uvit_s2_fm.py``: the same backbone trained
+with SiT's linear-path velocity objective), everything else as above. It runs
 ``python train.py`` (one process) or ``accelerate launch --multi_gpu`` (N > 1) from the repository root, in
 ``runs/ablation/<variant>`` unless ``--workdir`` says otherwise; re-running the same command resumes. Extra
 ``--config.key=value`` flags come last and win over the variant's. ``--dry_run`` prints the command instead.
@@ -22,6 +25,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run as a file: the package is importable from any working directory
 
 from diffusion.config.cli import Arguments, Command, Flag, run_main  # noqa: E402
+from diffusion.config.loading import load_config  # noqa: E402
 from diffusion.errors import ConfigError  # noqa: E402
 
 RECIPE = "configs/cifar10_uvit_s2.py"
@@ -74,15 +78,29 @@ def overrides(name: str) -> list[str]:
     return [f"--config.{k}={v}" for k, v in settings.items()]
 
 
+def check_recipe(recipe: str) -> str:
+    """The recipe's path relative to the repository root; refuses a file that is missing or not a U-ViT config (the
+    variants are switches of the U-ViT constructor)."""
+    path = Path(recipe)
+    path = path if path.is_absolute() else REPO / path
+    if not path.is_file():
+        raise ConfigError(f"--recipe {recipe}: no such config file")
+    name = load_config(str(path)).model.name
+    if name != "uvit":
+        raise ConfigError(f"--recipe {recipe} builds a {name!r} backbone; the variants switch U-ViT's design choices: "
+                          f"give a U-ViT config")
+    return str(path.relative_to(REPO)) if path.is_relative_to(REPO) else str(path)
+
+
 def build_command(name: str, num_processes: int = 1, workdir: str | None = None,
-                  extra: tuple[str, ...] = ()) -> list[str]:
-    """The training command of variant ``name``, to run from the repository root."""
+                  extra: tuple[str, ...] = (), recipe: str = RECIPE) -> list[str]:
+    """The training command of variant ``name`` on ``recipe``, to run from the repository root."""
     launcher = [sys.executable]
     if num_processes > 1:
         launcher += ["-m", "accelerate.commands.launch", "--multi_gpu", f"--num_processes={num_processes}",
                      "--num_machines=1", "--dynamo_backend=no"]
     workdir = workdir or f"runs/ablation/{name}"
-    return [*launcher, "train.py", f"--config={RECIPE}", *overrides(name), *extra, f"--workdir={workdir}"]
+    return [*launcher, "train.py", f"--config={recipe}", *overrides(name), *extra, f"--workdir={workdir}"]
 
 
 def describe() -> str:
@@ -99,6 +117,8 @@ COMMAND = Command(__doc__, config="none", positional="VARIANT", positional_help=
     Flag("num_processes", 1, int, help="> 1: accelerate launch on this many GPUs"),
     Flag("workdir", metavar="DIR", help="default: runs/ablation/<variant> under the repository root"),
     Flag("dry_run", False, bool, help="print the command, do not run it"),
+    Flag("recipe", RECIPE, metavar="CONFIG", help="the U-ViT config the variants change (e.g. "
+         "configs/cifar10_uvit_s2_fm.py: flow matching)"),
 ))
 
 
@@ -115,7 +135,7 @@ def run(args: Arguments) -> int:
         raise ConfigError("--num_processes must be >= 1")
     workdir = str(Path(args.workdir).resolve()) if args.workdir else None  # the command runs from the repo root
     extra = tuple(f"--config.{key}={value}" for key, value in args.overrides)  # after the variant's: they win
-    cmd = build_command(variant, args.num_processes, workdir, extra)
+    cmd = build_command(variant, args.num_processes, workdir, extra, check_recipe(args.recipe))
     if args.dry_run:
         print(shlex.join(cmd))
         return 0

@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -51,6 +54,17 @@ TINY_RUN = ["--config.wandb.mode=disabled", "--config.train.sample_every=0", "--
             "--config.train.batch_size=32"]
 TINY_UVIT = [*TINY_MODEL["uvit"], *TINY_RUN]
 TINY_DIT = [*TINY_MODEL["dit"], *TINY_RUN]
+
+
+def launch_train(workdir, *args, processes: int = 2) -> subprocess.CompletedProcess:
+    """train.py under ``accelerate launch`` with ``processes`` CPU processes (DDP over gloo, one thread each)."""
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", f"--num_processes={processes}",
+           "--num_machines=1", "--mixed_precision=no", "--dynamo_backend=no", "train.py", *args,
+           f"--workdir={workdir}"]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
 
 
 def tiny_config(*overrides, config: str = "configs/digits_uvit.py"):

@@ -113,3 +113,25 @@ def test_every_variant_trains_a_step_through_the_trainer(name, tmp_path):
         assert str(meta["model_kwargs"][key]) == value
     model = UViT(**meta["model_kwargs"])
     model.load_state_dict(load_file(final / "ema.safetensors"), strict=True)  # what sample.py does
+
+
+def test_the_study_runs_under_flow_matching_with_the_fm_recipe(tmp_path):
+    """--recipe configs/cifar10_uvit_s2_fm.py: the same variants on the U-ViT flow-matching recipe (the transport
+    objective), and a variant of it trains a step through the trainer; a non-U-ViT recipe is refused."""
+    proc = _script("time_adaln", "--recipe", "configs/cifar10_uvit_s2_fm.py", "--dry-run")
+    assert proc.returncode == 0, proc.stderr
+    cmd = shlex.split(proc.stdout)
+    config, _ = parse_command_line(cmd[cmd.index("train.py") + 1:], {"workdir": None})
+    assert cmd[cmd.index("train.py") + 1] == "--config=configs/cifar10_uvit_s2_fm.py"
+    assert (config.diffusion.kind, config.model.time_cond, config.eval.every) == ("transport", "adaln", 50_000)
+    cfg, _ = parse_command_line([f"--config={REPO / 'configs/digits_uvit.py'}", *TINY_UVIT, "--config.train.steps=1",
+                                 "--config.train.log_every=1", "--config.sample.steps=2",
+                                 "--config.model.time_cond=adaln"])
+    cfg.diffusion = config.diffusion  # the recipe's objective on the digits
+    cfg.sample.update(sampler="euler", clip_denoised=None)
+    final = train(cfg, tmp_path)
+    losses = [float(m) for m in re.findall(r"loss ([0-9.naif]+)", (tmp_path / "log.txt").read_text())]
+    assert len(losses) == 1 and 0 < losses[0] < 10, losses
+    assert json.loads((final / "meta.json").read_text())["model_kwargs"]["time_cond"] == "adaln"
+    refused = _script("skip_add", "--recipe", "configs/digits_dit.py", "--dry-run")
+    assert refused.returncode == 2 and "give a U-ViT config" in refused.stderr

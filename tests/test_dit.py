@@ -177,7 +177,15 @@ def test_xl2_checkpoint_layout_and_sizes():
     assert len(xl.state_dict()) == 292
     assert count_params(xl) == 675_129_632
     assert count_params("DiT-S/2") == 32_963_360
-    assert len(PRESETS) == 12
+    assert len(PRESETS) == 24
+
+
+@pytest.mark.parametrize("size", ["S", "B", "L", "XL"])
+@pytest.mark.parametrize("patch", [2, 4, 8])
+def test_sit_presets_are_dits_networks(size, patch):
+    """SiT's twelve models (its Table 1) are DiT's networks: the same constructor keywords, so the same keys and
+    shapes; what differs is the objective feeding them t in [0, 1]."""
+    assert PRESETS[f"SiT-{size}/{patch}"] == PRESETS[f"DiT-{size}/{patch}"]
 
 
 @pytest.mark.parametrize("preset", sorted(PAPER_PARAMS_M))

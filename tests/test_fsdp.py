@@ -4,10 +4,7 @@ Sharded training must be the same run as DDP (fp32: equal to rounding), and its 
 (model, EMA, optimizer), so that they load into the bare network and resume across ``train.fsdp`` either way.
 """
 
-import os
 import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -17,22 +14,12 @@ from diffusion.checkpoint import checkpoint_dirs, load_checkpoint_dir, load_trai
 from diffusion.errors import ConfigError
 from diffusion.registry import build_model
 from diffusion.training.loop import train
-from tests.helpers import REPO, TINY_DIT, TINY_UVIT, tiny_config
+from tests.helpers import TINY_DIT, TINY_UVIT, launch_train, tiny_config
 
 RUN = ["--config.train.steps=4", "--config.train.ckpt_every=2", "--config.train.log_every=2",
        "--config.train.grad_clip=0.05", "--config.train.ema_warmup=True", "--config.train.grad_accum_steps=2"]
 UVIT = ["--config=configs/digits_uvit.py", *TINY_UVIT, *RUN]
 DIT = ["--config=configs/digits_dit.py", *TINY_DIT, *RUN]
-
-
-def launch(workdir, *args):
-    """train.py under ``accelerate launch`` with 2 CPU processes (gloo)."""
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes=2", "--num_machines=1",
-           "--mixed_precision=no", "--dynamo_backend=no", "train.py", *args, f"--workdir={workdir}"]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc
 
 
 def assert_close(a: dict, b: dict, what: str, rtol: float = 1e-5) -> None:
@@ -59,11 +46,11 @@ def test_fsdp_trains_like_ddp_and_checkpoints_resume_across_it(tmp_path):
     its checkpoints hold the full keys and load into the bare network; DDP's step-2 checkpoint resumed with FSDP
     ends there too."""
     ddp, fsdp, resumed = tmp_path / "ddp", tmp_path / "fsdp", tmp_path / "resumed"
-    launch(ddp, *UVIT)
-    launch(fsdp, *UVIT, "--config.train.fsdp=full_shard")
+    launch_train(ddp, *UVIT)
+    launch_train(fsdp, *UVIT, "--config.train.fsdp=full_shard")
     (resumed / "checkpoints").mkdir(parents=True)
     shutil.copytree(ddp / "checkpoints" / "step_00000002", resumed / "checkpoints" / "step_00000002")
-    proc = launch(resumed, *UVIT, "--config.train.fsdp=full_shard")
+    proc = launch_train(resumed, *UVIT, "--config.train.fsdp=full_shard")
     assert "config changes since step_00000002: train.fsdp: '' -> 'full_shard'" in proc.stderr
 
     assert "2 process(es), micro-batch" in (ddp / "log.txt").read_text()
@@ -83,7 +70,7 @@ def test_fsdp_trains_like_ddp_and_checkpoints_resume_across_it(tmp_path):
 def test_fsdp_dit_blocks_with_bf16(tmp_path):
     """DiT's blocks as the FSDP units, bf16 autocast over bf16-gathered weights: the run trains and its checkpoint
     keeps fp32 full weights that load into the bare DiT."""
-    launch(tmp_path, *DIT, "--config.train.fsdp=shard_grad_op", "--config.train.mixed_precision=bf16")
+    launch_train(tmp_path, *DIT, "--config.train.fsdp=shard_grad_op", "--config.train.mixed_precision=bf16")
     assert "2 process(es) sharded (shard_grad_op)" in (tmp_path / "log.txt").read_text()
     final = checkpoint_dirs(tmp_path)[-1]
     state, config, _ = load_checkpoint_dir(final, weights="model")

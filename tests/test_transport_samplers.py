@@ -277,3 +277,90 @@ def test_ode_runs_backwards_on_a_decreasing_grid(method, tol):
     there = sample_ode(exact_velocity, x, grid, method=method)
     back = sample_ode(exact_velocity, there, grid.flip(0), method=method)
     assert (back - x).abs().max().item() < tol  # round trip noise -> t = 0.9 -> noise
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Closed form through the objective: every shift, the SDE's statistics, the reverse ODE
+# ----------------------------------------------------------------------------------------------------------
+
+
+def exact_model(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """A 'network' predicting the exact velocity (backbone signature model(x, t, **cond))."""
+    return exact_velocity(x, t)
+
+
+def gaussian_noise(n: int, seed: int) -> torch.Tensor:
+    return torch.randn(n, 1, 2, 2, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+@pytest.mark.parametrize("shift", [0.3, 1.0, 3.0, 6.0])
+def test_every_time_shift_reaches_the_same_endpoint(shift):
+    """The shifted grid keeps its endpoints (ODE [0, 1]; the SDE's [0, 0.96], so the last step still ends at
+    t = 1): every shift integrates the exact flow to the same endpoint MU + S x0, within the solver's error."""
+    from diffusion.objectives.transport import build_transport
+
+    objective = build_transport()
+    x0 = gaussian_noise(256, 4)
+    out = objective.sample(exact_model, x0, {}, sampler="heun2", steps=101, time_shift=shift)
+    assert (out - exact_endpoint(x0)).abs().max().item() < 1e-3  # 2.6e-4 / 6.9e-4 measured at shift 0.3 / 6
+    for t0, t1 in [(0.0, 1.0), (0.0, 0.96), (1e-3, 0.999), (1.0, 0.0)]:
+        grid = ode_grid(t0, t1, 17, shift)
+        assert (grid[0].item(), grid[-1].item()) == (pytest.approx(t0), pytest.approx(t1))
+        assert ((grid.diff() > 0) if t1 > t0 else (grid.diff() < 0)).all()
+    forward, backward = ode_grid(0.0, 1.0, 17, shift), ode_grid(1.0, 0.0, 17, shift)
+    assert torch.allclose(forward.flip(0), backward, atol=1e-6)  # the same times in either direction
+
+
+@pytest.mark.parametrize("sampler, form, last_step", [
+    ("sde_euler", "sigma", "mean"), ("sde_heun", "sigma", "mean"), ("sde_euler", "linear", "tweedie"),
+    ("sde_euler", "decreasing", "mean"), ("sde_euler", "increasing-decreasing", "mean"),
+    ("sde_euler", "constant", "euler"), ("sde_heun", "constant", "none")])
+def test_sde_with_the_exact_score_reproduces_the_data_gaussian(sampler, form, last_step):
+    """SiT's SDE on the exact fields turns N(0, 1) into the data's N(MU, S^2): the sample mean and variance within
+    4 standard errors plus the 250-step discretisation. (With a large w near the data, e.g. ``constant``, the
+    ``mean`` last step -- the SDE's drift without its noise over 0.04 -- removes variance: 0.075 of 0.25 here.)"""
+    from diffusion.objectives.transport import build_transport
+
+    objective = build_transport()
+    n = 2048
+    x0 = torch.randn(n, 1, 1, 1, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    out = objective.sample(exact_model, x0, {}, sampler=sampler, steps=250, diffusion_form=form,
+                           last_step=last_step, generator=torch.Generator().manual_seed(6)).reshape(-1)
+    assert torch.isfinite(out).all()
+    mean_se, var_se = S / math.sqrt(n), S**2 * math.sqrt(2 / (n - 1))
+    assert abs(out.mean().item() - MU) < 4 * mean_se + 0.01
+    assert abs(out.var().item() - S**2) < 4 * var_se + 0.01
+    # and not the ODE's answer: the noise is a fresh draw, so samples decorrelate from their starting noise
+    ode = exact_endpoint(x0).reshape(-1)
+    assert (out - ode).abs().mean().item() > 0.05
+
+
+def test_sde_refuses_a_diffusion_infinite_at_its_start():
+    """SBDM's w(t) = drift_var is 1/t-like on the linear path, whose velocity model samples from t0 = 0 (sample_eps
+    is 0 there, as SiT, whose samples then come out NaN): refused before any network call."""
+    from diffusion.objectives.transport import build_transport
+
+    with pytest.raises(ValueError, match="SBDM.*infinite at t = 0"):
+        build_transport().sample(exact_model, gaussian_noise(2, 0), {}, sampler="sde_euler", steps=10,
+                                 diffusion_form="SBDM")
+    out = build_transport(prediction="noise").sample(lambda x, t: torch.zeros_like(x), gaussian_noise(2, 0), {},
+                                                     sampler="sde_euler", steps=10, diffusion_form="SBDM")
+    assert torch.isfinite(out).all()  # t0 = sample_eps = 1e-3 for a noise model
+
+
+@pytest.mark.parametrize("sampler, tol", [("heun2", 5e-4), ("dopri5", 1e-4)])
+def test_reverse_ode_encodes_data_to_its_noise(sampler, tol):
+    """reverse=True (SiT's) runs data -> noise: under the exact flow data MU + S z encodes back to z, and the
+    forward solve of the encoding returns the data."""
+    from diffusion.objectives.transport import build_transport
+
+    objective = build_transport()
+    z = gaussian_noise(64, 7)
+    data = exact_endpoint(z)
+    solver = dict(sampler=sampler, steps=101, atol=1e-9, rtol=1e-7)  # tolerances: dopri5's only
+    encoded = objective.sample(exact_model, data, {}, reverse=True, **solver)
+    assert (encoded - z).abs().max().item() < tol
+    decoded = objective.sample(exact_model, encoded, {}, **solver)
+    assert (decoded - data).abs().max().item() < tol
+    with pytest.raises(ValueError, match="no reverse"):
+        objective.sample(exact_model, data, {}, sampler="sde_euler", steps=10, reverse=True)

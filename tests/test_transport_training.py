@@ -1,5 +1,6 @@
 """Training with the transport objective (``diffusion.kind=transport``) end to end on the bundled digits: the
-flow-matching quickstart (configs/digits_sit.py) shortened, exact resume, and accumulation equal to the big batch."""
+flow-matching quickstart (configs/digits_sit.py) shortened, exact resume, and 2 processes (and 2 accumulation steps)
+equal to the big batch."""
 
 import json
 
@@ -9,7 +10,7 @@ from safetensors.torch import load_file
 from diffusion.checkpoint import load_train_state
 from diffusion.config.cli import parse_command_line
 from diffusion.training.loop import train
-from tests.helpers import REPO, TINY_DIT, logged_losses
+from tests.helpers import REPO, TINY_DIT, launch_train, logged_losses
 
 
 def tiny_sit(*overrides):
@@ -74,3 +75,41 @@ def test_transport_accumulation_equals_the_big_batch(tmp_path):
     train(tiny_sit(*base, "--config.train.grad_accum_steps=2"), tmp_path / "two")
     assert weights_diff(tmp_path / "one" / "checkpoints" / "step_00000003",
                         tmp_path / "two" / "checkpoints" / "step_00000003") < 1e-6
+
+
+def test_two_processes_equal_one_with_the_global_batch(tmp_path):
+    """accelerate launch with 2 CPU processes of 16 (DDP over gloo) and train.global_noise: every process draws its
+    rows of the global batch's times and noise, so 3 steps end where 1 process with 32 does, to float summation
+    order."""
+    base = ["--config.train.steps=3", "--config.train.ckpt_every=3", "--config.optim.warmup_steps=0",
+            "--config.train.global_noise=True"]
+    train(tiny_sit(*base), tmp_path / "one")
+    launch_train(tmp_path / "two", "--config=configs/digits_sit.py", *TINY_DIT, *base)
+    assert "2 process(es), micro-batch 16 x 1 accum" in (tmp_path / "two" / "log.txt").read_text()
+    assert weights_diff(tmp_path / "one" / "checkpoints" / "step_00000003",
+                        tmp_path / "two" / "checkpoints" / "step_00000003") < 1e-6
+
+
+def test_in_training_fid_sample_py_and_eval_fid_take_a_transport_run_unchanged(tmp_path, capsys, monkeypatch):
+    """The evaluation tools know nothing of the objective: FID during training (digits features, the config's Heun
+    sampler), the best checkpoint scored in full, sample.py's .npz job from the run, and eval_fid.py on it against
+    the flow-matching config's own data."""
+    import eval_fid
+    import sample
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    train(tiny_sit("--config.train.steps=4", "--config.train.ckpt_every=2", "--config.train.log_every=2",
+                   "--config.eval.every=2", "--config.eval.n_samples=40",
+                   "--config.eval.batch_size=20", "--config.eval.final_n_samples=60",
+                   "--config.eval.feature_extractor=digits"), tmp_path / "run")
+    history = json.loads((tmp_path / "run" / "fid.json").read_text())
+    assert list(history["scores"]) == ["2", "4"] and history["final"]["n_samples"] == 60
+    assert "(heun2, 4 steps, guidance 2" in (tmp_path / "run" / "log.txt").read_text()
+    out = tmp_path / "samples.npz"
+    assert sample.main([f"--ckpt={tmp_path / 'run'}", f"--out={out}", "--n_samples=30", "--batch_size=15"]) == 0
+    assert eval_fid.main([str(out), str(REPO / "configs" / "digits_sit.py"), "--extractor", "digits",
+                          "--num_workers", "0", "--json", str(tmp_path / "fid.json")]) == 0
+    scores = json.loads((tmp_path / "fid.json").read_text())
+    assert scores["num_samples"] == 30 and scores["fid"] > 0
+    assert scores["reference"]["path"].endswith("digits_sit.py (digits)")
+    capsys.readouterr()

@@ -216,7 +216,7 @@ class Transport:
                steps: int = 50, atol: float = 1e-6, rtol: float = 1e-3, diffusion_form: str = "sigma",
                diffusion_norm: float = 1.0, last_step: str = "mean", last_step_size: float = 0.04,
                time_shift: float = 1.0, guidance_t_lo: float = 0.0, guidance_t_hi: float = 1.0, order: int = 3,
-               t_end: float | None = None, skip_type: str | None = None,
+               reverse: bool = False, t_end: float | None = None, skip_type: str | None = None,
                eta: float = 0.0, clip_denoised: bool | None = None, randn: Randn | None = None,
                generator: torch.Generator | None = None, progress: bool = False) -> Tensor:
         """Data (t = 1) from ``noise`` (t = 0) with SiT's samplers (``diffusion.samplers.transport``):
@@ -227,7 +227,10 @@ class Transport:
         ``check_interval`` for ``sample_eps``; ``time_shift`` shifts the grid (``shift_time``). Guidance:
         ``guided_model`` ([cond; null_cond] in one call, ``uncond + w (cond - uncond)``), only while
         ``guidance_t_lo <= t <= guidance_t_hi`` (SiT's time; the default (0, 1): everywhere). SDE draws come from
-        ``randn(x)`` (one per step), else ``generator``. ``order`` (DPM-Solver's) is not used; ``t_end``,
+        ``randn(x)`` (one per step), else ``generator``. ``reverse`` (ODE samplers only, SiT's ``reverse=True``):
+        ``noise`` holds data and the ODE runs from data to noise on SiT's reversed interval (the same shifted times,
+        in the other order): the deterministic encoding whose forward solve returns the data up to the solver's
+        error. ``order`` (DPM-Solver's) is not used; ``t_end``,
         ``skip_type``, ``eta`` and ``clip_denoised`` have no meaning here and are refused when set."""
         check_options(sampler, self.SAMPLERS, steps=steps, order=order, skip_type=skip_type, eta=eta, t_end=t_end)
         self.check_sample_options(atol=atol, rtol=rtol, diffusion_form=diffusion_form, diffusion_norm=diffusion_norm,
@@ -250,14 +253,21 @@ class Transport:
             return guided(x, t_net)[:, :channels].to(x.dtype)
 
         drift, score = self.fields(net)
+        if reverse and sampler.startswith("sde_"):
+            raise ValueError(f"reverse runs the probability-flow ODE (dopri5, euler, heun2); {sampler} has no reverse")
         if not sampler.startswith("sde_"):
-            t0, t1 = interval(self.path, self.prediction, self.sample_eps)
+            t0, t1 = interval(self.path, self.prediction, self.sample_eps, reverse=reverse)
             return sample_ode(drift, noise, ode_grid(t0, t1, steps, time_shift), method=sampler, atol=atol,
                               rtol=rtol)
         last_step = str(last_step).lower()
         last_step_size = 0.0 if last_step == "none" else last_step_size
         t0, t1 = interval(self.path, self.prediction, self.sample_eps, sde=True, diffusion_form=diffusion_form,
                           last_step_size=last_step_size)
+        w0 = self.path.diffusion(noise[:1], torch.tensor([t0], dtype=noise.dtype), diffusion_form, diffusion_norm)
+        if not torch.isfinite(w0).all():
+            raise ValueError(f"diffusion_form={diffusion_form!r} is infinite at t = {t0:g}, where this SDE starts "
+                             f"({type(self.path).__name__}, {self.prediction} prediction, sample_eps="
+                             f"{self.sample_eps:g}, as SiT): choose another diffusion_form")
         return sample_sde(drift, self.diffusion_field(diffusion_form, diffusion_norm), score, noise,
                           ode_grid(t0, t1, steps, time_shift), method=sampler[len("sde_"):], last_step=last_step,
                           last_step_size=last_step_size, randn=standard_normal(randn, generator),

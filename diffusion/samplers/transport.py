@@ -51,12 +51,20 @@ def shift_time(t: torch.Tensor, shift: float) -> torch.Tensor:
 
 
 def ode_grid(t0: float, t1: float, num_steps: int, shift: float = 1.0) -> torch.Tensor:
-    """SiT's output grid ``linspace(t0, t1, num_steps)`` in float32, optionally timestep-shifted (``shift_time``,
-    applied to every point, as LightningDiT: t = 0 and t = 1 stay fixed, other endpoints such as an SDE's
-    t1 = 1 - last_step_size move toward noise)."""
+    """SiT's output grid ``linspace(t0, t1, num_steps)`` in float32 (either direction: t1 < t0 runs data to noise),
+    optionally timestep-shifted: every time is read as its position u in the interval [min, max], shifted
+    (``shift_time``, LightningDiT's rule on the [0, 1] ODE grid) and mapped back, so **the endpoints stay where they
+    are** for every shift (an SDE's t1 = 1 - last_step_size, whose last step still ends at t = 1; the VP path's
+    1 - eps) and the same shift gives the same times in both directions."""
     if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 2:
         raise ValueError(f"num_steps must be an integer >= 2 (grid points, num_steps - 1 steps), got {num_steps!r}")
-    return shift_time(torch.linspace(t0, t1, num_steps, dtype=torch.float32), shift)
+    grid = torch.linspace(t0, t1, num_steps, dtype=torch.float32)
+    if shift == 1.0 or t0 == t1:
+        return grid  # bitwise SiT's
+    lo, hi = min(t0, t1), max(t0, t1)
+    shifted = lo + shift_time((grid - lo) / (hi - lo), shift) * (hi - lo)
+    shifted[0], shifted[-1] = t0, t1
+    return shifted
 
 
 def _batch_time(t: torch.Tensor | float, x: torch.Tensor) -> torch.Tensor:
