@@ -3,6 +3,8 @@
     python scripts/benchmark.py --preset DiT-S/2 --batch 8 32                  # fp32/bf16 x plain/fast, training
     python scripts/benchmark.py --config configs/cifar10_uvit_s2.py --task sample --nfe 50 --guidance 1
     python scripts/benchmark.py --preset U-ViT-S/2 --precision bf16 --options plain fast compiled
+    python scripts/benchmark.py --preset SiT-S/2 --task sample --precision bf16 --options fast --nfe 11 \
+        --sampler heun2                                   # flow matching (SiT's recipe); the report gives the NFE
     python scripts/benchmark.py --preset DiT-S/2 --precision bf16 --options plain \\
         --variant bf16-math:precision=bf16,options=plain,attention=math   # one option at a time
     python scripts/benchmark.py --config configs/imagenet256_dit_xl2.py --config.model.preset=DiT-S/2 \\
@@ -17,6 +19,9 @@ fast + torch.compile. --variant NAME:key=value,... builds any other mix (keys: p
 optimizer, reuse_memory, compile, checkpointing, channels_last, tf32, data, or a dotted config key). Each variant runs
 in its own process; repeats are interleaved; the JSON (--json) holds every repeat, the machine and library versions.
 The matmul peak behind MFU is measured in a couple of seconds, before and after the runs (the better one counts).
+Presets build their family's recipe: U-ViT-* vp_sde, DiT-* DiT's (iddpm), SiT-* SiT's flow matching (transport).
+--nfe is the sampler's steps setting, which for the transport samplers is not the number of network evaluations
+(grid points; heun2 2 per step, the SDE samplers 2 per drift, dopri5 adaptive): sampling results report the NFE made.
 
 Exit status: 0 done; 1 a variant failed in its worker (the message names it); 2 bad flags or config.
 """
@@ -51,8 +56,8 @@ from diffusion.training.speed import cpu_has_native_bf16  # noqa: E402
 
 EXIT_VARIANT_FAILED = 1
 COMMAND = Command(__doc__, config="optional", flags=(
-    Flag("preset", metavar="NAME", help="a backbone preset, e.g. U-ViT-S/2 or DiT-S/2, with its default data shape "
-         "(instead of --config)"),
+    Flag("preset", metavar="NAME", help="a backbone preset, e.g. U-ViT-S/2, DiT-S/2 or SiT-S/2, with its default "
+         "data shape and its family's recipe (instead of --config)"),
     Flag("task", ["train"], many="+", choices=("train", "sample")),
     Flag("batch", [8], int, many="+"),
     Flag("precision", ["fp32", "bf16"], many="+", choices=tuple(PRECISIONS)),
@@ -62,7 +67,8 @@ COMMAND = Command(__doc__, config="optional", flags=(
     Flag("steps", 1, int, help="optimizer steps per timed repeat (train)"),
     Flag("repeats", 5, int),
     Flag("warmup", 2, int, help="untimed repeats first (compilation happens here)"),
-    Flag("nfe", 0, int, help="sampling steps; 0 = the config's sample.steps"),
+    Flag("nfe", 0, int, help="the sampler's steps setting; the report gives the evaluations made (0 = the "
+         "config's sample.steps)"),
     Flag("sampler", "", help="sampler; empty = the config's sample.sampler"),
     Flag("guidance", 0.0, float, help="guidance scale; 0 = the config's, 1 = off"),
     Flag("device", "", help="cpu | cuda (default: cuda when available)"),
@@ -102,9 +108,10 @@ def setups(args: Arguments, device: str) -> list[Setup]:
 def print_results(results: list[dict], info: dict) -> None:
     for r in results:
         mfu = f"{100 * r['mfu']:5.1f}%" if r["mfu"] else "   n/a"
+        made = f"  {r['sampler']} steps {r['sampler_steps']}: NFE {r['nfe']}" if r["nfe"] is not None else ""
         print(f"{r['task']:6} b{r['batch']:<4} {r['variant']:28} {r['images_per_s']:9.2f} img/s  x{r['speedup']:.2f} "
               f"vs {r['baseline']:14} MFU {mfu}  network {100 * r['network_share']:5.1f}%  "
-              f"peak {r['peak_memory_mb']:8.0f} MB")
+              f"peak {r['peak_memory_mb']:8.0f} MB{made}")
     print(summary_line(results, info))
 
 

@@ -98,14 +98,15 @@ def test_mismatched_weights_file_is_a_clear_error(tmp_path):
 
 
 def test_short_dit_quickstart_draws_the_requested_digits(tmp_path):
-    """configs/digits_dit.py shortened to 1,200 steps (measured 79%; the full run ~99%), scored by the same
-    independent classifier as the U-ViT quickstart; chance is 10%."""
+    """configs/digits_dit.py shortened to 1,200 steps of 32 (measured 44%; 79% with its batch of 64, the full run
+    ~99%), scored by the same independent classifier as the U-ViT quickstart; chance is 10%."""
     import json
 
     cfg, _ = parse_command_line([f"--config={REPO / 'configs/digits_dit.py'}", "--config.train.steps=1200",
+                                 "--config.train.batch_size=32",
                                  "--config.train.sample_every=0", "--config.train.ckpt_every=1200",
                                  "--config.wandb.mode=disabled", "--config.eval.per_class=30",
                                  "--config.sample.steps=50"])
     final = train(cfg, tmp_path)
     accuracy = json.loads((final / "eval.json").read_text())["digits_accuracy"]
-    assert accuracy > 0.4, accuracy
+    assert accuracy > 0.3, accuracy

@@ -8,9 +8,16 @@ at any time. ``scripts/benchmark.py`` is the command line over this module.
 
 What one repeat times: ``train`` -- ``steps`` optimizer steps (forward, loss, backward, AdamW, EMA update; with
 ``data="loader"`` also reading and, for on-the-fly latent training, VAE-encoding the batch); ``sample`` -- one batch
-drawn with the configured sampler at ``nfe`` network evaluations (with classifier-free guidance when ``guidance`` > 1,
-both halves in one batched forward). FLOPs are the forward's (:func:`diffusion.tools.flops.forward_flops`); MFU =
-FLOPs actually needed per second / the measured matmul peak, with a training step costing 3x the forward.
+drawn with the configured sampler at its ``steps`` setting ``nfe`` (with classifier-free guidance when ``guidance`` > 1,
+both halves in one batched forward). ``steps`` is the sampler's own count, which is not always the number of network
+evaluations (the transport samplers count grid points, heun2 calls the network twice per step, the SDE samplers
+twice per drift, dopri5 adapts), so every repeat also counts the forward calls it made (forward hooks): ``nfe`` in
+the results is that count per sampled batch. FLOPs are the forward's (:func:`diffusion.tools.flops.forward_flops`);
+MFU = FLOPs actually needed per second / the measured matmul peak, with a training step costing 3x the forward.
+
+Presets (``Setup.preset``, without a config file) build their family's recipe (:data:`PRESET_FAMILIES`): U-ViT-*
+the base config (vp_sde), DiT-* DiT's (configs/imagenet256_dit_xl2.py), SiT-* SiT's flow matching
+(configs/imagenet256_sit_xl2.py) on the same DiT network.
 """
 
 from __future__ import annotations
@@ -33,7 +40,7 @@ import torch
 from diffusion.config.loading import apply_override, load_config, parse_value
 from diffusion.config.schema import base_config
 from diffusion.errors import ConfigError
-from diffusion.registry import attention_paths, build_model, build_objective, set_attention
+from diffusion.registry import attention_paths, build_model, build_objective, resolve_model_kwargs, set_attention
 from diffusion.sampling.generate import sample_settings
 from diffusion.sampling.loader import input_shape
 from diffusion.tools.flops import forward_flops, synthetic_conditioning
@@ -119,12 +126,12 @@ class Setup:
     """What every variant of one comparison shares."""
 
     config_path: str = ""  # a config file, or empty with ``preset``
-    preset: str = ""  # e.g. U-ViT-S/2 or DiT-S/2: that backbone's defaults (U-ViT: vp_sde; DiT: its paper recipe)
+    preset: str = ""  # e.g. U-ViT-S/2, DiT-S/2, SiT-S/2: that backbone's defaults and its family's recipe
     overrides: dict = field(default_factory=dict)  # dotted key -> value text, as --config.a.b=v
     task: str = "train"  # train | sample
     batch: int = 8
     steps: int = 1  # optimizer steps per timed repeat (train)
-    nfe: int = 0  # sampling: network evaluations; 0 = the config's sample.steps
+    nfe: int = 0  # sampling: the sampler's steps setting; 0 = the config's sample.steps (results: evaluations made)
     sampler: str = ""  # sampling: empty = the config's sample.sampler
     guidance: float = 0.0  # sampling: classifier-free guidance scale; 0 = the config's sample.guidance_scale
     device: str = "cpu"
@@ -132,18 +139,52 @@ class Setup:
     seed: int = 0
 
 
+def _dit_recipe(config) -> None:
+    """DiT's recipe, as configs/imagenet256_dit_xl2.py writes it out."""
+    config.model.update(class_dropout_prob=0.1, learn_sigma=True)
+    config.diffusion.update(kind="iddpm", num_steps=1000, beta_schedule="linear", learn_sigma=True)
+    config.optim.update(lr=1e-4, betas=(0.9, 0.999), weight_decay=0.0, warmup_steps=0)
+    config.train.update(batch_size=256, ema_decay=0.9999, grad_clip=0.0, mixed_precision="no", tf32=True)
+    config.sample.update(sampler="ddpm", steps=250, guidance_scale=1.5, guidance_channels="all")
+
+
+def _sit_recipe(config) -> None:
+    """SiT's recipe, as configs/imagenet256_sit_xl2.py writes it out: the DiT network (learned sigma kept, ignored by
+    the objective) on the linear path with velocity prediction, fed t in [0, 1]; its FID-50K sampler (SDE
+    Euler-Maruyama, 250 steps, w_t = sigma_t, last step mean over 0.04, guidance 1.5 on 3 channels)."""
+    config.model.update(class_dropout_prob=0.1, learn_sigma=True)
+    config.diffusion.update(kind="transport", path="linear", prediction="velocity", loss_weight="none",
+                            time_scale=1.0)
+    config.optim.update(lr=1e-4, betas=(0.9, 0.999), weight_decay=0.0, warmup_steps=0)
+    config.train.update(batch_size=256, ema_decay=0.9999, grad_clip=0.0, mixed_precision="no", tf32=True)
+    config.sample.update(sampler="sde_euler", steps=250, guidance_scale=1.5, guidance_channels="3",
+                         diffusion_form="sigma", diffusion_norm=1.0, last_step="mean", last_step_size=0.04)
+
+
+# preset family (the name before the size, "SiT" of "SiT-S/2") -> (model.name, the recipe on top of base_config();
+# None: base_config()'s own, U-ViT's vp_sde)
+PRESET_FAMILIES = {"U-ViT": ("uvit", None), "DiT": ("dit", _dit_recipe), "SiT": ("dit", _sit_recipe)}
+
+
+def preset_family(preset: str) -> str:
+    """``U-ViT-S/2`` -> ``U-ViT``, ``SiT-XL/2`` -> ``SiT``; an unknown family is a ConfigError naming the known."""
+    family = preset.rpartition("-")[0]
+    if family not in PRESET_FAMILIES:
+        raise ConfigError(f"unknown preset family {family or preset!r} of preset {preset!r}; known: "
+                          f"{', '.join(f'{f}-*' for f in PRESET_FAMILIES)}")
+    return family
+
+
 def build_config(setup: Setup, variant: Variant):
     if setup.config_path:
         config = load_config(setup.config_path)
     else:
         config = base_config()
-        if setup.preset.startswith("DiT"):  # DiT's recipe, as configs/imagenet256_dit_xl2.py writes it out
-            config.model.update(class_dropout_prob=0.1, learn_sigma=True)
-            config.diffusion.update(kind="iddpm", num_steps=1000, beta_schedule="linear", learn_sigma=True)
-            config.optim.update(lr=1e-4, betas=(0.9, 0.999), weight_decay=0.0, warmup_steps=0)
-            config.train.update(batch_size=256, ema_decay=0.9999, grad_clip=0.0, mixed_precision="no", tf32=True)
-            config.sample.update(sampler="ddpm", steps=250, guidance_scale=1.5, guidance_channels="all")
-        config.model.update(name="dit" if setup.preset.startswith("DiT") else "uvit", preset=setup.preset)
+        name, recipe = PRESET_FAMILIES[preset_family(setup.preset)]
+        if recipe is not None:
+            recipe(config)
+        config.model.update(name=name, preset=setup.preset)
+        resolve_model_kwargs(config.model)  # an unknown size (DiT-Q/2) fails here, before any worker starts
     for key, text in {**setup.overrides, **variant.config}.items():
         apply_override(config, key, str(text))
     if variant.checkpointing is not None:
@@ -194,7 +235,8 @@ class Workload:
             self.scaler = torch.amp.GradScaler("cuda") if fp16_cuda else None
         else:
             self.net.eval()
-        self.network_seconds, self.network_rows = 0.0, 0
+        self.network_seconds, self.network_rows, self.network_calls = 0.0, 0, 0
+        self.sampling = self._sample_settings() if setup.task == "sample" else None
         self.model.register_forward_pre_hook(self._forward_starts)
         self.model.register_forward_hook(self._forward_ends)
         self.losses: list[float] = []
@@ -224,6 +266,7 @@ class Workload:
 
     def _forward_starts(self, module, args) -> None:
         self.network_rows += args[0].shape[0]
+        self.network_calls += 1
         self._sync()
         self._forward_start = time.perf_counter()
 
@@ -250,12 +293,17 @@ class Workload:
         update_ema(self.ema, self.net, 0.9999)
         self.losses.append(loss.item())
 
+    def _sample_settings(self) -> dict:
+        """The keywords of ``objective.sample``: the config's ``sample`` section with the setup's sampler, steps
+        and guidance on top."""
+        settings = sample_settings(self.config.sample, self.objective)
+        settings.update(steps=self.setup.nfe or settings["steps"], sampler=self.setup.sampler or settings["sampler"],
+                        guidance_scale=self.setup.guidance or self.config.sample.guidance_scale)
+        return settings
+
     def sample_batch(self) -> None:
-        cfg = self.config.sample
-        settings = sample_settings(cfg)
-        settings.update(steps=self.setup.nfe or settings["steps"], sampler=self.setup.sampler or settings["sampler"])
-        scale = self.setup.guidance or cfg.guidance_scale
-        settings["guidance_scale"] = scale
+        settings = self.sampling
+        scale = settings["guidance_scale"]
         null_cond = None
         if scale != 1.0 and "y" in self.cond:
             null_cond = {"y": torch.full_like(self.cond["y"], self.net.null_label)}
@@ -267,8 +315,8 @@ class Workload:
                                   **settings)
 
     def repeat(self) -> dict:
-        """One timed repeat: seconds, the share spent inside the network, memory now and at peak."""
-        self.network_seconds, self.network_rows = 0.0, 0
+        """One timed repeat: seconds, the time spent inside the network, the rows and forward calls it took."""
+        self.network_seconds, self.network_rows, self.network_calls = 0.0, 0, 0
         self._sync()
         start = time.perf_counter()
         if self.setup.task == "train":
@@ -278,7 +326,8 @@ class Workload:
             self.sample_batch()
         self._sync()
         seconds = time.perf_counter() - start
-        return {"seconds": seconds, "network_seconds": self.network_seconds, "network_rows": self.network_rows}
+        return {"seconds": seconds, "network_seconds": self.network_seconds, "network_rows": self.network_rows,
+                "network_calls": self.network_calls}
 
 
 def _worker(conn, setup: Setup, variant: Variant) -> None:
@@ -291,7 +340,9 @@ def _worker(conn, setup: Setup, variant: Variant) -> None:
         if variant.tf32 and setup.device.startswith("cuda"):
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
         work = Workload(setup, variant)
-        conn.send({"ready": True, "flops": work.flops, "memory_before_mb": current_memory_mb(work.device)})
+        sampling = work.sampling or {}
+        conn.send({"ready": True, "flops": work.flops, "memory_before_mb": current_memory_mb(work.device),
+                   "sampler": sampling.get("sampler"), "sampler_steps": sampling.get("steps")})
         while conn.recv() != "stop":
             conn.send({**work.repeat(), "peak_memory_mb": peak_memory_mb(work.device)})
         conn.send({"losses": work.losses})
@@ -373,6 +424,11 @@ def summarize(setup: Setup, variant: Variant, ready: dict, timings: list[dict], 
               "images_per_s": images / seconds, "seconds_per_repeat": seconds,
               "repeat_seconds": [t["seconds"] for t in timings], "forward_gflops_per_image": ready["flops"] / 1e9,
               "network_share": network, "network_rows_per_repeat": timings[0]["network_rows"],
+              "network_calls_per_repeat": timings[0]["network_calls"],
+              # sampling: the forward calls that drew one batch (guided: each call holds both halves), the sampler
+              # and its steps setting they came from
+              "nfe": timings[0]["network_calls"] if setup.task == "sample" else None,
+              "sampler": ready.get("sampler"), "sampler_steps": ready.get("sampler_steps"),
               "peak_memory_mb": max(t["peak_memory_mb"] for t in timings),
               "memory_before_mb": ready["memory_before_mb"],
               "first_loss": losses[0] if losses else None}
@@ -398,7 +454,9 @@ def add_speedups(results: list[dict]) -> None:
 
 def summary_line(results: list[dict], info: dict) -> str:
     parts = [f"{r['task']} b{r['batch']} {r['variant']} {r['images_per_s']:.2f} img/s x{r['speedup']:.2f}"
-             + (f" MFU {100 * r['mfu']:.0f}%" if r.get("mfu") else "") for r in results]
+             + (f" MFU {100 * r['mfu']:.0f}%" if r.get("mfu") else "")
+             + (f" {r['sampler']} steps {r['sampler_steps']} NFE {r['nfe']}" if r.get("nfe") is not None else "")
+             for r in results]
     where = info.get("gpu") or f"{info['cpu']} ({info['cpu_count']} cores)"
     return f"[benchmark] {where}: " + "; ".join(parts)
 
