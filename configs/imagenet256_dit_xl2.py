@@ -7,6 +7,13 @@ Sources: docs/originals.md#dit-training-recipe, #dit-sampling, #dit-guidance and
 
 Trains on cached latents (``scripts/extract_latents.py``); the original's way, encoding images with the VAE at every
 step, is ``--config.data.name=imagenet --config.data.root=data/imagenet``.
+
+Evaluation as DiT's (README "Evaluation", sample_ddp.py): FID-50K of the final checkpoint's EMA weights, no
+in-training FID (``eval.every=0``), the sampler above with ``--num-fid-samples 50_000`` in fp32 with TF32 matmuls
+(sample_ddp.py's ``--tf32`` default), scored by ADM's evaluator (guided-diffusion ``evaluations/evaluator.py``)
+against ADM's reference batch ``VIRTUAL_imagenet256_labeled.npz`` (guided-diffusion ``evaluations/README.md``).
+The released PyTorch weights score 2.21 there in fp32 (DiT's README; 2.27 is the paper's number, from the JAX
+models).
 """
 
 from diffusion.config.schema import base_config
@@ -29,4 +36,7 @@ def get_config():
     config.sample.update(sampler="ddpm", steps=250, guidance_scale=1.5, guidance_channels="3", labels="uniform",
                          per_class=4)
     config.preview.update(sampler="ddim", steps=50)
+    config.sample.update(n_samples=50_000, precision="fp32", tf32=True)  # sample_ddp.py: 50K, --tf32 on
+    # the final checkpoint only
+    config.eval.update(every=0, final_n_samples=0, protocol="adm", reference="data/VIRTUAL_imagenet256_labeled.npz")
     return config

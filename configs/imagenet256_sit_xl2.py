@@ -15,6 +15,10 @@ Mean --last-step-size 0.04``) -- and ``--cfg-scale 1.5``, guidance on the first 
 guidance 4.0): ``--config.sample.sampler=dopri5``. Any of SiT's presets: ``--config.model.preset=SiT-B/4`` etc. (DiT's
 networks, SiT's names).
 
+Evaluation as SiT's (README, ``sample_ddp.py``): FID-50K (``--num-fid-samples 50_000``) of the final checkpoint's EMA
+weights, no in-training FID, fp32 with TF32 matmuls (``--tf32`` default), ADM's evaluator against ADM's reference
+batch ``VIRTUAL_imagenet256_labeled.npz`` (guided-diffusion ``evaluations/README.md``).
+
 Trains on cached latents (``scripts/extract_latents.py``); the original's way, encoding images with the VAE at every
 step, is ``--config.data.name=imagenet --config.data.root=data/imagenet``.
 """
@@ -44,4 +48,6 @@ def get_config():
     config.sample.update(sampler="sde_euler", steps=250, diffusion_form="sigma", diffusion_norm=1.0, last_step="mean",
                          last_step_size=0.04, guidance_scale=1.5, guidance_channels="3", labels="uniform", per_class=4)
     config.preview.update(sampler="heun2", steps=50)
+    config.sample.update(n_samples=50_000, precision="fp32", tf32=True)  # sample_ddp.py: 50K, --tf32 on
+    config.eval.update(every=0, final_n_samples=0, protocol="adm", reference="data/VIRTUAL_imagenet256_labeled.npz")
     return config

@@ -1,6 +1,12 @@
 """ImageNet 512x512 (64x64x4 SD-VAE latents), DiT-XL/2 with DiT's recipe (paper: FID 3.04 with guidance 1.5 on the
 first 3 channels, 250-step DDPM; the 512 model trained for 3M steps at batch 256). As imagenet256_dit_xl2.py but for
-the resolution and the step count; sources: docs/originals.md#dit-training-recipe and #dit-results."""
+the resolution and the step count; sources: docs/originals.md#dit-training-recipe and #dit-results.
+
+Evaluation as DiT's (README "Evaluation", sample_ddp.py): FID-50K of the final checkpoint's EMA weights, no
+in-training FID (``eval.every=0``), the sampler above with ``--num-fid-samples 50_000`` in fp32 with TF32 matmuls
+(sample_ddp.py's ``--tf32`` default), scored by ADM's evaluator (guided-diffusion ``evaluations/evaluator.py``)
+against ADM's reference batch ``VIRTUAL_imagenet512.npz`` (guided-diffusion ``evaluations/README.md``).
+"""
 
 from diffusion.config.schema import base_config
 
@@ -22,4 +28,7 @@ def get_config():
     config.sample.update(sampler="ddpm", steps=250, guidance_scale=1.5, guidance_channels="3", labels="uniform",
                          per_class=4)
     config.preview.update(sampler="ddim", steps=50)
+    config.sample.update(n_samples=50_000, precision="fp32", tf32=True)  # sample_ddp.py: 50K, --tf32 on
+    # the final checkpoint only
+    config.eval.update(every=0, final_n_samples=0, protocol="adm", reference="data/VIRTUAL_imagenet512.npz")
     return config

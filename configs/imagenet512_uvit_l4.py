@@ -1,6 +1,13 @@
 """ImageNet 512x512 (64x64x4 SD-VAE latents), U-ViT-L/4 on the continuous VP SDE (U-ViT paper: FID 4.67 with
 guidance s = 0.7, i.e. w = 1.7, DPM-Solver 50 evaluations).
 Recipe and sampler: docs/originals.md#u-vit-training-recipes and #u-vit-sampling.
+Evaluation as U-ViT's train_ldm.py, eval_ldm.py and datasets.py: at every checkpoint (``save_interval`` 50K) FID-10K
+of the EMA weights with DPM-Solver at 50 evaluations, unguided (train_ldm.py's ``eval_step(n_samples=10000,
+sample_steps=50, algorithm='dpm_solver')``: ``eps=1e-4``, logSNR grid, no guidance in train_ldm.py), picks the step;
+FID-50K of the best step with the sampler and guidance above (eval_ldm.py applies ``config.sample.scale``);
+pytorch-fid against U-ViT's ``fid_stats_imagenet512_guided_diffusion.npz`` (datasets.py
+``ImageNet512Features.fid_stat``); sampled under fp16 autocast (U-ViT's README: ``accelerate launch --mixed_precision
+fp16 eval_ldm.py``).
 
     accelerate launch scripts/extract_latents.py --data data/imagenet/train --out data/imagenet512_latents \\
         --resolution 512 --autoencoder assets/stable-diffusion/autoencoder_kl.pth
@@ -27,4 +34,8 @@ def get_config():
     config.sample.update(sampler="dpm_solver", t_end=1e-4, skip_type="logSNR", steps=50, order=3,
                          guidance_scale=1.7, labels="uniform", per_class=4)  # w = 1 + s, s = 0.7
     config.preview.update(steps=25)
+    config.sample.update(n_samples=50_000, precision="fp16")  # U-ViT's config.sample.n_samples; fp16 autocast
+    config.eval.update(every=50_000, n_samples=10_000, final_n_samples=50_000, sampler="dpm_solver", steps=50,
+                       guidance_scale=1.0, protocol="pytorch_fid",
+                       reference="assets/fid_stats/fid_stats_imagenet512_guided_diffusion.npz")
     return config

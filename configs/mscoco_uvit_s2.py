@@ -2,6 +2,14 @@
 tokens, discrete "stable diffusion" schedule (U-ViT paper: FID 5.95 on 30K val2014 captions, guidance s = 1, i.e.
 w = 2, DPM-Solver++ 50 evaluations).
 Recipe and sampler: docs/originals.md#u-vit-training-recipes and #u-vit-sampling.
+Evaluation as U-ViT's train_t2i_discrete.py, eval_t2i_discrete.py and datasets.py: at every checkpoint
+(``save_interval`` 50K) FID-10K of the EMA weights with DPM-Solver++ at 50 evaluations and the paper's guidance --
+train_t2i_discrete.py's ``eval_step(n_samples=10000, sample_steps=50)`` samples through ``cfg_nnet``, i.e. with
+``config.sample.scale`` = 1 (w = 2), unlike the class-conditional scripts -- on captions of val2014 (its
+``test_dataset_loader``), picks the step; FID-30K of the best step with the sampler above (``config.sample.n_samples
+= 30000``: one random caption for each of 30,000 distinct val2014 images, ``scripts/coco_prompts.py``); pytorch-fid
+against U-ViT's ``fid_stats_mscoco256_val.npz`` (datasets.py ``MSCOCO256Features.fid_stat``); sampled under fp16
+autocast (U-ViT's README: ``accelerate launch --mixed_precision fp16 eval_t2i_discrete.py``).
 
     accelerate launch scripts/extract_coco.py --root data/coco --split train --out data/mscoco256_features/train \\
         --autoencoder assets/stable-diffusion/autoencoder_kl.pth --clip openai/clip-vit-large-patch14
@@ -29,4 +37,8 @@ def get_config():
     config.sample.update(sampler="dpm_solver++", steps=50, order=3, t_end=1e-3, skip_type="time_uniform",
                          guidance_scale=2.0, per_class=4)  # w = 1 + s, s = 1
     config.preview.update(steps=25)
+    config.sample.update(n_samples=30_000, precision="fp16")  # U-ViT's config.sample.n_samples; fp16 autocast
+    config.eval.update(every=50_000, n_samples=10_000, final_n_samples=30_000, sampler="dpm_solver++", steps=50,
+                       guidance_scale=2.0, protocol="pytorch_fid",
+                       reference="assets/fid_stats/fid_stats_mscoco256_val.npz")
     return config

@@ -1,5 +1,5 @@
 """MS-COCO 256x256 text-to-image, U-ViT-S/2-Deep (17 layers) (U-ViT paper: FID 5.48): mscoco_uvit_s2.py's recipe and
-sampler with the deeper preset (docs/originals.md#u-vit-training-recipes and #u-vit-sampling)."""
+sampler and evaluation with the deeper preset (docs/originals.md#u-vit-training-recipes and #u-vit-sampling)."""
 
 from pathlib import Path
 

@@ -100,6 +100,74 @@ def test_paper_configs_default_to_the_paper_sampler(name):
     assert config.autoencoder.scale_factor == (0.23010 if name.startswith("mscoco") else 0.18215)
 
 
+UVIT_STATS = "assets/fid_stats/fid_stats_{}.npz"  # U-ViT's statistics files (datasets.py, each ``fid_stat``)
+# How each paper number was measured (U-ViT: train*.py / eval*.py / datasets.py; DiT and SiT: sample_ddp.py and ADM's
+# evaluator): checkpoint selection (eval.every, eval.n_samples, and its sampler, steps and guidance), the final count
+# (eval.final_n_samples for U-ViT's best step; sample.n_samples, the evaluation job), protocol, reference file and
+# sampling precision. (every, n, final, selection sampler, steps, w, protocol, reference, precision, tf32, n_samples)
+UVIT_PIXEL = (50_000, 10_000, 50_000, "dpm_solver", 50, 1.0, "pytorch_fid")  # train.py: eval_step(10000, 50, dpm)
+UVIT_L = (50_000, 10_000, 50_000, "dpm_solver", 50, 1.0, "pytorch_fid")  # train_ldm.py: no guidance
+UVIT_H = (50_000, 10_000, 50_000, "dpm_solver++", 50, 1.0, "pytorch_fid")  # train_ldm_discrete.py: no guidance
+UVIT_T2I = (50_000, 10_000, 30_000, "dpm_solver++", 50, 2.0, "pytorch_fid")  # train_t2i_discrete.py: cfg_nnet, s = 1
+ADM = (0, 10_000, 0, "", 0, None, "adm")  # the final checkpoint only
+PAPER_EVALUATION = {
+    "cifar10_uvit_s2": (*UVIT_PIXEL, UVIT_STATS.format("cifar10_train_pytorch"), "fp16", False, 50_000),
+    "celeba64_uvit_s4": (*UVIT_PIXEL, UVIT_STATS.format("celeba64_train_50000_ddim"), "fp16", False, 50_000),
+    "imagenet64_uvit_m4": (*UVIT_PIXEL, UVIT_STATS.format("imagenet64_guided_diffusion"), "fp16", False, 50_000),
+    "imagenet64_uvit_l4": (*UVIT_PIXEL, UVIT_STATS.format("imagenet64_guided_diffusion"), "fp16", False, 50_000),
+    "imagenet256_uvit_l2": (*UVIT_L, UVIT_STATS.format("imagenet256_guided_diffusion"), "fp16", False, 50_000),
+    "imagenet256_uvit_h2": (*UVIT_H, UVIT_STATS.format("imagenet256_guided_diffusion"), "fp16", False, 50_000),
+    "imagenet512_uvit_l4": (*UVIT_L, UVIT_STATS.format("imagenet512_guided_diffusion"), "fp16", False, 50_000),
+    "imagenet512_uvit_h4": (*UVIT_H, UVIT_STATS.format("imagenet512_guided_diffusion"), "fp16", False, 50_000),
+    "mscoco_uvit_s2": (*UVIT_T2I, UVIT_STATS.format("mscoco256_val"), "fp16", False, 30_000),
+    "mscoco_uvit_s2_deep": (*UVIT_T2I, UVIT_STATS.format("mscoco256_val"), "fp16", False, 30_000),
+    "imagenet256_dit_xl2": (*ADM, "data/VIRTUAL_imagenet256_labeled.npz", "fp32", True, 50_000),
+    "imagenet256_dit_xl2_fsdp": (*ADM, "data/VIRTUAL_imagenet256_labeled.npz", "fp32", True, 50_000),
+    "imagenet512_dit_xl2": (*ADM, "data/VIRTUAL_imagenet512.npz", "fp32", True, 50_000),  # not ..._labeled
+    "imagenet256_sit_xl2": (*ADM, "data/VIRTUAL_imagenet256_labeled.npz", "fp32", True, 50_000),
+}
+
+
+@pytest.mark.parametrize("name", sorted(PAPER_EVALUATION))
+def test_paper_configs_measure_as_their_paper(name):
+    from diffusion.config.schema import check_values
+
+    config, _ = parse_command_line([f"--config={REPO / 'configs' / name}.py"])
+    ev, s = config.eval, config.sample
+    assert (ev.every, ev.n_samples, ev.final_n_samples, ev.sampler, ev.steps, ev.guidance_scale, ev.protocol,
+            ev.reference, s.precision, s.tf32, s.n_samples) == PAPER_EVALUATION[name]
+    check_values(config)
+    if ev.every:  # U-ViT scores every checkpoint it saves (save_interval), the last step included
+        assert ev.every == config.train.ckpt_every and config.train.steps % ev.every == 0
+        assert ev.n_samples < ev.final_n_samples == s.n_samples
+        # the selection sampler is the paper's except for the pixel Euler-Maruyama rows (train.py selects with
+        # DPM-Solver there too)
+        assert (ev.sampler == s.sampler) == (s.sampler != "euler_maruyama")
+
+
+def test_reproduction_table_names_each_configs_protocol_and_reference():
+    """README's reproduction table: every row's protocol and reference file are its config's."""
+    readme = (REPO / "README.md").read_text()
+    section = readme[readme.index("## Reproduction table"):readme.index("\n## ", readme.index("## Reproduction table"))]
+    rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in section.splitlines()
+            if line.startswith("| ") and "`" in line]
+    names = {"pytorch_fid": "pytorch-fid", "adm": "ADM"}
+    checked = set()
+    for row in rows:
+        (name,) = re.findall(r"`(\w+)`", row[5])
+        if name not in PAPER_EVALUATION:
+            continue
+        config, _ = parse_command_line([f"--config={REPO / 'configs' / name}.py"])
+        assert row[4] == f"{names[config.eval.protocol]}: `{config.eval.reference.rsplit('/', 1)[-1]}`", row
+        checked.add(name)
+    assert checked == set(PAPER_SAMPLING)
+
+
+def test_every_paper_row_has_its_evaluation():
+    """Every config with a paper number (the sampler table) states how that number was measured."""
+    assert set(PAPER_SAMPLING) | {"imagenet256_dit_xl2_fsdp"} == set(PAPER_EVALUATION)
+
+
 @pytest.mark.parametrize("name, steps", [("cifar10_uvit_s2", 500_000), ("celeba64_uvit_s4", 500_000),
                                          ("imagenet64_uvit_m4", 300_000), ("imagenet64_uvit_l4", 300_000),
                                          ("imagenet256_uvit_l2", 300_000), ("imagenet256_uvit_h2", 500_000),
@@ -130,7 +198,8 @@ def test_sit_recipe_in_full():
     assert sit.diffusion.get("time_scale", 1.0) == 1.0  # SiT's time input: t in [0, 1]
     s = sit.sample  # SiT's sample.py SDE flags behind FID 2.06: --diffusion-form sigma --last-step Mean
     assert (s.diffusion_form, s.diffusion_norm, s.last_step, s.last_step_size) == ("sigma", 1.0, "mean", 0.04)
-    assert sit.model.to_dict() == dit.model.to_dict()
+    assert sit.model.preset == "SiT-XL/2"
+    assert {**sit.model.to_dict(), "preset": "DiT-XL/2"} == dit.model.to_dict()
     assert sit.data.to_dict() == dit.data.to_dict() and sit.autoencoder.to_dict() == dit.autoencoder.to_dict()
 
 
@@ -317,7 +386,7 @@ def test_every_user_error_is_a_user_error_and_keeps_its_builtin_base():
 
 
 ENTRY_POINTS = ["train.py", "sample.py", "eval_fid.py", "scripts/benchmark.py", "scripts/ablation.py",
-                "scripts/extract_latents.py", "scripts/extract_coco.py"]
+                "scripts/extract_latents.py", "scripts/extract_coco.py", "scripts/coco_prompts.py"]
 
 
 @pytest.mark.parametrize("path", ENTRY_POINTS)
