@@ -88,6 +88,11 @@ def base_config() -> ml_collections.ConfigDict:
                 per_class=8,  # grid columns for conditional models
                 num_unconditional=64,
                 seed=0,
+                n_samples=50_000,  # samples of an evaluation job (sample.py --out=*.npz; U-ViT's MS-COCO: 30000)
+                # Precision of the network and the decoder while sampling (autocast): fp32 | fp16 | bf16. U-ViT
+                # sampled under fp16 autocast, DiT in fp32 with TF32 matmuls (tf32: NVIDIA GPUs only).
+                precision="fp32",
+                tf32=False,
             ),
             # Training previews may use a cheaper sampler; empty / 0 values fall back to ``sample``.
             preview=dict(sampler="", steps=0),
@@ -104,6 +109,16 @@ def base_config() -> ml_collections.ConfigDict:
                 inception_weights="",  # pt_inception-2015-12-05 .pth; "" = pytorch-fid's usual torch-hub cache
                 reference="",  # reference statistics .npz (mu, sigma); "" = computed from the training data
                 batch_size=250,  # samples per process and network batch
+                # How FID/sFID/IS/precision-recall are measured: pytorch_fid (pytorch-fid's Inception front end;
+                # U-ViT's numbers, with its statistics files) | adm (ADM's evaluator: TF1 resize, stored reference
+                # statistics, IS in splits of 5,000; DiT's, SiT's and REPA's numbers)
+                protocol="pytorch_fid",
+                # The sampler that selects the checkpoint (in-training FID); "" / 0 / None: the sample section's.
+                # U-ViT selected with DPM-Solver(++) at 50 evaluations (unguided but for MS-COCO), then reported its
+                # paper sampler. Another sampler than sample.sampler takes its own t_end and skip_type defaults.
+                sampler="",
+                steps=0,
+                guidance_scale=None,
             ),
             wandb=dict(mode="offline", project="transformer-diffusion", name=""),  # online | offline | disabled
         )
@@ -123,6 +138,12 @@ LABEL_MODES = ("uniform", "balanced", "train_freq")  # sample.labels: the class 
 
 
 EVAL_METRICS = ("", "digits_accuracy")  # eval.metric: the end-of-run check
+
+
+EVAL_PROTOCOLS = ("pytorch_fid", "adm")  # eval.protocol
+
+
+SAMPLE_PRECISIONS = ("fp32", "fp16", "bf16")  # sample.precision
 
 
 def _choice(key: str, value, choices: tuple[str, ...]) -> str | None:
@@ -175,6 +196,11 @@ def check_values(config: ml_collections.ConfigDict) -> None:
     if ev.final_n_samples > 0 and ev.every <= 0:
         problems.append(f"eval.final_n_samples={ev.final_n_samples} scores the best in-training FID checkpoint, but "
                         f"eval.every=0 computes none: e.g. --config.eval.every={max(tc.ckpt_every, 1)}")
+    for key, value, choices in (("eval.protocol", ev.protocol, EVAL_PROTOCOLS),
+                                ("sample.precision", config.sample.precision, SAMPLE_PRECISIONS)):
+        problem = _choice(key, value, choices)
+        if problem:
+            problems.append(problem)
     if ev.every > 0 and ev.n_samples < 2:
         problems.append(f"eval.n_samples must be >= 2 for an FID, got {ev.n_samples}: e.g. "
                         f"--config.eval.n_samples=10000")
