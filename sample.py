@@ -20,6 +20,10 @@ OUT.parts/ as they finish, recorded with their settings in OUT.job.json; every p
 same command after a crash and finished chunks are kept. The result is ADM's format: arr_0 uint8 (N, H, W, 3),
 arr_1 the labels (class-conditional models). Sample i depends only on (--seed, i): the file is the same for any
 number of processes, and for any batch size up to floating-point rounding (bit-identical on CPU).
+
+--likelihood=DATA.npz (transport checkpoints) computes instead the bits/dim of DATA.npz's images through the
+probability-flow ODE (SiT's sample_ode_likelihood) and writes them to --out=*.json (default likelihood.json); see
+diffusion/sampling/likelihood.py.
 """
 
 from __future__ import annotations
@@ -37,6 +41,8 @@ from diffusion.errors import ConfigError, InputNotFoundError
 from diffusion.sampling.generate import SAMPLER_SETTINGS, SampleSource, num_real_classes
 from diffusion.sampling.grids import sample_grid
 from diffusion.sampling.jobs import SampleJob, run_job
+from diffusion.sampling.likelihood import FLAGS as LIKELIHOOD_FLAGS
+from diffusion.sampling.likelihood import likelihood_options, run_likelihood
 from diffusion.sampling.loader import ReadyModel, job_settings, load_for_sampling
 from diffusion.sampling.per_sample import LABEL_MODES, LabelPlan, check_labels, training_class_counts
 
@@ -44,7 +50,8 @@ SAMPLER_GROUP = "sampler (defaults: the config's sample section)"
 FLAG_NAMES = {"guidance_scale": "guidance"}  # sample-section key -> flag name, where they differ
 COMMAND = Command(__doc__, config="optional", flags=(
     Flag("ckpt", required=True, metavar="PATH", help="checkpoint dir, run dir, released file or weights file"),
-    Flag("out", "grid.png", metavar="PATH", help="*.png: a labelled grid; *.npz: an evaluation job"),
+    Flag("out", metavar="PATH", help="*.png: a labelled grid (default grid.png); *.npz: an evaluation job; *.json: "
+         "the --likelihood report (default likelihood.json)"),
     Flag("n_samples", type=int, help="samples in an .npz job (default 50000, or the recorded job's); unconditional "
          "grid size"),
     Flag("png_dir", metavar="DIR", help="also write every sample of an .npz job as DIR/000000.png ..."),
@@ -62,6 +69,7 @@ COMMAND = Command(__doc__, config="optional", flags=(
     Flag("seed", type=int, group="run", help="default: sample.seed"),
     Flag("ema", True, bool, group="run", help="EMA weights (default) or the raw ones"),
     Flag("device", group="run", help="default: the process's GPU, else cpu"),
+    *LIKELIHOOD_FLAGS,
 ))
 
 
@@ -116,7 +124,8 @@ def check_out(args: Arguments) -> bool:
     """Whether --out is an .npz job; refuses flags that belong to the other kind of output."""
     out = Path(args.out)
     if out.suffix not in (".png", ".npz"):
-        raise ConfigError(f"--out must end in .png (a grid) or .npz (an evaluation job), got {out}")
+        raise ConfigError(f"--out must end in .png (a grid) or .npz (an evaluation job) (.json: with --likelihood), "
+                          f"got {out}")
     npz = out.suffix == ".npz"
     if not npz and (args.png_dir or args.label_dist or args.chunk_size):
         raise ConfigError("--png_dir, --label_dist and --chunk_size belong to .npz jobs (--out=samples.npz)")
@@ -169,6 +178,11 @@ def run_npz_job(ready: ReadyModel, args: Arguments, given, prompts, dist_state, 
 def run(args: Arguments) -> int:
     """Load, check, sample; prints the summary line (on rank 0)."""
     start = time.perf_counter()
+    if args.likelihood:
+        print(f"{run_likelihood(args)} [{time.perf_counter() - start:.1f} s]")
+        return 0
+    likelihood_options(args)  # refuses the likelihood flags without --likelihood
+    args.values["out"] = args.out or "grid.png"
     npz = check_out(args)
     ready = load_for_sampling(args.ckpt, config_path=args.config_path, overrides=args.overrides,
                               sample=sample_flags(args), ema=args.ema, codecs=False)
