@@ -1,7 +1,7 @@
 """Cache the autoencoder moments of an ImageFolder tree (ImageNet): every image and its horizontal flip.
 
     accelerate launch scripts/extract_latents.py --data data/imagenet/train --out data/imagenet256_latents \\
-        --resolution 256 --autoencoder stabilityai/sd-vae-ft-ema [--fp16]
+        --resolution 256 --autoencoder stabilityai/sd-vae-ft-ema   # [--fp16]: half the disk, rounded moments
     python scripts/extract_latents.py ...     (one process)
 
 Images are ADM-centre-cropped to --resolution; each process writes its own shards (shard k by rank k mod the number of
