@@ -1,7 +1,7 @@
 """FID (and sFID, Inception Score, precision/recall) of samples against a reference; reference statistics files.
 
     python eval_fid.py samples.npz fid_stats_imagenet256_guided_diffusion.npz            # FID (U-ViT's stats)
-    python eval_fid.py samples.npz VIRTUAL_imagenet256_labeled.npz --metrics fid,sfid,is,pr --json scores.json
+    python eval_fid.py samples.npz VIRTUAL_imagenet256_labeled.npz --protocol adm --metrics fid,sfid,is,pr   # DiT's
     python eval_fid.py samples/ configs/cifar10_uvit_s2.py --config.data.root=data     # reference: CIFAR-10 train
     accelerate launch --num_processes=8 eval_fid.py samples.npz VIRTUAL_imagenet256_labeled.npz --metrics fid,pr
     python eval_fid.py --save_stats fid_stats_cifar10_train.npz configs/cifar10_uvit_s2.py --config.data.root=data
@@ -10,16 +10,25 @@
     python eval_fid.py samples.npz configs/digits_uvit.py --extractor digits             # quickstart (digits)
 
 SAMPLES: an .npz (arr_0 uint8 (N, H, W, 3), as sample.py writes) or an image folder. REFERENCE: a statistics file
-(mu, sigma[, mu_s, sigma_s]), an ADM reference batch (arr_0 + statistics; its statistics are recomputed from its
-images with this Inception unless --adm_stats), an image folder (--resolution R: ADM's centre crop), a dataset config
-(its training images as the dataset prepares them, flips off; --config.key=value overrides) or an MS-COCO 2014 root
-(--coco SPLIT). Metrics: fid, sfid (spatial features, needs them on both sides), is (Inception Score, 10 splits), pr
-(precision/recall, k = 3; needs reference images, not a statistics file).
+(mu, sigma[, mu_s, sigma_s]), an ADM reference batch (arr_0 + statistics), an image folder (--resolution R: ADM's
+centre crop), a dataset config (its training images as the dataset prepares them, flips off; --config.key=value
+overrides) or an MS-COCO 2014 root (--coco SPLIT). Metrics: fid, sfid (spatial features, needs them on both sides),
+is (Inception Score), pr (precision/recall, k = 3; needs reference images, not a statistics file).
+
+--protocol (default: a config REFERENCE's eval.protocol, else pytorch_fid) says how they are measured:
+  pytorch_fid  pytorch-fid's Inception front end (uint8 / 255, bilinear resize with half-pixel centres, 2x - 1); an
+               ADM batch's statistics recomputed from its images (its stored ones with --adm_stats); IS over 10 equal
+               splits; precision/recall distances in float32. U-ViT's numbers.
+  adm          ADM's evaluator (evaluations/evaluator.py): its front end (TF1 resize to 299 without half-pixel
+               centres on [0, 255], then (x - 128) / 128) into the same Inception weights; an ADM batch's stored
+               statistics for FID/sFID and its images for precision/recall; IS in splits of 5,000; precision/recall
+               distances in float16 (float32 where not finite). DiT's, SiT's and REPA's numbers.
 
 Features come from pytorch-fid's FID Inception (pt_inception-2015-12-05-6726825d.pth, read from pytorch-fid's
 torch-hub cache or --inception PATH; never downloaded here), or from the digits classifier (--extractor digits).
-A config REFERENCE's eval.feature_extractor and eval.inception_weights are the defaults. Features are cached beside
-each .npz / folder (NAME.features-<extractor>.npz) or in --cache_dir and reused until the file or folder changes.
+A config REFERENCE's eval.feature_extractor, eval.inception_weights and eval.protocol are the defaults. Features are
+cached beside each .npz / folder (NAME.features-<extractor>.npz; the Inception's id ends in -adm under ADM's front
+end) or in --cache_dir and reused until the file or folder changes.
 Under `accelerate launch` every process extracts a share.
 """
 
@@ -37,13 +46,15 @@ from diffusion.config.cli import Arguments, Command, Flag, run_main
 from diffusion.errors import ConfigError, InputError, user_files
 from diffusion.evaluation import (
     EXTRACTORS,
+    PROTOCOL_NAMES,
+    FeatureExtractor,
+    Protocol,
     build_feature_extractor,
     cached_features,
     frechet_distance,
-    inception_score,
+    get_protocol,
     load_reference,
     open_images,
-    precision_recall,
     save_statistics,
 )
 from diffusion.evaluation.features import accumulate_statistics, statistics_of_features
@@ -65,8 +76,11 @@ COMMAND = Command(__doc__, config="none", positional="PATH ...",
          "size (default 256)"),
     Flag("coco", choices=("train", "val"),
          help="the reference/source is an MS-COCO 2014 root: its captioned images of that split (U-ViT: val)"),
+    Flag("protocol", choices=PROTOCOL_NAMES, help="how to measure: pytorch_fid (U-ViT's) or adm (ADM's evaluator: "
+         "DiT's, SiT's); default: a config's eval.protocol, else pytorch_fid"),
     Flag("adm_stats", False, bool,
-         help="use an ADM reference batch's stored statistics (from ADM's TensorFlow evaluator)"),
+         help="use an ADM reference batch's stored statistics (from ADM's TensorFlow evaluator); --protocol adm "
+         "uses them whenever the batch has them"),
     Flag("batch_size", 250, int, help="images per network batch and process"),
     Flag("num_workers", 4, int, help="image-decoding workers (folders, datasets)"),
     Flag("cache_dir", metavar="DIR", help="where feature caches go (default: beside the .npz/folder when writable, "
@@ -82,14 +96,17 @@ def cached_reference(reference) -> str:
     return ", cached features" if reference.features is not None else ", cached statistics"
 
 
-def make_extractor(args: Arguments, config_spec: str, device):
-    """The extractor the flags ask for; a dataset config's ``eval`` section supplies the defaults."""
-    name, weights = args.extractor, args.inception
+def make_extractor(args: Arguments, config_spec: str, device) -> tuple[FeatureExtractor, Protocol]:
+    """(the extractor, the protocol) the flags ask for; a dataset config's ``eval`` section supplies the defaults."""
+    name, weights, protocol = args.extractor, args.inception, args.protocol
     if config_spec.endswith(".py"):
         config = load_config_with_overrides(config_spec, args.overrides)
         name = name or config.eval.feature_extractor
         weights = weights or config.eval.inception_weights
-    return build_feature_extractor(name or "inception", weights=weights, device=device)
+        protocol = protocol or config.eval.get("protocol", "")
+    protocol = get_protocol(protocol or "pytorch_fid")
+    extractor = build_feature_extractor(name or "inception", weights=weights, device=device, protocol=protocol.name)
+    return extractor, protocol
 
 
 def save_stats(args: Arguments, state, device) -> str:
@@ -100,7 +117,7 @@ def save_stats(args: Arguments, state, device) -> str:
         raise ConfigError(f"--save_stats writes an .npz file, got {args.save_stats}")
     source = open_images(args.positional[0], resolution=args.resolution, coco_split=args.coco,
                          overrides=args.overrides)
-    extractor = make_extractor(args, args.positional[0], device)
+    extractor, protocol = make_extractor(args, args.positional[0], device)
     stats = accumulate_statistics(source, extractor, batch_size=args.batch_size, num_workers=args.num_workers,
                                   state=state)
     if not state.is_main_process:
@@ -108,10 +125,10 @@ def save_stats(args: Arguments, state, device) -> str:
     path = save_statistics(args.save_stats, stats)
     spatial = " + mu_s/sigma_s" if "mu_s" in stats else ""
     return (f"wrote {path}: mu/sigma ({len(stats['mu'])}-d){spatial} of {len(source)} images of {source.description}, "
-            f"{extractor.id}")
+            f"{extractor.id}, protocol {protocol.name}")
 
 
-def compute_metrics(metrics: list[str], samples: dict, reference, device) -> dict:
+def compute_metrics(metrics: list[str], samples: dict, reference, device, protocol: Protocol) -> dict:
     scores = {}
     sample_stats = statistics_of_features(samples, tuple(STATISTICS_OF[m] for m in metrics if m in STATISTICS_OF))
     if "fid" in metrics:
@@ -124,10 +141,10 @@ def compute_metrics(metrics: list[str], samples: dict, reference, device) -> dic
         scores["sfid"] = frechet_distance(sample_stats["mu_s"], sample_stats["sigma_s"], reference.statistics["mu_s"],
                                           reference.statistics["sigma_s"])
     if "is" in metrics:
-        scores["inception_score"], scores["inception_score_std"] = inception_score(samples["logits"])
+        scores["inception_score"], scores["inception_score_std"] = protocol.inception_score(samples["logits"])
     if "pr" in metrics:
-        scores["precision"], scores["recall"] = precision_recall(reference.features["pool"], samples["pool"],
-                                                                 device=device)
+        scores["precision"], scores["recall"] = protocol.precision_recall(reference.features["pool"], samples["pool"],
+                                                                          device=device)
     return scores
 
 
@@ -138,6 +155,11 @@ def summary_line(scores: dict) -> str:
     if "precision" in scores:
         parts.append(f"precision {scores['precision']:.4f} recall {scores['recall']:.4f}")
     return "  ".join(parts)
+
+
+def stored_statistics(args: Arguments, protocol: Protocol) -> str:
+    """Whether an ADM batch's stored statistics are the FID/sFID reference: --adm_stats insists, adm uses them."""
+    return "required" if args.adm_stats else "if_stored" if protocol.stored_statistics else "never"
 
 
 def evaluate(args: Arguments, state, device) -> str:
@@ -151,7 +173,7 @@ def evaluate(args: Arguments, state, device) -> str:
     unknown = [m for m in metrics if m not in METRICS]
     if unknown or not metrics:
         raise ConfigError(f"unknown metrics {unknown or args.metrics!r}; choose from {', '.join(METRICS)}")
-    extractor = make_extractor(args, reference_spec, device)
+    extractor, protocol = make_extractor(args, reference_spec, device)
     missing = [m for m in metrics if NEEDS.get(m, "pool") not in extractor.dims]
     if missing:
         raise ConfigError(f"the {extractor.id} extractor has no {NEEDS[missing[0]]} features, needed by {missing[0]}")
@@ -160,21 +182,22 @@ def evaluate(args: Arguments, state, device) -> str:
                   num_workers=args.num_workers, state=state)
     reference = load_reference(reference_spec, extractor, need_features="pr" in metrics,
                                statistics_of=tuple(STATISTICS_OF[m] for m in metrics if m in STATISTICS_OF),
-                               file_statistics=args.adm_stats, resolution=args.resolution, coco_split=args.coco,
-                               overrides=args.overrides, **common)
+                               stored_statistics=stored_statistics(args, protocol), resolution=args.resolution,
+                               coco_split=args.coco, overrides=args.overrides, **common)
     features, cached = cached_features(samples, extractor, **common)
     if not state.is_main_process:
         return ""
-    scores = compute_metrics(metrics, features, reference, device)
+    scores = compute_metrics(metrics, features, reference, device, protocol)
     if args.json:
         record = {**scores, "num_samples": len(samples), "samples": str(Path(samples_spec).resolve()),
-                  "reference": reference.record(), "extractor": extractor.id, "metrics": metrics}
+                  "reference": reference.record(), "extractor": extractor.id, "protocol": protocol.name,
+                  "metrics": metrics}
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(record, indent=2) + "\n")
     ref_count = f"{reference.num_images} images, " if reference.num_images else ""
     return (f"{summary_line(scores)}\n  {len(samples)} samples of {samples.description}"
             f"{' (cached features)' if cached else ''} vs {reference.description} ({ref_count}statistics from "
-            f"{reference.statistics_from}{cached_reference(reference)}); {extractor.id}")
+            f"{reference.statistics_from}{cached_reference(reference)}); {extractor.id}, protocol {protocol.name}")
 
 
 def run(args: Arguments) -> int:

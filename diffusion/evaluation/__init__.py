@@ -3,7 +3,9 @@ classifier for the CPU quickstart). This package re-exports the names below for 
 project's own modules import from the modules themselves.
 
     metrics      statistics, RunningStatistics, frechet_distance, inception_score, precision_recall
-    extractor    FeatureExtractor, the interface of the two extractors: inception.py (pytorch-fid's FID Inception)
+    protocols    PROTOCOLS, Protocol, get_protocol: pytorch-fid's and ADM's evaluation rules by name
+    extractor    FeatureExtractor, the interface of the two extractors: inception.py (pytorch-fid's FID Inception,
+                 with pytorch-fid's or ADM's front end)
                  and digits.py (the quickstart's stand-ins: digit features, and the end-of-run digits accuracy)
     extractors   EXTRACTORS, build_feature_extractor: the extractors by name
     sources      .npz files, image folders, dataset configs, MS-COCO as uint8 image datasets
@@ -30,6 +32,7 @@ from diffusion.evaluation.metrics import (
     precision_recall,
     statistics,
 )
+from diffusion.evaluation.protocols import PROTOCOL_NAMES, PROTOCOLS, Protocol, get_protocol
 from diffusion.evaluation.reference import (
     Reference,
     load_reference,
@@ -42,6 +45,9 @@ from diffusion.evaluation.sources import open_images
 __all__ = [
     "EXTRACTORS",
     "FeatureExtractor",
+    "PROTOCOLS",
+    "PROTOCOL_NAMES",
+    "Protocol",
     "Reference",
     "RunningStatistics",
     "accumulate_statistics",
@@ -50,6 +56,7 @@ __all__ = [
     "extract_features",
     "frechet_distance",
     "generated_statistics",
+    "get_protocol",
     "inception_score",
     "load_reference",
     "open_images",

@@ -1,4 +1,5 @@
-"""The feature extractors by name: the one table of builders behind ``eval.feature_extractor`` and ``--extractor``."""
+"""The feature extractors by name: the one table of builders behind ``eval.feature_extractor`` and ``--extractor``,
+each made for an evaluation protocol (``eval.protocol``, ``--protocol``: the FID Inception's front end)."""
 
 from __future__ import annotations
 
@@ -10,19 +11,21 @@ from diffusion.errors import ConfigError
 from diffusion.evaluation.digits import DigitsExtractor
 from diffusion.evaluation.extractor import FeatureExtractor
 from diffusion.evaluation.inception import InceptionExtractor
+from diffusion.evaluation.protocols import Protocol, get_protocol
 
-# name -> builder(weights, device)
-_BUILDERS: dict[str, Callable[[str, torch.device | str], FeatureExtractor]] = {
-    "inception": lambda weights, device: InceptionExtractor(weights, device=device),
-    "digits": lambda weights, device: DigitsExtractor(device=device),
+# name -> builder(weights, device, protocol)
+_BUILDERS: dict[str, Callable[[str, torch.device | str, Protocol], FeatureExtractor]] = {
+    "inception": lambda weights, device, protocol: InceptionExtractor(weights, device, protocol.front_end),
+    "digits": lambda weights, device, protocol: DigitsExtractor(device=device),  # no resize: no front end to change
 }
 EXTRACTORS = tuple(_BUILDERS)
 
 
-def build_feature_extractor(name: str = "inception", *, weights: str = "", device: torch.device | str = "cpu"
-                            ) -> FeatureExtractor:
-    """``inception``: pytorch-fid's FID Inception (``weights``: its .pth; "" = pytorch-fid's torch-hub cache).
-    ``digits``: a small classifier fit on scikit-learn's 8x8 digits (CPU quickstart; ``weights`` unused)."""
+def build_feature_extractor(name: str = "inception", *, weights: str = "", device: torch.device | str = "cpu",
+                            protocol: str = "pytorch_fid") -> FeatureExtractor:
+    """``inception``: pytorch-fid's FID Inception (``weights``: its .pth; "" = pytorch-fid's torch-hub cache) behind
+    the ``protocol``'s front end (pytorch_fid or adm). ``digits``: a small classifier fit on scikit-learn's 8x8
+    digits (CPU quickstart; ``weights`` unused; the same features under every protocol)."""
     if name not in _BUILDERS:
         raise ConfigError(f"unknown feature extractor {name!r}; choose one of {', '.join(EXTRACTORS)}")
-    return _BUILDERS[name](weights, device)
+    return _BUILDERS[name](weights, device, get_protocol(protocol))

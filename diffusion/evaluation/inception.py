@@ -3,8 +3,15 @@
 The network is exactly ``pytorch_fid.inception.fid_inception_v3()`` (torchvision's InceptionV3 with 1008 classes and
 pytorch-fid's FID blocks, the port of TensorFlow's inception-2015-12-05 graph), except that the weights
 ``pt_inception-2015-12-05-6726825d.pth`` are read from a path, by default where pytorch-fid's own download puts them
-(``torch.hub.get_dir()/checkpoints/``), instead of being downloaded. Images take pytorch-fid's path: uint8 / 255,
-bilinear resize to 299 x 299 (``align_corners=False``), then 2 x - 1. One forward gives
+(``torch.hub.get_dir()/checkpoints/``), instead of being downloaded. Images reach it through one of two front ends
+(the evaluation protocol's, ``diffusion.evaluation.protocols``):
+
+    pytorch_fid  pytorch-fid's: uint8 / 255, ``F.interpolate`` bilinear to 299 x 299 (half-pixel centres), 2 x - 1
+    adm          ADM's evaluator: float [0, 255] into TF1's ResizeBilinear to 299 x 299 (align_corners=False and no
+                 half-pixel centres: output pixel i samples input coordinate i * in / out), then (x - 128) / 128, as
+                 the graph ``classify_image_graph_def.pb`` does after its ``ExpandDims:0`` input
+
+One forward gives
 
     pool     (N, 2048)  the final average pool (pool3): FID, precision/recall
     logits   (N, 1008)  pool3 times the softmax weights, without the bias, as ADM's evaluator (its IS)
@@ -37,6 +44,7 @@ from diffusion.evaluation.extractor import FeatureExtractor
 WEIGHTS_FILE = FID_WEIGHTS_URL.rsplit("/", 1)[1]  # pt_inception-2015-12-05-6726825d.pth
 INPUT_SIZE = 299
 SPATIAL_CHANNELS = 7
+FRONT_ENDS = ("pytorch_fid", "adm")
 # The network in data-flow order, up to pool3 (pytorch-fid's blocks 0-3).
 LAYERS = ("Conv2d_1a_3x3", "Conv2d_2a_3x3", "Conv2d_2b_3x3", "maxpool1", "Conv2d_3b_1x1", "Conv2d_4a_3x3", "maxpool2",
           "Mixed_5b", "Mixed_5c", "Mixed_5d", "Mixed_6a", "Mixed_6b", "Mixed_6c", "Mixed_6d", "Mixed_6e", "Mixed_7a",
@@ -106,16 +114,51 @@ def weights_digest(path: Path) -> str:
     return _file_digest(os.fspath(path.resolve()), stat.st_size, stat.st_mtime_ns)
 
 
-class FIDInception(nn.Module):
-    """pool3, logits and spatial features of images in [0, 1], through pytorch-fid's resize and normalisation."""
+def resize_bilinear_tf1(images: torch.Tensor, size: int = INPUT_SIZE) -> torch.Tensor:
+    """TF1's ``ResizeBilinear`` (``align_corners=False``, ``half_pixel_centers=False``) of float32 (N, C, H, W)
+    images to (size, size), with TensorFlow's float32 arithmetic in its order: ``scale = in / out``, source
+    coordinate ``i * scale``, its floor and the next pixel (clamped to the edge), then ``top = tl + (tr - tl) dx``,
+    ``bottom = bl + (br - bl) dx``, ``top + (bottom - top) dy`` (so it equals TensorFlow's output exactly; see
+    tests/fixtures/tf_resize.pt). Rows are interpolated once per input row, then between rows."""
 
-    def __init__(self, inception: nn.Module) -> None:
+    def taps(length: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        scale = torch.tensor(length / size, dtype=torch.float32)  # = float32(in) / float32(out), correctly rounded
+        source = torch.arange(size, dtype=torch.float32, device=images.device) * scale.to(images.device)
+        low = source.floor()
+        return low.long(), (low.long() + 1).clamp(max=length - 1), source - low
+
+    if images.dtype != torch.float32 or images.ndim != 4:
+        raise ValueError(f"expected float32 (N, C, H, W) images, got {images.dtype} {tuple(images.shape)}")
+    y0, y1, dy = taps(images.shape[2])
+    x0, x1, dx = taps(images.shape[3])
+    left, right = images[..., x0], images[..., x1]
+    rows = left + (right - left) * dx  # (N, C, H, size): the top and bottom terms of every input row
+    top, bottom = rows[..., y0, :], rows[..., y1, :]
+    return top + (bottom - top) * dy[:, None]
+
+
+class FIDInception(nn.Module):
+    """pool3, logits and spatial features of float32 (N, 3, H, W) images on the [0, 255] scale, through the
+    ``front_end`` (pytorch_fid or adm, see the module docstring)."""
+
+    def __init__(self, inception: nn.Module, front_end: str = "pytorch_fid") -> None:
         super().__init__()
-        self.inception = inception
+        if front_end not in FRONT_ENDS:
+            raise ValueError(f"unknown Inception front end {front_end!r}; choose one of {', '.join(FRONT_ENDS)}")
+        self.inception, self.front_end = inception, front_end
+
+    def prepare(self, images: torch.Tensor) -> torch.Tensor:
+        """[0, 255] images -> the network's 299 x 299 input."""
+        if self.front_end == "adm":
+            return (resize_bilinear_tf1(images) - 128) / 128
+        x = F.interpolate(images / 255, size=(INPUT_SIZE, INPUT_SIZE), mode="bilinear", align_corners=False)
+        return 2 * x - 1
 
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        x = F.interpolate(images, size=(INPUT_SIZE, INPUT_SIZE), mode="bilinear", align_corners=False)
-        x = 2 * x - 1
+        return self.features(self.prepare(images))
+
+    def features(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The outputs of the network's 299 x 299 input (after the front end)."""
         spatial = None
         for name in LAYERS:
             if name == "Mixed_6d":  # its 1x1 branch run again (one small convolution) rather than a hook
@@ -128,19 +171,20 @@ class FIDInception(nn.Module):
 
 class InceptionExtractor(FeatureExtractor):
     """:class:`FIDInception` behind the :class:`FeatureExtractor` interface; ``id`` = ``inception-<sha256[:12]>`` of
-    the weights file."""
+    the weights file, with ``-adm`` appended under ADM's front end (its features differ, so do its caches)."""
 
     dims = {"pool": 2048, "logits": 1008, "spatial": 17 * 17 * SPATIAL_CHANNELS}
 
-    def __init__(self, weights: str | os.PathLike = "", device: torch.device | str = "cpu") -> None:
+    def __init__(self, weights: str | os.PathLike = "", device: torch.device | str = "cpu",
+                 front_end: str = "pytorch_fid") -> None:
         inception, self.weights_path = load_fid_inception(weights)
         self.device = torch.device(device)
-        self.network = FIDInception(inception).to(self.device)
-        self.id = f"inception-{weights_digest(self.weights_path)[:12]}"
+        self.network = FIDInception(inception, front_end).to(self.device)
+        self.id = f"inception-{weights_digest(self.weights_path)[:12]}{'' if front_end == 'pytorch_fid' else '-adm'}"
 
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         if images.shape[-1] == 1:  # grey, read as RGB like pytorch-fid's loader does
             images = images.expand(-1, -1, -1, 3)
-        # contiguous NCHW in [0, 1], as torchvision's ToTensor in pytorch-fid's loader (the memory layout picks the
-        # convolution kernels, so it decides the last bits)
-        return self.network(images.permute(0, 3, 1, 2).contiguous().float() / 255)
+        # contiguous NCHW on [0, 255] (pytorch-fid: then / 255, as torchvision's ToTensor in its loader; the memory
+        # layout picks the convolution kernels, so it decides the last bits)
+        return self.network(images.permute(0, 3, 1, 2).contiguous().float())

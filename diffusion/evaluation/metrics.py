@@ -2,8 +2,10 @@
 
 Every function takes features as numpy arrays or tensors (N, D) and follows the evaluators the papers' numbers come
 from: pytorch-fid / TTUR for the Frechet distance (float64, ``scipy.linalg.sqrtm``), openai/improved-gan and ADM's
-``evaluations/evaluator.py`` for the Inception Score (10 splits; 5,000 samples each for 50K) and ADM's
-``ManifoldEstimator`` (after Kynkaanniemi et al. 2019, k = 3) for precision and recall.
+``evaluations/evaluator.py`` for the Inception Score (10 equal splits, or ADM's splits of 5,000 samples) and ADM's
+``ManifoldEstimator`` (after Kynkaanniemi et al. 2019, k = 3) for precision and recall (distances in float32, or as
+ADM's ``DistanceBlock``: float16, float32 for a block where they are not finite). Which variant a score uses is the
+evaluation protocol's choice (``diffusion.evaluation.protocols``).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from scipy import linalg
 from diffusion.errors import InputError
 
 ArrayLike = np.ndarray | torch.Tensor
+ADM_TILE = 10_000  # ADM's ManifoldEstimator: row and column batches of its pairwise distances
 
 
 @contextmanager
@@ -125,22 +128,29 @@ def _numpy(x: ArrayLike) -> np.ndarray:
 # Inception Score
 
 
-def inception_score(logits: ArrayLike, splits: int = 10) -> tuple[float, float]:
-    """(mean, std) over ``splits`` equal parts of exp(E_x KL(p(y|x) || p(y))), p(y) the part's mean prediction.
+def inception_score(logits: ArrayLike, splits: int = 10, split_size: int = 0) -> tuple[float, float]:
+    """(mean, std) over splits of exp(E_x KL(p(y|x) || p(y))), p(y) the split's mean prediction.
 
     ``logits`` (N, classes) are softmaxed in float64 (ADM: pool3 times the Inception's softmax weights, 1008 classes).
-    Part i holds samples [i N / splits, (i + 1) N / splits), as openai/improved-gan; for 50K samples these are ADM's
-    5,000-sample splits. Uniform predictions give 1; confident predictions spread evenly over K classes give K.
+    ``split_size`` 0: ``splits`` equal parts, part i holding samples [i N / splits, (i + 1) N / splits), as
+    openai/improved-gan. Else ADM's rule: parts of ``split_size`` samples from the start, the last one smaller when N
+    is not a multiple (``range(0, N, split_size)``; 50K samples: the same ten parts). Uniform predictions give 1;
+    confident predictions spread evenly over K classes give K.
     """
     x = _float64(logits)
-    if len(x) < splits:
-        raise InputError(f"the Inception Score over {splits} splits needs at least {splits} samples, got {len(x)}")
+    if split_size < 0:
+        raise ValueError(f"split_size must be >= 0, got {split_size}")
+    how, need = (f"in splits of {split_size}", 1) if split_size else (f"over {splits} splits", splits)
+    if len(x) < need:
+        raise InputError(f"the Inception Score {how} needs at least {need} samples, got {len(x)}")
+    bounds = ([(s, s + split_size) for s in range(0, len(x), split_size)] if split_size else
+              [(i * len(x) // splits, (i + 1) * len(x) // splits) for i in range(splits)])
     log_p = x - x.max(axis=1, keepdims=True)
     log_p -= np.log(np.exp(log_p).sum(axis=1, keepdims=True))
     p = np.exp(log_p)
     scores = []
-    for i in range(splits):
-        part_p, part_log_p = (a[i * len(x) // splits:(i + 1) * len(x) // splits] for a in (p, log_p))
+    for start, stop in bounds:
+        part_p, part_log_p = p[start:stop], log_p[start:stop]
         log_marginal = np.log(part_p.mean(axis=0, keepdims=True))
         kl = np.where(part_p > 0, part_p * (part_log_p - log_marginal), 0.0).sum(axis=1)  # 0 log 0 = 0
         scores.append(np.exp(kl.mean()))
@@ -180,20 +190,78 @@ def _inside_any_ball(points: torch.Tensor, centres: torch.Tensor, radii: torch.T
 
 @torch.no_grad()
 def precision_recall(reference: ArrayLike, samples: ArrayLike, k: int = 3, device: torch.device | str = "cpu",
-                     max_elements: int = 2**28) -> tuple[float, float]:
+                     max_elements: int = 2**28, distances: str = "fp32", tile: int = ADM_TILE) -> tuple[float, float]:
     """Improved precision and recall (Kynkaanniemi et al. 2019) as ADM computes them on pool features.
 
     Each set spans a manifold: the union of balls around its points, each reaching its k-th nearest neighbour.
     Precision is the fraction of samples inside the reference manifold, recall the fraction of reference points
-    inside the sample manifold. Distances are computed in float32 on ``device`` (ADM: float16 with a float32
-    fallback), ``max_elements`` distances at a time (2**28: 1 GiB).
+    inside the sample manifold. ``distances``: "fp32" computes them in float32 on ``device``, ``max_elements`` at a
+    time (2**28: 1 GiB); "fp16" as ADM's ``DistanceBlock`` (:func:`adm_distances`), on ADM's ``tile`` x ``tile``
+    blocks (its row and column batches of 10,000).
     """
+    if distances not in ("fp32", "fp16"):
+        raise ValueError(f"distances must be fp32 or fp16, got {distances!r}")
     ref = torch.as_tensor(_float64(reference), dtype=torch.float32, device=device)
     gen = torch.as_tensor(_float64(samples), dtype=torch.float32, device=device)
     if ref.shape[1] != gen.shape[1]:
         raise InputError(f"reference features are {ref.shape[1]}-d, sample features {gen.shape[1]}-d")
     with full_precision():
+        if distances == "fp16":
+            return _adm_precision_recall(ref, gen, k, tile)
         ref_radii, gen_radii = manifold_radii(ref, k, max_elements), manifold_radii(gen, k, max_elements)
         precision = _inside_any_ball(gen, ref, ref_radii, max_elements).double().mean().item()
         recall = _inside_any_ball(ref, gen, gen_radii, max_elements).double().mean().item()
     return precision, recall
+
+
+# ADM's precision/recall: float16 distances on blocks of 10,000 x 10,000
+
+
+def adm_distances(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """ADM's ``DistanceBlock`` on one block: float32 features cast to float16, squared norms, the product and
+    ``max(|a|^2 - 2 a.b + |b|^2, 0)`` each rounded to float16, returned as float32; if any of the block's distances
+    is not finite (float16 overflows past 65504), the whole block in float32 (:func:`_squared_distances`).
+
+    Sums and the matrix product accumulate in float32, as TensorFlow's float16 reductions and GPU matmuls do: the
+    product of the float16 values is taken in float32 (exact products, float32 sums; no TF32) and rounded once, the
+    same on every device (a native float16 matmul differs only in the summation order, and is slow on CPUs)."""
+    a16, b16 = a.half(), b.half()
+    product = (a16.float() @ b16.float().T).half()
+    block = ((a16 * a16).sum(1, keepdim=True) - 2 * product + (b16 * b16).sum(1)[None]).clamp_(min=0)
+    if not torch.isfinite(block).all():
+        return _squared_distances(a, b)
+    return block.float()
+
+
+def _blocks(n: int, size: int) -> list[slice]:
+    if size < 1:
+        raise ValueError(f"the block size must be positive, got {size}")
+    return [slice(start, min(start + size, n)) for start in range(0, n, size)]
+
+
+def adm_manifold_radii(features: torch.Tensor, k: int = 3, tile: int = ADM_TILE) -> torch.Tensor:
+    """ADM's ``manifold_radii``: the (k + 1)-th smallest :func:`adm_distances` of every point to the set (itself
+    included, as it is the smallest), over ``tile`` x ``tile`` blocks, keeping the k + 1 smallest of each row."""
+    if len(features) <= k:
+        raise InputError(f"a k = {k} nearest-neighbour manifold needs more than {k} points, got {len(features)}")
+    radii = torch.empty(len(features), dtype=torch.float32, device=features.device)
+    for rows in _blocks(len(features), tile):
+        nearest = torch.cat([adm_distances(features[rows], features[cols]).topk(
+            min(k + 1, cols.stop - cols.start), dim=1, largest=False).values
+            for cols in _blocks(len(features), tile)], dim=1)
+        radii[rows] = nearest.kthvalue(k + 1, dim=1).values
+    return radii
+
+
+def _adm_precision_recall(ref: torch.Tensor, gen: torch.Tensor, k: int, tile: int) -> tuple[float, float]:
+    """ADM's ``evaluate_pr``: reference blocks as rows, sample blocks as columns, each block's distances compared
+    with both sets' radii."""
+    ref_radii, gen_radii = adm_manifold_radii(ref, k, tile), adm_manifold_radii(gen, k, tile)
+    ref_in = torch.zeros(len(ref), dtype=torch.bool, device=ref.device)
+    gen_in = torch.zeros(len(gen), dtype=torch.bool, device=gen.device)
+    for rows in _blocks(len(ref), tile):
+        for cols in _blocks(len(gen), tile):
+            block = adm_distances(ref[rows], gen[cols])
+            ref_in[rows] |= (block <= gen_radii[cols][None]).any(1)
+            gen_in[cols] |= (block <= ref_radii[rows][:, None]).any(0)
+    return gen_in.double().mean().item(), ref_in.double().mean().item()

@@ -6,10 +6,12 @@ File formats (.npz):
                            U-ViT's ``fid_stats_*.npz``, pytorch-fid's ``--save-stats`` and ``eval_fid.py
                            --save_stats`` (which adds mu_s/sigma_s when the extractor has spatial features).
     ADM reference batch    arr_0 uint8 (N, H, W, 3) images + mu, sigma, mu_s, sigma_s computed by ADM's TensorFlow
-                           evaluator (``VIRTUAL_imagenet256_labeled.npz``). Its statistics are recomputed from arr_0
-                           with the extractor used for the samples unless the file's own are asked for: the
-                           TensorFlow graph resizes differently from pytorch-fid, and both sides of a Frechet distance
-                           should come from one network.
+                           evaluator (``VIRTUAL_imagenet256_labeled.npz``: 10,000 images, statistics of the whole
+                           training set). Under the adm protocol (``--protocol adm``, ``eval.protocol``) its stored
+                           statistics are the FID/sFID reference and arr_0 serves only precision/recall, as in ADM's
+                           evaluator; under pytorch_fid the statistics are recomputed from arr_0 with the extractor
+                           of the samples (both sides of a Frechet distance from one network) unless the stored ones
+                           are asked for (``--adm_stats``).
 """
 
 from __future__ import annotations
@@ -35,9 +37,12 @@ from diffusion.evaluation.features import (
     statistics_of_features,
     write_npz_atomic,
 )
+from diffusion.evaluation.protocols import get_protocol
 from diffusion.evaluation.sources import DatasetImages, ImageSource, NpzImages, open_images
 
 STATISTICS_FILE_KEYS = tuple(name for names in STATISTICS_KEYS.values() for name in names)  # mu, sigma, mu_s, ...
+# an ADM batch's stored statistics: never used (computed from arr_0), used when the file has them, or required
+STORED_STATISTICS = ("never", "if_stored", "required")
 
 
 def _open_npz(path: str | os.PathLike):
@@ -98,7 +103,7 @@ class Reference:
 
 
 def load_reference(spec: str | os.PathLike, extractor: FeatureExtractor, *, need_features: bool = False,
-                   statistics_of: tuple[str, ...] = ("pool", "spatial"), file_statistics: bool = False,
+                   statistics_of: tuple[str, ...] = ("pool", "spatial"), stored_statistics: str = "never",
                    resolution: int | None = None, coco_split: str | None = None,
                    overrides: list[tuple[str, str]] = (), cache_dir: str | os.PathLike | None = None,
                    use_cache: bool = True, batch_size: int = 250, num_workers: int = 0, state=None,
@@ -108,8 +113,12 @@ def load_reference(spec: str | os.PathLike, extractor: FeatureExtractor, *, need
 
     Image features are extracted (or read from their cache) when statistics must be computed or ``need_features``
     (precision/recall). Statistics computed from images are those of the ``statistics_of`` features (pool: FID,
-    spatial: sFID); ``file_statistics`` takes an ADM batch's own ``mu``/``sigma``/``mu_s``/``sigma_s`` instead.
+    spatial: sFID). ``stored_statistics`` (:data:`STORED_STATISTICS`): "if_stored" takes an ADM batch's own
+    ``mu``/``sigma``/``mu_s``/``sigma_s`` instead when it has them (the adm protocol), "required" insists on them
+    (``--adm_stats``).
     """
+    if stored_statistics not in STORED_STATISTICS:
+        raise ValueError(f"stored_statistics must be one of {', '.join(STORED_STATISTICS)}, got {stored_statistics!r}")
     main = rank_and_world(state)[0] == 0
     path = Path(spec)
     arrays = npz_arrays(path) if path.suffix == ".npz" and path.is_file() and not coco_split else None
@@ -119,10 +128,10 @@ def load_reference(spec: str | os.PathLike, extractor: FeatureExtractor, *, need
                              f"sigma): give an ADM reference batch, an image folder or a dataset config")
         stats = check_dimensions(read_statistics(path), extractor, str(path))
         return Reference(str(path), stats, statistics_from="file") if main else None
-    file_stats = None
-    if file_statistics:
-        if arrays is None or "mu" not in arrays:
-            raise InputError(f"--adm_stats takes the statistics stored in an ADM reference batch; {path} has none")
+    file_stats, stored = None, arrays is not None and "mu" in arrays
+    if stored_statistics == "required" and not stored:
+        raise InputError(f"--adm_stats takes the statistics stored in an ADM reference batch; {path} has none")
+    if stored_statistics != "never" and stored:
         file_stats = check_dimensions(read_statistics(path), extractor, str(path))
     source: ImageSource = NpzImages(path) if arrays is not None else open_images(
         spec, resolution=resolution, coco_split=coco_split, overrides=overrides)
@@ -149,9 +158,10 @@ def reference_statistics_for_config(config: ml_collections.ConfigDict, extractor
                                     num_workers: int = 0, progress: bool = False) -> dict[str, np.ndarray]:
     """The reference statistics FID during training compares with, on every process (all must call it).
 
-    ``config.eval.reference`` if set: a statistics file as it is, or the statistics of an ADM batch's images;
-    else the statistics of the config's training images (pixel datasets, digits; latent configs must set
-    ``eval.reference``). Computed statistics are kept in ``cache_dir`` as
+    ``config.eval.reference`` if set: a statistics file as it is; an ADM batch's stored statistics under
+    ``eval.protocol = "adm"``, else the statistics of its images; without it the statistics of the config's training
+    images (pixel datasets, digits; latent configs must set ``eval.reference``). Computed statistics are kept in
+    ``cache_dir`` as
     ``reference-<source>-<extractor id>.npz`` and reused while the source and extractor are unchanged.
     """
     reference = config.eval.get("reference", "")
@@ -160,7 +170,8 @@ def reference_statistics_for_config(config: ml_collections.ConfigDict, extractor
         if not path.is_file():
             raise InputNotFoundError(f"eval.reference {path} not found: give a statistics .npz (mu, sigma), an ADM "
                                      f"reference batch, or leave it empty to use the training images")
-        if "arr_0" not in npz_arrays(path):
+        arrays, protocol = npz_arrays(path), get_protocol(config.eval.get("protocol", "pytorch_fid"))
+        if "arr_0" not in arrays or ("mu" in arrays and protocol.stored_statistics):
             return check_dimensions(read_statistics(path), extractor, f"eval.reference {path}")
         source: ImageSource = NpzImages(path)
     else:

@@ -8,7 +8,8 @@ follow ``sample.labels`` (uniform, balanced or the training class frequencies); 
 caption contexts of its training set. Every process draws its share (sample i depends only on (seed, i), so the
 score does not depend on the number of processes), features are reduced to running statistics on every process,
 and the Frechet distance is taken against the reference statistics of ``eval.reference`` or of the training
-images (computed once and cached in ``WORKDIR/eval``).
+images (computed once and cached in ``WORKDIR/eval``). ``eval.protocol`` decides the Inception's front end and, for
+an ADM reference batch, whether its stored statistics (adm) or those of its images (pytorch_fid) are the reference.
 """
 
 from __future__ import annotations
@@ -85,7 +86,8 @@ class TrainingFID:
         self.config, self.state, self.device, self.objective = config, state, device, objective
         self.shape, self.decode, self.class_counts = shape, decode, class_counts
         self.caption_contexts, self.null_context = caption_contexts, null_context
-        self.extractor = build_feature_extractor(ev.feature_extractor, weights=ev.inception_weights, device=device)
+        self.extractor = build_feature_extractor(ev.feature_extractor, weights=ev.inception_weights, device=device,
+                                                 protocol=ev.get("protocol", "pytorch_fid"))
         self.reference = reference_statistics_for_config(config, self.extractor, workdir / "eval", state=state,
                                                          batch_size=ev.batch_size)
 
