@@ -52,7 +52,8 @@ COMMAND = Command(__doc__, config="optional", flags=(
     Flag("ckpt", required=True, metavar="PATH", help="checkpoint dir, run dir, released file or weights file"),
     Flag("out", metavar="PATH", help="*.png: a labelled grid (default grid.png); *.npz: an evaluation job; *.json: "
          "the --likelihood report (default likelihood.json)"),
-    Flag("n_samples", type=int, help="samples in an .npz job (default 50000, or the recorded job's); unconditional "
+    Flag("n_samples", type=int, help="samples in an .npz job (default: sample.n_samples, 50000; U-ViT's MS-COCO "
+         "30000; or the recorded job's); unconditional "
          "grid size"),
     Flag("png_dir", metavar="DIR", help="also write every sample of an .npz job as DIR/000000.png ..."),
     Flag("batch_size", 64, int, help="samples per network batch and process"),
@@ -158,7 +159,8 @@ def run_npz_job(ready: ReadyModel, args: Arguments, given, prompts, dist_state, 
         counts = training_class_counts(config, ready.meta) if mode == "train_freq" else None
         labels = LabelPlan(mode, num_real_classes(ready.model), seed=config.sample.seed, given=given,
                            class_counts=counts)
-    job = SampleJob.open(out, args.n_samples, job_settings(ready, labels, prompts), chunk_size=args.chunk_size)
+    job = SampleJob.open(out, args.n_samples, job_settings(ready, labels, prompts), chunk_size=args.chunk_size,
+                         default_num_samples=config.sample.get("n_samples", 50_000))
     if job.done():
         return f"{out} is already complete ({job.num_samples} samples, {job.record}); nothing to do"
     drawer = SampleSource(ready.model, ready.objective, config.sample, ready.image_shape, seed=config.sample.seed,

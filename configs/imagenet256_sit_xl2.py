@@ -37,7 +37,7 @@ def get_config():
                         in_channels=4, num_classes=1000)
     config.diffusion.update(kind="transport", path="linear", prediction="velocity", loss_weight="none",
                             time_scale=1.0)
-    # Cached moments of every image and its flip; the cache's manifest must name the autoencoder below.
+    # Cached moments of every image and its flip, made by the encoder of the autoencoder below (weights checked).
     config.data.update(name="latents", root="data/imagenet256_latents", image_size=256, random_flip=True,
                        num_workers=8, verify_checksums=False)
     config.autoencoder.update(pretrained="stabilityai/sd-vae-ft-ema", scale_factor=0.18215)

@@ -1,6 +1,6 @@
 """ImageNet 256x256 (32x32x4 SD-VAE latents), U-ViT-H/2 on the discrete "stable diffusion" schedule (U-ViT paper:
 FID 2.29 with guidance s = 0.4, i.e. w = 1.4, DPM-Solver++ 50 evaluations). Encodes and decodes with U-ViT's
-EMA-finetuned autoencoder file (the cache's manifest must name the same autoencoder as the config).
+EMA-finetuned autoencoder file (a cache made with autoencoder_kl.pth serves: the same encoder).
 Recipe and sampler: docs/originals.md#u-vit-training-recipes and #u-vit-sampling.
 Evaluation as U-ViT's train_ldm_discrete.py, eval_ldm_discrete.py and datasets.py: at every checkpoint
 (``save_interval`` 50K) FID-10K of the EMA weights with DPM-Solver++ at 50 evaluations, unguided
@@ -24,7 +24,7 @@ def get_config():
     config.model.update(name="uvit", preset="U-ViT-H/2")
     config.diffusion.kind = "sd_discrete"
     config.cond.p_uncond = 0.1  # label dropout to the null class 1000 (num_classes 1001)
-    # Cached moments of every image and its flip; the cache's manifest must name the autoencoder below.
+    # Cached moments of every image and its flip, made by the encoder of the autoencoder below (weights checked).
     config.data.update(name="latents", root="data/imagenet256_latents", image_size=256, random_flip=True,
                        num_workers=8, verify_checksums=False)
     config.autoencoder.update(pretrained="assets/stable-diffusion/autoencoder_kl_ema.pth", scale_factor=0.18215)

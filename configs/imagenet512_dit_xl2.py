@@ -18,7 +18,7 @@ def get_config():
     config.model.update(name="dit", preset="DiT-XL/2", class_dropout_prob=0.1, learn_sigma=True, input_size=64,
                         in_channels=4, num_classes=1000)
     config.diffusion.update(kind="iddpm", num_steps=1000, beta_schedule="linear", learn_sigma=True)  # hybrid loss
-    # Cached moments of every image and its flip; the cache's manifest must name the autoencoder below.
+    # Cached moments of every image and its flip, made by the encoder of the autoencoder below (weights checked).
     config.data.update(name="latents", root="data/imagenet512_latents", image_size=512, random_flip=True,
                        num_workers=8, verify_checksums=False)
     config.autoencoder.update(pretrained="stabilityai/sd-vae-ft-ema", scale_factor=0.18215)

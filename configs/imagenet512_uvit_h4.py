@@ -23,7 +23,7 @@ def get_config():
     config.model.update(name="uvit", preset="U-ViT-H/4-512")
     config.diffusion.kind = "sd_discrete"
     config.cond.p_uncond = 0.1  # label dropout to the null class 1000 (num_classes 1001)
-    # Cached moments of every image and its flip; the cache's manifest must name the autoencoder below.
+    # Cached moments of every image and its flip, made by the encoder of the autoencoder below (weights checked).
     config.data.update(name="latents", root="data/imagenet512_latents", image_size=512, random_flip=True,
                        num_workers=8, verify_checksums=False)
     config.autoencoder.update(pretrained="assets/stable-diffusion/autoencoder_kl_ema.pth", scale_factor=0.18215)

@@ -13,6 +13,8 @@ autocast (U-ViT's README: ``accelerate launch --mixed_precision fp16 eval_t2i_di
 
     accelerate launch scripts/extract_coco.py --root data/coco --split train --out data/mscoco256_features/train \\
         --autoencoder assets/stable-diffusion/autoencoder_kl.pth --clip openai/clip-vit-large-patch14
+    accelerate launch scripts/extract_coco.py --root data/coco --split val --out data/mscoco256_features/val \\
+        --autoencoder assets/stable-diffusion/autoencoder_kl.pth --clip openai/clip-vit-large-patch14   # eval.captions
     accelerate launch --multi_gpu --num_processes 4 train.py --config=configs/mscoco_uvit_s2.py
 """
 
@@ -40,5 +42,6 @@ def get_config():
     config.sample.update(n_samples=30_000, precision="fp16")  # U-ViT's config.sample.n_samples; fp16 autocast
     config.eval.update(every=50_000, n_samples=10_000, final_n_samples=30_000, sampler="dpm_solver++", steps=50,
                        guidance_scale=2.0, protocol="pytorch_fid",
-                       reference="assets/fid_stats/fid_stats_mscoco256_val.npz")
+                       reference="assets/fid_stats/fid_stats_mscoco256_val.npz",
+                       captions="data/mscoco256_features/val")  # the in-training FID's captions: val2014
     return config

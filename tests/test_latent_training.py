@@ -18,11 +18,13 @@ from PIL import Image
 from diffusion.config.cli import parse_command_line
 from diffusion.data.extraction import extract_coco, extract_imagefolder
 from diffusion.errors import ConfigError
+from diffusion.training.data import prepare_data
 from diffusion.training.loop import train
 from tests.helpers import REPO, TINY_MODEL, make_tiny_autoencoder, make_tiny_clip, write_coco, write_imagefolder
 
 RES = 32  # pixels -> 4x4x4 latents with the tiny autoencoder
 COMMON = ["--config.wandb.mode=disabled", "--config.eval.metric=", "--config.eval.every=0",
+          "--config.eval.final_n_samples=0",
           "--config.train.batch_size=4",
           "--config.train.steps=4", "--config.train.log_every=2", "--config.train.ckpt_every=4",
           "--config.train.sample_every=2", "--config.data.num_workers=0", "--config.train.mixed_precision=no",
@@ -124,7 +126,7 @@ def test_latent_config_refuses_a_cache_from_another_autoencoder(assets, tmp_path
     cfg = _config("imagenet256_uvit_l2.py", *LATENT_UVIT, "--config.model.num_classes=3", "--config.model.null_label=2",
                   f"--config.data.root={assets['latents']}", f"--config.data.image_size={RES}",
                   f"--config.autoencoder.pretrained={other}")
-    with pytest.raises(ConfigError, match="autoencoder"):
+    with pytest.raises(ConfigError, match="whose encoder weights differ from those of the config's"):
         train(cfg, tmp_path / "run")
     cfg = _config("imagenet256_uvit_l2.py", *LATENT_UVIT, f"--config.data.root={assets['latents']}",
                   f"--config.autoencoder.pretrained={assets['ae']}")  # image_size 256 != the cache's 32
@@ -134,6 +136,23 @@ def test_latent_config_refuses_a_cache_from_another_autoencoder(assets, tmp_path
                   "--config.autoencoder.pretrained=")
     with pytest.raises(ConfigError, match="autoencoder.pretrained"):
         train(cfg, tmp_path / "run3")
+
+
+def test_a_cache_serves_a_config_naming_another_file_with_the_same_encoder(assets, tmp_path):
+    """U-ViT encodes every ImageNet latent with autoencoder_kl.pth, and some configs decode with the EMA file, whose
+    encoder is the same: the run's data accepts the cache (compared by the encoder's weights, not the name)."""
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL.from_pretrained(assets["ae"])
+    with torch.no_grad():
+        for p in vae.decoder.parameters():
+            p.add_(0.01)
+    vae.save_pretrained(tmp_path / "ema_ae")
+    cfg = _config("imagenet256_uvit_l2.py", *LATENT_UVIT, "--config.model.num_classes=3", "--config.model.null_label=2",
+                  f"--config.data.root={assets['latents']}", f"--config.data.image_size={RES}",
+                  f"--config.autoencoder.pretrained={tmp_path / 'ema_ae'}")
+    data = prepare_data(cfg, torch.device("cpu"))
+    assert len(data.dataset) == 6 and data.shape == (4, 4, 4) and data.decode is not None
 
 
 @pytest.mark.parametrize("what", ["autoencoder", "inception"])
@@ -152,3 +171,41 @@ def test_missing_pretrained_weights_are_one_clear_error(tmp_path, what):
     assert "Traceback" not in proc.stderr
     expected = "vae.pth" if what == "autoencoder" else "pt_inception-2015-12-05"
     assert expected in proc.stderr and "error:" in proc.stderr
+
+
+def test_in_training_fid_of_a_text_model_reads_eval_captions(assets, tmp_path):
+    """eval.captions: the FID samples of a text-to-image run are conditioned on another cached split's captions
+    (U-ViT's val2014), sample i on image i's caption chosen by (seed, i); without it, the training set's first
+    1,000. The trainer's FID scorer is handed them."""
+    from accelerate import PartialState
+
+    from diffusion.training.data import fid_captions
+    from diffusion.training.run import start_fid
+
+    val = write_coco(tmp_path / "coco_val", "val")
+    path = val / "annotations" / "captions_val2014.json"
+    record = json.loads(path.read_text())
+    for a in record["annotations"]:
+        a["caption"] = f"a held-out caption {a['id']}"
+    path.write_text(json.dumps(record))
+    features = tmp_path / "val_features"
+    extract_coco(val, "val", features, autoencoder=assets["ae"], clip=assets["clip"], resolution=RES, shard_size=4,
+                 batch_size=4, num_workers=0)
+    overrides = [*LATENT_UVIT, "--config.model.clip_dim=32", f"--config.data.root={assets['features']}",
+                 f"--config.data.image_size={RES}", f"--config.autoencoder.pretrained={assets['ae']}",
+                 f"--config.text_encoder.pretrained={assets['clip']}"]
+    cfg = _config("mscoco_uvit_s2.py", *overrides, f"--config.eval.captions={features}")
+    data = prepare_data(cfg, torch.device("cpu"))
+    held_out = fid_captions(cfg, data)
+    training = fid_captions(_config("mscoco_uvit_s2.py", *overrides, "--config.eval.captions="), data)
+    assert len(training) == len(data.dataset) and len(held_out) == len(held_out.dataset) != 0
+    first = held_out[torch.tensor([0, 1])]
+    assert torch.equal(first, held_out[torch.tensor([0, 1])])  # fixed by (seed, i)
+    assert not torch.equal(first, training[torch.tensor([0, 1])])  # other captions
+    reference = tmp_path / "reference.npz"  # statistics of the digits features (64-d)
+    np.savez(reference, mu=np.zeros(64), sigma=np.eye(64))
+    scorer, _ = start_fid(_config("mscoco_uvit_s2.py", *overrides, f"--config.eval.captions={features}",
+                                  "--config.eval.every=4", "--config.eval.feature_extractor=digits",
+                                  f"--config.eval.reference={reference}"),
+                          tmp_path, PartialState(cpu=True), data, None)
+    assert torch.equal(scorer.captions[torch.tensor([0, 1])], first)  # what the trainer's FID samples are drawn on

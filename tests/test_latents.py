@@ -42,6 +42,7 @@ from tests.helpers import (
     make_tiny_clip,
     write_coco,
     write_imagefolder,
+    write_ldm_single_file,
 )
 
 RES = 16  # pixels; the tiny autoencoder downsamples by 8 -> 2x2 latents
@@ -288,6 +289,49 @@ def test_latent_dataset_refuses_a_mismatched_manifest(imagenet, models) -> None:
         LatentDataset(imagenet.out, expect_resolution=512)
     with pytest.raises(ConfigError, match="holds imagefolder features.*data.name=latents"):
         CocoFeatureDataset(imagenet.out)
+
+
+def _other_decoder(folder: str, out: Path) -> Path:
+    """The tiny autoencoder of ``folder`` with a fine-tuned decoder (U-ViT's autoencoder_kl_ema.pth beside
+    autoencoder_kl.pth), saved to ``out``."""
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL.from_pretrained(folder)
+    with torch.no_grad():
+        for p in vae.decoder.parameters():
+            p.add_(0.01)
+    vae.save_pretrained(out)
+    return out
+
+
+def test_the_cache_is_checked_by_the_encoders_weights(imagenet, models, tmp_path) -> None:
+    """A cache serves a config naming another file (another format, another decoder) with the same encoder; another
+    encoder is refused naming both; a manifest from before the digest falls back to comparing names."""
+    data = ConfigDict(dict(name="latents", root=str(imagenet.out), image_size=RES, random_flip=True))
+    original = Autoencoder.load(models.ae, scale_factor=SCALE)
+    assert imagenet.manifest["encoder_sha256"] == original.encoder_digest()
+    ema = write_ldm_single_file(_other_decoder(models.ae, tmp_path / "ema"), tmp_path / "autoencoder_kl_ema.pth")
+    ema_cfg = ConfigDict(dict(pretrained=str(ema), single_file_config=models.ae, scale_factor=SCALE))
+    loaded = Autoencoder.from_config(ema_cfg)
+    assert not torch.equal(loaded.decode(torch.ones(1, 4, 2, 2)), original.decode(torch.ones(1, 4, 2, 2)))
+    assert len(build_dataset(data, autoencoder_cfg=ema_cfg)) == 6  # loads the config's autoencoder to compare
+    assert len(build_dataset(data, autoencoder_cfg=ema_cfg, autoencoder=loaded)) == 6  # or takes the loaded one
+    other = make_tiny_autoencoder(tmp_path / "other", seed=1)
+    with pytest.raises(ConfigError) as info:
+        build_dataset(data, autoencoder_cfg=ConfigDict(dict(pretrained=str(other), scale_factor=SCALE)))
+    message = str(info.value)
+    assert f"extracted with autoencoder {models.ae!r}, whose encoder weights differ" in message
+    assert f"--autoencoder {other}" in message and f"--config.autoencoder.pretrained={models.ae}" in message
+    old = tmp_path / "old_cache"  # written before manifests recorded the digest
+    shutil.copytree(imagenet.out, old)
+    manifest = json.loads((old / "manifest.json").read_text())
+    del manifest["encoder_sha256"]
+    (old / "manifest.json").write_text(json.dumps(manifest))
+    old_data = ConfigDict({**data.to_dict(), "root": str(old)})
+    with pytest.raises(ConfigError, match=f"extracted with autoencoder {models.ae!r}, but the config says"):
+        build_dataset(old_data, autoencoder_cfg=ema_cfg)
+    assert len(build_dataset(old_data, autoencoder_cfg=ConfigDict(dict(pretrained=models.ae,
+                                                                       scale_factor=SCALE)))) == 6
 
 
 def test_build_dataset_checks_the_config(imagenet, models, tmp_path) -> None:

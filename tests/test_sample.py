@@ -227,7 +227,7 @@ def test_npz_identical_for_one_and_two_processes_and_any_batch_size(tmp_path, di
 
 
 def test_killed_job_resumes_and_reuses_finished_chunks(tmp_path, dit_file):
-    job = ["--ckpt", dit_file, *DIT, "--sampler=ddpm", "--steps=250", "--guidance=2.0", "--n_samples=16",
+    job = ["--ckpt", dit_file, *DIT, "--sampler=ddpm", "--steps=100", "--guidance=2.0", "--n_samples=12",
            "--chunk_size=2", "--batch_size=2", "--seed=1"]
     out = tmp_path / "killed.npz"
     proc = subprocess.Popen([sys.executable, "sample.py", *map(str, job), f"--out={out}"], cwd=REPO, env=ENV,
@@ -239,13 +239,13 @@ def test_killed_job_resumes_and_reuses_finished_chunks(tmp_path, dit_file):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     finished = sorted(parts.glob("chunk_*.npz"))
-    assert 2 <= len(finished) < 8 and not out.exists(), "the job should have been killed mid-way"
+    assert 2 <= len(finished) < 6 and not out.exists(), "the job should have been killed mid-way"
     marked = finished[0]  # a finished chunk must be taken as it is, not drawn again
     with np.load(marked) as data:
         np.savez(marked, images=np.full_like(data["images"], 7), labels=data["labels"])
     code, summary, err = run_main(*job, f"--out={out}")
     assert code == 0, err
-    assert f"{len(finished)} of 8 chunks reused" in summary
+    assert f"{len(finished)} of 6 chunks reused" in summary
     code, _, err = run_main(*job, f"--out={tmp_path / 'straight.npz'}")
     assert code == 0, err
     resumed, straight = npz(out), npz(tmp_path / "straight.npz")
@@ -262,7 +262,8 @@ def test_changed_settings_are_refused_on_resume(tmp_path, dit_file):
     assert record["num_samples"] == 4 and record["chunk_size"] == 2
     assert record["settings"]["sampler"] == {"sampler": "ddpm", "steps": 6, "order": 3, "t_end": None,
                                              "skip_type": None, "eta": 0.0, "guidance_scale": 2.0,
-                                             "guidance_channels": "all", "clip_denoised": True}
+                                             "guidance_channels": "all", "clip_denoised": True,
+                                             "precision": "fp32", "tf32": False}
     code, out, _ = run_main(*job, "--batch_size=1")  # batch size does not change samples
     assert code == 0 and "already complete (4 samples" in out
     no_count = [a for a in job if not str(a).startswith("--n_samples")]
@@ -589,6 +590,7 @@ def test_transport_knobs_are_config_keys_flags_and_sampler_keywords():
     """SiT's sample.py defaults in the schema, the same as Transport.sample's; one flag each; left out of the
     other objectives' calls and records at their defaults."""
     from diffusion.sampling.generate import OPTIONAL_KEYS, SAMPLER_KEYS
+    from diffusion.sampling.precision import PRECISION_KEYS
 
     cfg = load_config(released_config("SiT-XL-2-256x256.pt"))
     assert set(OPTIONAL_KEYS) == set(SIT_DEFAULTS) <= set(SAMPLER_KEYS)
@@ -598,11 +600,14 @@ def test_transport_knobs_are_config_keys_flags_and_sampler_keywords():
     assert {key: params[key].default for key in OPTIONAL_KEYS} == SIT_DEFAULTS
     flags = {flag.name for flag in sample.COMMAND.flags}
     assert set(OPTIONAL_KEYS) <= flags
-    assert sample_settings(cfg.sample, transport) == {key: cfg.sample[key] for key in SAMPLER_KEYS}
+    # precision and tf32 are sampler settings (flags, job records) but not keywords of objective.sample
+    assert set(PRECISION_KEYS) <= set(SAMPLER_KEYS) and set(PRECISION_KEYS) <= flags
+    assert sample_settings(cfg.sample, transport) == \
+        {key: cfg.sample[key] for key in SAMPLER_KEYS if key not in PRECISION_KEYS}
     dit = load_config(released_config("DiT-XL-2-256x256.pt"))
     iddpm = build_objective(dit.diffusion)
     assert sample_settings(dit.sample, iddpm) == sample_settings(dit.sample) == \
-        {key: dit.sample[key] for key in SAMPLER_KEYS if key not in OPTIONAL_KEYS}
+        {key: dit.sample[key] for key in SAMPLER_KEYS if key not in (*OPTIONAL_KEYS, *PRECISION_KEYS)}
 
 
 def test_transport_knobs_are_refused_elsewhere_and_checked(tmp_path, dit_file):
@@ -675,3 +680,12 @@ def test_guidance_interval_is_in_sits_time():
         objective.sample(model, noise, {"y": y}, null_cond={"y": torch.zeros_like(y)}, guidance_scale=2.0,
                          sampler="euler", steps=5, guidance_t_lo=0.3, guidance_t_hi=0.6)
         assert [(round(t, 4), n) for t, n in calls] == [(0.0, 2), (0.25, 2), (0.5, 4), (0.75, 2)]
+
+
+def test_npz_job_size_defaults_to_the_configs_sample_count(tmp_path, dit_file):
+    """sample.n_samples (U-ViT's MS-COCO configs: 30000) is an .npz job's size unless --n_samples says otherwise."""
+    out = tmp_path / "s.npz"
+    code, summary, err = run_main("--ckpt", dit_file, *DIT, *DDPM, "--config.sample.n_samples=3", "--chunk_size=2",
+                                  f"--out={out}")
+    assert code == 0, err
+    assert npz(out)["arr_0"].shape[0] == 3 and "3 samples" in summary

@@ -1,22 +1,27 @@
 """The training loop end to end on the bundled digits: learning, checkpoints, exact resume, sampling, errors."""
 
+import io
 import json
 import os
 import platform
 import re
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
+from tqdm import tqdm
 
 from diffusion.checkpoint import checkpoint_dirs, load_train_state
 from diffusion.config.cli import parse_command_line
 from diffusion.errors import ConfigError
+from diffusion.registry import build_model
 from diffusion.training import run as training_run
-from diffusion.training.loop import train
+from diffusion.training.loop import Window, off_the_clock, train
+from diffusion.training.pieces import learning_rate
 from diffusion.training.speed import cpu_has_native_bf16
 from tests.helpers import REPO, TINY_UVIT, logged_losses, tiny_config
 
@@ -158,6 +163,9 @@ def test_fid_during_training_keeps_the_best_checkpoint_and_scores_it_in_full(tmp
     assert history["final"]["fid"] != history["scores"][str(best)]  # another sample count, another estimate
     assert (tmp_path / "checkpoints" / f"step_{best:08d}").is_dir()
     assert json.loads((final / "eval.json").read_text())["best_fid60"] == history["final"]["fid"]
+    # the time each FID took is reported in its line, apart from the training rate
+    assert len(re.findall(r"FID-40 [0-9.]+ \(.*; [0-9.]+ s, not in the training rate\)",
+                          (tmp_path / "log.txt").read_text())) == 2
 
 
 def test_bf16_autocast_with_clipping_keeps_fp32_master_weights(tmp_path):
@@ -194,14 +202,56 @@ def test_native_bf16_is_read_from_the_cpu_flags(tmp_path):
     assert cpu_has_native_bf16(str(tmp_path / "missing")) is True  # cannot tell: claims nothing
 
 
-def test_wandb_offline_needs_no_account(tmp_path, monkeypatch):
-    monkeypatch.delenv("WANDB_API_KEY", raising=False)
-    monkeypatch.setenv("WANDB_SILENT", "true")
+def test_wandb_offline_needs_no_account_and_says_one_line(tmp_path, monkeypatch, capfd):
+    """Offline wandb's own banner and end-of-run summary (~20 lines) are silenced; one line of ours says where the
+    run is and how to upload it."""
+    for name in ("WANDB_API_KEY", "WANDB_SILENT", "WANDB_QUIET", "WANDB_CONSOLE"):
+        monkeypatch.delenv(name, raising=False)
     train(tiny_config("--config.train.steps=2", "--config.train.ckpt_every=2", "--config.wandb.mode=offline"),
           tmp_path)
     runs = list((tmp_path / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and any(runs[0].glob("*.wandb"))
     assert (tmp_path / "wandb_id.txt").read_text().strip() in runs[0].name
+    out, err = capfd.readouterr()
+    lines = [line for line in (out + err).splitlines() if "wandb" in line.replace(str(tmp_path), "").lower()]
+    assert len(lines) <= 2, lines
+    assert f"[train] wandb (offline): {runs[0]}; upload it with `wandb sync {runs[0]}`" in lines, lines
+
+
+def test_warm_up_is_uvits(tmp_path):
+    """U-ViT's LambdaLR, stepped after each update: update k (from 0) has lr base * min(k / W, 1), so the first
+    update changes nothing and update W has the full rate; DiT and SiT have none (W = 0)."""
+    assert [learning_rate(k, 1e-3, 4) for k in (0, 1, 4, 5)] == [0.0, 2.5e-4, 1e-3, 1e-3]
+    assert [learning_rate(k, 1e-3, 0) for k in (0, 1)] == [1e-3, 1e-3]
+    cfg = tiny_config("--config.train.steps=4", "--config.train.ckpt_every=1", "--config.train.log_every=1",
+                      "--config.optim.warmup_steps=2", "--config.optim.lr=1e-3")
+    train(cfg, tmp_path)
+    logged = re.findall(r"step (\d) loss \S+ lr (\S+)", (tmp_path / "log.txt").read_text())
+    assert [(int(k), float(lr)) for k, lr in logged] == [(1, 0.0), (2, 5e-4), (3, 1e-3), (4, 1e-3)]
+    torch.manual_seed(cfg.seed)  # the run's initial weights: update 0 (lr 0) leaves them as they were
+    initial = build_model(cfg.model).state_dict()
+    after_first = load_file(tmp_path / "checkpoints" / "step_00000001" / "model.safetensors")
+    assert all(torch.equal(after_first[k], initial[k]) for k in after_first)
+    after_second = load_file(tmp_path / "checkpoints" / "step_00000002" / "model.safetensors")
+    assert not torch.equal(after_second["decoder_pred.weight"], initial["decoder_pred.weight"])
+
+
+def test_evaluation_time_is_left_out_of_the_training_rate():
+    """A checkpoint, FID or preview between steps pauses the bar's clocks: its rate, elapsed time and ETA (and the
+    next log line's images/s) are those of the training steps alone."""
+    bar = tqdm(total=100, file=io.StringIO(), mininterval=0)
+    window = Window(loss_sum=torch.zeros(()))
+    for _ in range(5):
+        time.sleep(0.01)
+        bar.update(1)
+    with off_the_clock(bar, window):
+        time.sleep(1.0)  # an evaluation
+    time.sleep(0.01)
+    bar.update(1)
+    stats = bar.format_dict
+    assert stats["elapsed"] < 0.5 and stats["rate"] > 5, stats
+    assert time.perf_counter() - window.start < 0.5
+    bar.close()
 
 
 def test_two_process_ddp_on_cpu(tmp_path):
@@ -235,3 +285,30 @@ def test_sampling_settings_are_checked_before_training(tmp_path, override, messa
     with pytest.raises(ConfigError, match=re.escape(message)):
         train(tiny_config("--config.train.steps=2", override), tmp_path)
     assert checkpoint_dirs(tmp_path) == []
+
+
+@pytest.mark.parametrize("selection", [False, True])
+def test_checkpoint_selection_sampler_and_the_final_score(tmp_path, selection):
+    """eval.sampler / steps / guidance_scale draw the in-training scores that pick the checkpoint (U-ViT's unguided
+    DPM-Solver); the best one's final score uses the sample section. With as many final samples as selection
+    samples, the final score repeats the selection score exactly when both samplers are the same, and differs
+    when they are not."""
+    from diffusion.evaluation.training import selection_sample_config
+
+    chosen = ["--config.eval.sampler=dpm_solver", "--config.eval.steps=3", "--config.eval.guidance_scale=1.0"]
+    config = tiny_config("--config.train.steps=2", "--config.train.ckpt_every=2", "--config.eval.every=2",
+                         "--config.eval.n_samples=20", "--config.eval.batch_size=20",
+                         "--config.eval.final_n_samples=20", "--config.eval.feature_extractor=digits",
+                         "--config.sample.t_end=0.002", *(chosen if selection else []))
+    picked = selection_sample_config(config)
+    if selection:
+        assert (picked.sampler, picked.steps, picked.guidance_scale, picked.t_end) == ("dpm_solver", 3, 1.0, None)
+    else:
+        assert picked.to_dict() == config.sample.to_dict()
+    train(config, tmp_path)
+    history = json.loads((tmp_path / "fid.json").read_text())
+    log = (tmp_path / "log.txt").read_text()
+    expected = "(dpm_solver, 3 steps, guidance 1;" if selection else "(dpm_solver++2m, 4 steps, guidance 2;"
+    assert f"FID-20 {history['scores']['2']:.4f} {expected}" in log
+    same = history["final"]["fid"] == history["scores"]["2"]
+    assert same is not selection

@@ -119,6 +119,9 @@ def base_config() -> ml_collections.ConfigDict:
                 sampler="",
                 steps=0,
                 guidance_scale=None,
+                # Text-to-image: the cached MS-COCO features (scripts/extract_coco.py) whose captions condition the
+                # in-training FID samples, sample i on image i's caption (U-ViT: val2014); "" = the training set's.
+                captions="",
             ),
             wandb=dict(mode="offline", project="transformer-diffusion", name=""),  # online | offline | disabled
         )

@@ -14,6 +14,7 @@ checkpoint whose keys start with ``first_stage_model.``. Single files go through
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import torch
@@ -195,6 +196,21 @@ class Autoencoder:
         return cls.load(config.pretrained, scale_factor=config.scale_factor,
                         single_file_config=config.get("single_file_config", ""), dtype=config.get("dtype", "fp32"),
                         device=device, chunk_size=config.get("chunk_size", 16))
+
+    def encoder_digest(self, dtype: str | torch.dtype | None = None) -> str:
+        """sha256 of the weights the latents depend on: the ``encoder`` and ``quant_conv`` state (names, shapes and
+        values in ``dtype``, default the loaded dtype), whatever file format they came from. Two autoencoders with
+        the same digest encode the same moments, whatever their decoders (U-ViT's ``autoencoder_kl.pth`` and
+        ``autoencoder_kl_ema.pth``: only the decoder was fine-tuned)."""
+        dtype = self.dtype if dtype is None else resolve_dtype(dtype)
+        digest = hashlib.sha256()
+        for prefix in ("encoder", "quant_conv"):
+            module = getattr(self.vae, prefix, None)
+            for name, tensor in sorted(module.state_dict().items() if module is not None else ()):
+                values = tensor.detach().to("cpu", dtype).contiguous().reshape(-1)
+                digest.update(f"{prefix}.{name} {tuple(tensor.shape)} {values.dtype}\n".encode())
+                digest.update(values.view(torch.uint8).numpy().tobytes())
+        return digest.hexdigest()
 
     def latent_shape(self, image_size: int) -> tuple[int, int, int]:
         if image_size % self.downsample:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +61,22 @@ def _expect(root: Path, manifest: dict[str, Any], key: str, expected: Any, flag:
                           f"--config.{config_key}={manifest[key]}")
 
 
+def _check_autoencoder(root: Path, manifest: dict[str, Any], expected: str | None,
+                       encoder_digest: Callable[[str], str] | None) -> None:
+    """The config's autoencoder must have the encoder that made the cache: compared by its weights where the
+    manifest records their digest (so a file with the same encoder and another decoder serves too), else by name."""
+    recorded = manifest.get("encoder_sha256")
+    if expected is None or recorded is None or encoder_digest is None:
+        _expect(root, manifest, "autoencoder", expected, "--autoencoder", "autoencoder.pretrained")
+        return
+    digest = encoder_digest(manifest.get("autoencoder_dtype", "fp32"))
+    if digest != recorded:
+        raise ConfigError(f"{root} was extracted with autoencoder {manifest['autoencoder']!r}, whose encoder weights "
+                          f"differ from those of the config's autoencoder.pretrained={expected!r} (encoder sha256 "
+                          f"{recorded[:12]} there, {digest[:12]} here; only the decoder may differ). Re-extract with "
+                          f"--autoencoder {expected}, or set --config.autoencoder.pretrained={manifest['autoencoder']}")
+
+
 class _CachedFeatures(Dataset):
     """Both cached datasets: manifest checks, global index -> (shard, row), and shards memory-mapped by safetensors,
     opened lazily in each process (open handles cannot be pickled into DataLoader workers)."""
@@ -68,11 +85,11 @@ class _CachedFeatures(Dataset):
     kind: str  # the extraction kind it reads (the manifest's "kind")
 
     def __init__(self, root: str | os.PathLike, expect_autoencoder: str | None, expect_resolution: int | None,
-                 scale_factor: float | None, verify_checksums: bool) -> None:
+                 scale_factor: float | None, verify_checksums: bool,
+                 encoder_digest: Callable[[str], str] | None = None) -> None:
         self.root = Path(root)
         self.manifest = read_manifest(self.root, self.kind)
-        _expect(self.root, self.manifest, "autoencoder", expect_autoencoder, "--autoencoder",
-                "autoencoder.pretrained")
+        _check_autoencoder(self.root, self.manifest, expect_autoencoder, encoder_digest)
         _expect(self.root, self.manifest, "resolution", expect_resolution, "--resolution", "data.image_size")
         # The config's scale wins: sampling decodes with it, so training must encode with it too.
         self.scale_factor = float(self.manifest["scale_factor"] if scale_factor is None else scale_factor)
@@ -124,7 +141,9 @@ class LatentDataset(_CachedFeatures):
     Every read draws a fresh posterior sample ``scale_factor * (mean + std * noise)`` (torch's RNG, seeded per
     DataLoader worker) from the original's or, with ``random_flip``, at random the flipped image's moments.
     ``scale_factor`` None takes the manifest's. ``expect_autoencoder`` / ``expect_resolution`` (the config's
-    ``autoencoder.pretrained`` and ``data.image_size``) must match the manifest when given.
+    ``autoencoder.pretrained`` and ``data.image_size``) must match the manifest when given; with
+    ``encoder_digest`` (dtype name -> :meth:`~diffusion.data.autoencoder.Autoencoder.encoder_digest` of the
+    config's autoencoder) the autoencoder is compared by its encoder's weights where the manifest records them.
     """
 
     name = "latents"  # its data.name
@@ -132,8 +151,8 @@ class LatentDataset(_CachedFeatures):
 
     def __init__(self, root: str | os.PathLike, *, expect_autoencoder: str | None = None,
                  expect_resolution: int | None = None, scale_factor: float | None = None, random_flip: bool = True,
-                 verify_checksums: bool = False) -> None:
-        super().__init__(root, expect_autoencoder, expect_resolution, scale_factor, verify_checksums)
+                 verify_checksums: bool = False, encoder_digest: Callable[[str], str] | None = None) -> None:
+        super().__init__(root, expect_autoencoder, expect_resolution, scale_factor, verify_checksums, encoder_digest)
         self.random_flip = random_flip
         self.classes = list(self.manifest["classes"])
         self.class_counts = list(self.manifest["counts"]["per_class"])
@@ -158,8 +177,9 @@ class CocoFeatureDataset(_CachedFeatures):
 
     def __init__(self, root: str | os.PathLike, *, expect_autoencoder: str | None = None,
                  expect_resolution: int | None = None, expect_text_encoder: str | None = None,
-                 scale_factor: float | None = None, verify_checksums: bool = False) -> None:
-        super().__init__(root, expect_autoencoder, expect_resolution, scale_factor, verify_checksums)
+                 scale_factor: float | None = None, verify_checksums: bool = False,
+                 encoder_digest: Callable[[str], str] | None = None) -> None:
+        super().__init__(root, expect_autoencoder, expect_resolution, scale_factor, verify_checksums, encoder_digest)
         _expect(self.root, self.manifest, "text_encoder", expect_text_encoder, "--clip", "text_encoder.pretrained")
         self.null_context = load_file(self.root / self.manifest["null_context"])["null_context"].float()
         self._caption_starts: dict[int, Tensor] = {}

@@ -36,6 +36,7 @@ from torch.utils.data import Dataset
 from torchvision.datasets.folder import pil_loader
 from torchvision.datasets.utils import check_integrity
 
+from diffusion.data.autoencoder import Autoencoder, resolve_dtype
 from diffusion.data.cached import CACHED_FEATURE_DATASETS, CocoFeatureDataset, LatentDataset
 from diffusion.errors import ConfigError, CorruptImageError, DatasetNotFoundError
 
@@ -299,11 +300,27 @@ def _build_digits(cfg: Any, train: bool, flip: bool) -> Dataset:
     return DigitsDataset(random_flip=flip)
 
 
-def _cached_feature_checks(cfg: Any, autoencoder_cfg: Any, text_encoder_cfg: Any) -> dict[str, Any]:
+def _encoder_digests(autoencoder_cfg: Any, loaded: Autoencoder | None) -> Callable[[str], str]:
+    """dtype name -> the digest of the config autoencoder's encoder with its weights in that dtype: from ``loaded``
+    (the run's autoencoder) where its weights hold those values, else from a copy loaded on the CPU (only then)."""
+
+    def digest(dtype: str) -> str:
+        if loaded is not None and loaded.dtype in (torch.float32, resolve_dtype(dtype)):
+            return loaded.encoder_digest(dtype)
+        copy = Autoencoder.load(autoencoder_cfg.pretrained, scale_factor=autoencoder_cfg.scale_factor,
+                                single_file_config=autoencoder_cfg.get("single_file_config", ""), dtype=dtype)
+        return copy.encoder_digest()
+
+    return digest
+
+
+def _cached_feature_checks(cfg: Any, autoencoder_cfg: Any, text_encoder_cfg: Any,
+                           autoencoder: Autoencoder | None = None) -> dict[str, Any]:
     """What a cached-feature folder must match: the config's pixel resolution, autoencoder and (COCO) text encoder.
 
     Without an ``autoencoder_cfg`` only the resolution is checked; with one, an empty ``pretrained`` is an error,
-    since sampling would then decode these latents with no autoencoder at all.
+    since sampling would then decode these latents with no autoencoder at all. The autoencoder is compared by its
+    encoder's weights (``autoencoder``, the one already loaded from ``autoencoder_cfg``, saves loading it again).
     """
     checks: dict[str, Any] = {"expect_resolution": int(cfg.image_size),
                               "verify_checksums": bool(cfg.get("verify_checksums", False))}
@@ -312,7 +329,8 @@ def _cached_feature_checks(cfg: Any, autoencoder_cfg: Any, text_encoder_cfg: Any
             raise ConfigError(f"data.name={cfg.name!r} trains on cached autoencoder latents, but "
                               f"autoencoder.pretrained is empty; set --config.autoencoder.pretrained to the "
                               f"autoencoder named in {Path(cfg.root) / 'manifest.json'}")
-        checks.update(expect_autoencoder=autoencoder_cfg.pretrained, scale_factor=autoencoder_cfg.scale_factor)
+        checks.update(expect_autoencoder=autoencoder_cfg.pretrained, scale_factor=autoencoder_cfg.scale_factor,
+                      encoder_digest=_encoder_digests(autoencoder_cfg, autoencoder))
     if cfg.name == CocoFeatureDataset.name and text_encoder_cfg is not None and text_encoder_cfg.get("pretrained"):
         checks["expect_text_encoder"] = text_encoder_cfg.pretrained
     return checks
@@ -338,8 +356,8 @@ _BUILDERS: dict[str, Callable[..., Dataset]] = {
 DATASET_NAMES = tuple(_BUILDERS)
 
 
-def build_dataset(cfg: Any, train: bool = True, *, autoencoder_cfg: Any = None, text_encoder_cfg: Any = None
-                  ) -> Dataset:
+def build_dataset(cfg: Any, train: bool = True, *, autoencoder_cfg: Any = None, text_encoder_cfg: Any = None,
+                  autoencoder: Autoencoder | None = None) -> Dataset:
     """The dataset named by ``cfg.name`` (one of :data:`DATASET_NAMES`), yielding dicts as in the module docstring.
 
     ``cfg`` needs attribute access and ``.get``: ``name``; ``root`` (all but digits); ``image_size`` (imagenet,
@@ -349,7 +367,8 @@ def build_dataset(cfg: Any, train: bool = True, *, autoencoder_cfg: Any = None, 
     Cached features (``latents``, ``coco_latents``): ``root`` is the extraction folder, ``image_size`` the PIXEL
     resolution the images were encoded at (checked against its manifest), ``verify_checksums`` (default False here:
     file sizes only) hashes every shard at open. ``autoencoder_cfg`` (the config's ``autoencoder`` section) must
-    name the autoencoder that made the latents, and its ``scale_factor`` scales them; ``text_encoder_cfg`` (the
+    have the encoder that made the latents (compared by weights; ``autoencoder``: that autoencoder already loaded),
+    and its ``scale_factor`` scales them; ``text_encoder_cfg`` (the
     ``text_encoder`` section), when given with a ``pretrained``, must name the one that encoded the captions.
     """
     if cfg.name not in _BUILDERS:
@@ -359,7 +378,8 @@ def build_dataset(cfg: Any, train: bool = True, *, autoencoder_cfg: Any = None, 
         raise ConfigError(f"{cfg.name} images are {native}x{native}, but image_size={cfg.image_size}")
     flip = train and bool(cfg.get("random_flip", True))
     if cfg.name in CACHED_FEATURE_DATASETS:
-        return _BUILDERS[cfg.name](cfg, train, flip, _cached_feature_checks(cfg, autoencoder_cfg, text_encoder_cfg))
+        checks = _cached_feature_checks(cfg, autoencoder_cfg, text_encoder_cfg, autoencoder)
+        return _BUILDERS[cfg.name](cfg, train, flip, checks)
     return _BUILDERS[cfg.name](cfg, train, flip)
 
 

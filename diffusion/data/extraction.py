@@ -16,7 +16,10 @@ extraction folder holds:
                                size. Renamed into place after the shard, so a shard is done exactly when its record
                                exists: a rerun skips it
     extraction.json            the run's settings; rerunning into the folder with other settings is refused
-    manifest.json              by rank 0 once every shard is done: settings, counts, skipped files, shard list
+    manifest.json              by rank 0 once every shard is done: settings, counts, skipped files, shard list,
+                               and ``encoder_sha256``: the autoencoder's encoder weights (``encoder`` and
+                               ``quant_conv``, in ``autoencoder_dtype``; ``Autoencoder.encoder_digest``), which the
+                               training side compares (older manifests lack it: their autoencoder name is compared)
     captions.json              (COCO) every stored image's index, id, file name and captions, in dataset order
     null_context.safetensors   (COCO) "null_context": float32 (L, hidden), the encoding of the empty caption
 
@@ -147,6 +150,7 @@ def _int64(items: list[dict[str, Any]], key: str) -> Tensor:
 class ExtractionJob(Protocol):
     source: Any  # a Dataset of source items with .path(index)
     settings: dict[str, Any]  # JSON: what the run computes; a resume must have the same
+    autoencoder: Autoencoder | None  # whose encoder's digest the manifest records (None: none recorded)
 
     def encode(self, items: list[dict[str, Any]]) -> dict[str, Tensor]:
         """Tensors for these items, concatenated along dim 0 across a shard's batches."""
@@ -279,6 +283,9 @@ def _write_manifest(out: Path, job: ExtractionJob, settings: dict[str, Any], num
                 "skipped": skipped,
                 "shards": [{key: r[key] for key in ("file", "start", "stop", "count", "bytes", "sha256")}
                            for r in records if r["count"]]}
+    # What the latents depend on, by value: a training config may name another file with the same encoder.
+    if getattr(job, "autoencoder", None) is not None:
+        manifest["encoder_sha256"] = job.autoencoder.encoder_digest()
     extra = job.finish(out, records)
     manifest["counts"].update(extra.pop("counts", {}))
     manifest.update(extra)

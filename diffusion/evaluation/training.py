@@ -1,19 +1,22 @@
 """What the trainer evaluates: FID during training (the EMA model sampled exactly as the config's evaluation sampler
 says), its history in ``fid.json``, and the end-of-run check ``eval.metric``.
 
-U-ViT's recipe is FID on 10K samples every few checkpoints and FID-50K on the best one afterwards; both originals
-logged *unguided* FID for guided models, which confused users, so here the samples are drawn with the config's
-``sample`` section as it stands -- sampler, steps and guidance -- the settings behind the paper number. Labels
-follow ``sample.labels`` (uniform, balanced or the training class frequencies); a text-to-image model cycles the
-caption contexts of its training set. Every process draws its share (sample i depends only on (seed, i), so the
-score does not depend on the number of processes), features are reduced to running statistics on every process,
-and the Frechet distance is taken against the reference statistics of ``eval.reference`` or of the training
-images (computed once and cached in ``WORKDIR/eval``). ``eval.protocol`` decides the Inception's front end and, for
-an ADM reference batch, whether its stored statistics (adm) or those of its images (pytorch_fid) are the reference.
+U-ViT's recipe is FID on 10K samples every few checkpoints and FID-50K on the best one afterwards. The scores that
+select the checkpoint are drawn with the config's ``sample`` section with ``eval.sampler`` / ``eval.steps`` /
+``eval.guidance_scale`` on top where set (``selection_sample_config``: U-ViT selected with DPM-Solver at 50
+evaluations, unguided but for MS-COCO); the best checkpoint's final score uses the ``sample`` section as it stands,
+the settings behind the paper number. Labels follow ``sample.labels`` (uniform, balanced or the training class
+frequencies); a text-to-image model cycles the caption contexts of ``eval.captions`` (U-ViT: val2014) or of its
+training set. Every process draws its share (sample i depends only on (seed, i), so the score does not depend on the
+number of processes), features are reduced to running statistics on every process, and the Frechet distance is taken
+against the reference statistics of ``eval.reference`` or of the training images (computed once and cached in
+``WORKDIR/eval``). ``eval.protocol`` decides the Inception's front end and, for an ADM reference batch, whether its
+stored statistics (adm) or those of its images (pytorch_fid) are the reference.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -32,7 +35,24 @@ from diffusion.sampling.grids import class_rows
 from diffusion.sampling.per_sample import LabelPlan
 
 HISTORY = "fid.json"
-MAX_CONTEXTS = 1000  # caption contexts of a text model's training set cycled over the FID samples
+
+
+SELECTION_KEYS = ("sampler", "steps", "guidance_scale")  # eval.<key> overrides sample.<key> while selecting
+
+
+def selection_sample_config(config):
+    """``config.sample`` with the set values of ``eval.sampler`` / ``eval.steps`` / ``eval.guidance_scale``
+    ("" / 0 / None: unset) on top: the sampler of the in-training scores that select the checkpoint. Another sampler
+    than ``sample.sampler`` takes its own defaults of ``t_end`` and ``skip_type`` (they belong to the paper
+    sampler: U-ViT's CIFAR-10 Euler-Maruyama ends at 1e-3, its DPM-Solver selection at its own 1e-4)."""
+    settings = copy.deepcopy(config.sample)
+    for key in SELECTION_KEYS:
+        value = config.eval.get(key)
+        if value not in ("", 0, None):
+            settings[key] = value
+    if settings.sampler != config.sample.sampler:
+        settings.update(t_end=None, skip_type=None)
+    return settings
 
 
 def fid_name(n_samples: int) -> str:
@@ -76,35 +96,40 @@ class TrainingFID:
 
     What it needs of the training data comes as plain values: ``shape`` (C, H, W) of the model's samples, ``decode``
     (latents -> images) for latent models, ``class_counts`` for ``sample.labels=train_freq``, and for text-to-image
-    models ``caption_contexts(count, seed)`` (the training captions' contexts, cycled) and ``null_context``."""
+    models ``captions`` (``captions[indices]`` -> contexts, cycled over the samples by index: the training set's or
+    ``eval.captions``', see ``diffusion.training.data.fid_captions``) and ``null_context``."""
 
     def __init__(self, config, workdir: Path, *, state, device, objective, shape: tuple[int, ...],
                  decode: Callable | None = None, class_counts: list[int] | None = None,
-                 caption_contexts: Callable[[int, int], torch.Tensor] | None = None,
+                 captions=None,
                  null_context: torch.Tensor | None = None):
         ev = config.eval
         self.config, self.state, self.device, self.objective = config, state, device, objective
         self.shape, self.decode, self.class_counts = shape, decode, class_counts
-        self.caption_contexts, self.null_context = caption_contexts, null_context
+        self.captions, self.null_context = captions, null_context
+        self.selection = selection_sample_config(config)
         self.extractor = build_feature_extractor(ev.feature_extractor, weights=ev.inception_weights, device=device,
                                                  protocol=ev.get("protocol", "pytorch_fid"))
         self.reference = reference_statistics_for_config(config, self.extractor, workdir / "eval", state=state,
                                                          batch_size=ev.batch_size)
 
-    def _source(self, model) -> SampleSource:
-        sample_cfg, seed = self.config.sample, self.config.eval.seed
+    def _source(self, model, final: bool) -> SampleSource:
+        sample_cfg = self.config.sample if final else self.selection
+        seed = self.config.eval.seed
         source = SampleSource(model, self.objective, sample_cfg, self.shape, seed=seed, decode=self.decode,
                               device=self.device)
-        if self.caption_contexts is not None:  # text-to-image: the training captions' contexts, cycled
-            source.contexts = self.caption_contexts(MAX_CONTEXTS, seed)
+        if self.captions is not None:  # text-to-image: sample i on caption i (cycled)
+            source.contexts = self.captions
             source.null_context = self.null_context
         elif num_real_classes(model):
             counts = self.class_counts if sample_cfg.labels == "train_freq" else None
             source.labels = LabelPlan(sample_cfg.labels, num_real_classes(model), seed=seed, class_counts=counts)
         return source
 
-    def __call__(self, model, n_samples: int, progress: bool = False) -> float:
-        source = self._source(model)
+    def __call__(self, model, n_samples: int, progress: bool = False, final: bool = False) -> float:
+        """FID of ``n_samples`` samples of ``model``: with the selection sampler (``self.selection``), or with
+        ``final`` the ``sample`` section's (the best checkpoint's reported score)."""
+        source = self._source(model, final)
         stats = generated_statistics(lambda indices: source.uint8(indices)[0], n_samples, self.extractor,
                                      batch_size=self.config.eval.batch_size, state=self.state, progress=progress)
         fid = None

@@ -25,6 +25,13 @@ from diffusion.config.schema import base_config
 from diffusion.errors import ConfigError
 from diffusion.samplers.common import check_options
 from diffusion.sampling.per_sample import LabelPlan, PerSampleNoise
+from diffusion.sampling.precision import (
+    PRECISION_KEYS,
+    AutocastNetwork,
+    autocast_decode,
+    precision_settings,
+    tf32_matmuls,
+)
 
 # The ``sample`` config keys that are keyword arguments of ``objective.sample``: key -> (type, meaning). The one
 # list of them: sample.py's flags and the job records derive from it.
@@ -49,6 +56,9 @@ SAMPLER_SETTINGS = {
     "time_shift": (float, "timestep shift of the transport samplers' time grid (1 = none)"),
     "guidance_t_lo": (float, "transport: guide only from this time on (0 = noise, 1 = data)"),
     "guidance_t_hi": (float, "transport: guide only up to this time"),
+    # How the network and the decoder compute (diffusion/sampling/precision.py); not keywords of objective.sample.
+    "precision": (str, "autocast of the network and the decoder: fp32 | fp16 (U-ViT) | bf16"),
+    "tf32": (bool, "TF32 matmuls while sampling on NVIDIA GPUs (DiT); no effect on CPU"),
 }
 SAMPLER_KEYS = tuple(SAMPLER_SETTINGS)
 # Keys an objective's ``sample`` receives only if it takes them (by its signature): elsewhere they are left out at
@@ -66,8 +76,9 @@ def _takes(objective, key: str) -> bool:
 def sample_settings(sample_cfg, objective=None) -> dict:
     """The ``sample`` config section -> keyword arguments of ``objective.sample``: every key of
     ``SAMPLER_SETTINGS`` except the ``OPTIONAL_KEYS`` that hold their default and that ``objective`` does not take
-    (with no objective: every optional key at its default is left out, and the sampler's own default applies)."""
-    settings = {key: sample_cfg[key] for key in SAMPLER_KEYS if key not in OPTIONAL_KEYS}
+    (with no objective: every optional key at its default is left out, and the sampler's own default applies), and
+    except the ``PRECISION_KEYS`` (:func:`diffusion.sampling.precision.precision_settings` reads those)."""
+    settings = {key: sample_cfg[key] for key in SAMPLER_KEYS if key not in (*OPTIONAL_KEYS, *PRECISION_KEYS)}
     for key in OPTIONAL_KEYS:
         value = sample_cfg.get(key, _OPTIONAL_DEFAULTS[key])
         if _takes(objective, key) or value != _OPTIONAL_DEFAULTS[key]:
@@ -128,7 +139,8 @@ def generate(model, objective, sample_cfg, image_shape, *, labels: torch.Tensor 
 
     ``indices`` are the samples' global numbers (default 0..N-1): with ``seed`` they decide every random draw,
     so a sample does not depend on which batch it is drawn in. Guidance uses the model's null label or
-    ``null_context`` (shape (tokens, dim)) as the unconditional input.
+    ``null_context`` (shape (tokens, dim)) as the unconditional input. The network and ``decode`` run in
+    ``sample_cfg.precision`` (autocast; the sampler itself in float32), with ``sample_cfg.tf32`` on CUDA.
     """
     n = len(labels) if labels is not None else len(contexts) if contexts is not None else num
     indices = range(n) if indices is None else indices
@@ -145,14 +157,18 @@ def generate(model, objective, sample_cfg, image_shape, *, labels: torch.Tensor 
         cond = {"context": contexts.to(device)}
         if null_context is not None:
             null_cond = {"context": null_context.to(device).expand(n, *null_context.shape)}
+    arithmetic = precision_settings(sample_cfg)
+    decode = autocast_decode(decode, arithmetic["precision"], device)
     was_training = model.training
     model.eval()
     try:
-        out = objective.sample(model, noise, cond, null_cond=null_cond, randn=randn, progress=progress,
-                               **sample_settings(sample_cfg, objective)).float()
+        with tf32_matmuls(arithmetic["tf32"], device):
+            out = objective.sample(AutocastNetwork(model, arithmetic["precision"], device), noise, cond,
+                                   null_cond=null_cond, randn=randn, progress=progress,
+                                   **sample_settings(sample_cfg, objective)).float()
+            return decode(out) if decode is not None else out
     finally:
         model.train(was_training)
-    return decode(out) if decode is not None else out
 
 
 @dataclass

@@ -17,6 +17,20 @@ from tqdm.auto import tqdm
 from diffusion.errors import ConfigError, InputError, JobMismatchError
 from diffusion.files import write_atomic
 
+# Settings that job records gained after the first records were written: (path in ``settings``, the value every
+# older job was drawn with). A record without one reads as that value, so an older half-finished job resumes.
+ADDED_SETTINGS = ((("sampler", "precision"), "fp32"), (("sampler", "tf32"), False))
+
+
+def _with_added_settings(settings: dict) -> dict:
+    for path, value in ADDED_SETTINGS:
+        node = settings
+        for key in path[:-1]:
+            node = node.get(key) if isinstance(node, dict) else None
+        if isinstance(node, dict):
+            node.setdefault(path[-1], value)
+    return settings
+
 
 def _differences(old, new, prefix: str = "") -> list[str]:
     if isinstance(old, dict) and isinstance(new, dict):
@@ -69,6 +83,7 @@ class SampleJob:
         record = out.with_suffix(".job.json")
         if record.is_file():
             saved = json.loads(record.read_text())
+            _with_added_settings(saved.get("settings", {}))
             job = cls(out, num_samples or saved["num_samples"], chunk_size or saved["chunk_size"], settings)
             changed = [d.removeprefix("settings.") for d in _differences(saved, job._description())]
             if changed:

@@ -27,6 +27,7 @@ from diffusion.errors import ConfigError, InputNotFoundError
 from diffusion.registry import build_model, build_objective, constructor_defaults, resolve_model_kwargs
 from diffusion.released import RELEASED, released_config
 from diffusion.sampling.generate import check_settings, num_real_classes, sample_settings
+from diffusion.sampling.precision import check_device, precision_settings
 
 
 @dataclass
@@ -61,8 +62,15 @@ class ReadyModel:
         """The sampler's keyword arguments (the config's ``sample`` section)."""
         return sample_settings(self.config.sample, self.objective)
 
+    @property
+    def arithmetic(self) -> dict:
+        """``{"precision", "tf32"}``: how the network and the decoder compute while sampling."""
+        return precision_settings(self.config.sample)
+
     def with_codecs(self, device) -> ReadyModel:
-        """Move the network to ``device`` and load the autoencoder and text encoder it needs there."""
+        """Move the network to ``device`` and load the autoencoder and text encoder it needs there (refusing a
+        ``sample.precision`` that ``device`` cannot autocast to)."""
+        check_device(self.arithmetic["precision"], device)
         self.model.to(device)
         self.autoencoder, self.text_encoder = load_codecs(self.config, self.model, device)
         return self
@@ -145,6 +153,7 @@ def load_for_sampling(ckpt: str | Path, *, config_path: str | Path | None = None
     for key, value in (sample or {}).items():
         config.sample[key] = value
     check_settings(objective, sample_settings(config.sample))
+    precision_settings(config.sample)
     ready = ReadyModel(model, objective, config, meta, source, weights, input_shape(config, meta))
     return ready.with_codecs(device) if codecs else ready
 
@@ -156,7 +165,8 @@ def job_settings(ready: ReadyModel, labels, prompts: list[str] | None) -> dict:
     return {
         "checkpoint": str(ready.source), "weights": "EMA" if ready.weights == "ema" else "raw",
         "model": resolve_model_kwargs(config.model)[1], "diffusion": config.diffusion.to_dict(),
-        "image_shape": list(ready.image_shape), "sampler": ready.settings, "seed": config.sample.seed,
+        "image_shape": list(ready.image_shape), "sampler": {**ready.settings, **ready.arithmetic},
+        "seed": config.sample.seed,
         "labels": labels.describe() if labels else None,
         "prompts": {"count": len(prompts), "sha256": digest} if prompts else None,
         "autoencoder": {k: config.autoencoder[k] for k in ("pretrained", "single_file_config", "scale_factor",

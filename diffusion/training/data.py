@@ -8,6 +8,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import ml_collections
 import torch
 
 from diffusion.data.autoencoder import Autoencoder
@@ -44,6 +45,43 @@ class TrainData:
             return torch.stack([self.dataset[i]["context"] for i in range(min(count, len(self.dataset)))])
 
 
+class CaptionContexts:
+    """The caption contexts of a text-to-image dataset read on demand: ``contexts[indices]`` (a LongTensor of
+    positions) -> (len(indices), tokens, dim), position i the context of image i with its caption chosen by (seed, i)
+    alone, so any process reads the same one. What in-training FID conditions sample i on (cycled by SampleSource)."""
+
+    def __init__(self, dataset, seed: int, count: int | None = None):
+        self.dataset, self.seed = dataset, seed
+        self.count = len(dataset) if count is None else min(count, len(dataset))
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, indices: torch.Tensor) -> torch.Tensor:
+        items = []
+        for i in torch.as_tensor(indices).reshape(-1).tolist():
+            with torch.random.fork_rng():
+                torch.manual_seed(derive_seed(self.seed, "caption", i))
+                items.append(self.dataset[i]["context"])
+        return torch.stack(items)
+
+
+def fid_captions(config, data: TrainData) -> CaptionContexts | None:
+    """The captions of in-training FID for a text-to-image run: ``eval.captions`` (another cached MS-COCO split,
+    e.g. val2014 as U-ViT, checked like the training cache), else the first 1,000 training images' (cycled)."""
+    if data.null_context is None:
+        return None
+    root = config.eval.get("captions", "")
+    if not root:
+        return CaptionContexts(data.dataset, config.eval.seed, count=1000)
+    if config.data.name != "coco_latents":
+        raise ConfigError(f"eval.captions={root!r} names cached MS-COCO features; data.name={config.data.name!r} "
+                          f"has no such captions: leave eval.captions empty")
+    split = build_dataset(ml_collections.ConfigDict({**config.data.to_dict(), "root": root}), train=False,
+                          autoencoder_cfg=config.autoencoder, text_encoder_cfg=config.text_encoder)
+    return CaptionContexts(split, config.eval.seed)
+
+
 def class_counts(dataset) -> list[int] | None:
     counts = getattr(dataset, "class_counts", None)
     targets = getattr(getattr(dataset, "base", None), "targets", None)
@@ -61,7 +99,7 @@ def prepare_data(config, device) -> TrainData:
         raise ConfigError(f"data.name={config.data.name!r} holds SD-VAE latents: set autoencoder.pretrained to the "
                           f"autoencoder they were extracted with (checked against the manifest; decodes previews)")
     dataset = build_dataset(config.data, train=True, autoencoder_cfg=config.autoencoder,
-                            text_encoder_cfg=config.text_encoder)
+                            text_encoder_cfg=config.text_encoder, autoencoder=autoencoder)
     on_the_fly = autoencoder is not None and config.data.name not in CACHED_FEATURE_DATASETS
     example, _ = StreamItems(dataset, config.seed).read(0)
     shape = autoencoder.latent_shape(config.data.image_size) if on_the_fly else tuple(example["x"].shape)

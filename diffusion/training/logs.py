@@ -21,7 +21,10 @@ def setup_logging(workdir: Path, is_main: bool) -> None:
 
 
 class WandbLogger:
-    """wandb, offline unless the config says online: a run needs no account. ``mode="disabled"`` skips it."""
+    """wandb, offline unless the config says online: a run needs no account. ``mode="disabled"`` skips it.
+
+    Offline, wandb itself is silenced (its start banner and the ~20 lines of run history and sync hints it prints at
+    the end); one line of ours says where the run is and how to upload it."""
 
     def __init__(self, config, workdir: Path, is_main: bool):
         self.run = None
@@ -32,8 +35,14 @@ class WandbLogger:
         id_file = workdir / "wandb_id.txt"
         run_id = id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:8]
         id_file.write_text(run_id)
+        offline = config.wandb.mode == "offline"
         self.run = wandb.init(project=config.wandb.project, name=config.wandb.name or workdir.name, id=run_id,
-                              resume="allow", dir=str(workdir), mode=config.wandb.mode, config=config.to_dict())
+                              resume="allow", dir=str(workdir), mode=config.wandb.mode, config=config.to_dict(),
+                              settings=wandb.Settings(silent=True) if offline else None)
+        if offline:
+            folder = Path(self.run.dir).parent  # wandb/offline-run-<time>-<id>; files/ is the run's own folder
+            log.info("wandb offline run in %s", folder)
+            print(f"[train] wandb (offline): {folder}; upload it with `wandb sync {folder}`", file=sys.stderr)
 
     def log(self, values: dict, step: int) -> None:
         if self.run is not None:

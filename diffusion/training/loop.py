@@ -26,7 +26,7 @@ import logging
 import math
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -144,13 +144,29 @@ def train_loop(run: Run, progress: Progress, stop: StopRequest) -> Path:
             checkpoint_now = step % tc.ckpt_every == 0 or step == tc.steps
             if step % tc.log_every == 0 or checkpoint_now:
                 log_window(run, step, window, progress.saved, bar)
-            if checkpoint_now:
-                save(run, progress)
-            if run.fid is not None and ev.every > 0 and step % ev.every == 0:
-                score_fid(run, progress)
-            if tc.sample_every > 0 and step % tc.sample_every == 0 and step != tc.steps:
-                preview(run, step)
+            with off_the_clock(bar, window):  # the bar's rate and ETA are the training steps' alone
+                if checkpoint_now:
+                    save(run, progress)
+                if run.fid is not None and ev.every > 0 and step % ev.every == 0:
+                    score_fid(run, progress)
+                if tc.sample_every > 0 and step % tc.sample_every == 0 and step != tc.steps:
+                    preview(run, step)
     return progress.saved if progress.saved_now else save(run, progress)
+
+
+@contextmanager
+def off_the_clock(bar, window: Window):
+    """Leave the time spent inside (checkpoints, FID, previews) out of the progress bar's rate, elapsed time and
+    ETA, and out of the next log line's images/s: their clocks start that much later."""
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        paused = time.perf_counter() - start
+        window.start += paused
+        if not bar.disable:  # tqdm's own clocks: the run's start and its last print (the rate's reference)
+            bar.start_t += paused
+            bar.last_print_t += paused
 
 
 def log_window(run: Run, step: int, window: Window, last_ckpt: Path | None, bar) -> None:
@@ -208,17 +224,20 @@ def preview(run: Run, step: int) -> Path | None:
 
 
 def score_fid(run: Run, progress: Progress) -> None:
-    """FID-``eval.n_samples`` of the EMA weights with the evaluation sampler and guidance; the step gets a checkpoint
+    """FID-``eval.n_samples`` of the EMA weights with the selection sampler and guidance; the step gets a checkpoint
     (so the best one can be scored in full later) and the score goes to the console, log.txt, wandb and fid.json."""
-    step, ev, sc = progress.step, run.config.eval, run.config.sample
+    step, ev, sc = progress.step, run.config.eval, run.fid.selection
     if not progress.saved_now:
         save(run, progress)
+    start = time.perf_counter()
     fid = run.fid(run.full_ema(), ev.n_samples, progress=run.is_main)
+    seconds = time.perf_counter() - start
     run.fid_history.add(step, fid)
     if run.is_main:
         run.fid_history.write()
         text = (f"step {step} FID-{ev.n_samples} {fid:.4f} ({sc.sampler}, {sc.steps} steps, guidance "
-                f"{sc.guidance_scale:g}; best {run.fid_history.best_step})")
+                f"{sc.guidance_scale:g}; best {run.fid_history.best_step}; {seconds:.1f} s, not in the training "
+                f"rate)")
         log.info("%s", text)
         print(f"[train] {text}", file=sys.stderr)
         run.wandb.log({fid_name(ev.n_samples): fid}, step)
@@ -226,7 +245,8 @@ def score_fid(run: Run, progress: Progress) -> None:
 
 
 def score_best_checkpoint(run: Run) -> dict:
-    """U-ViT's recipe after training: the best in-training checkpoint scored with ``eval.final_n_samples``."""
+    """U-ViT's recipe after training: the best in-training checkpoint scored with ``eval.final_n_samples`` samples of
+    the ``sample`` section's sampler."""
     history, n = run.fid_history, run.config.eval.final_n_samples
     best = history.best_step
     if n <= 0 or best is None:
@@ -236,7 +256,7 @@ def score_best_checkpoint(run: Run) -> dict:
         report(run.is_main, f"the best checkpoint {path} is gone (train.keep_checkpoints); FID-{n} not computed")
         return {}
     model = set_attention(load_for_sampling(path, codecs=False).model, run.config.train.attention).to(run.device)
-    fid = run.fid(model, n, progress=run.is_main)
+    fid = run.fid(model, n, progress=run.is_main, final=True)  # the paper's sampler (the sample section)
     history.final = {"step": best, "n_samples": n, "fid": fid, "checkpoint": str(path)}
     if run.is_main:
         history.write()

@@ -22,8 +22,10 @@ def param_groups(model: torch.nn.Module, weight_decay: float, decay_all: bool) -
 
 
 def learning_rate(step: int, base_lr: float, warmup_steps: int) -> float:
-    """Linear warm-up to ``base_lr``, then constant (both papers)."""
-    return base_lr * min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else base_lr
+    """The learning rate of update ``step`` (counted from 0): U-ViT's linear warm-up ``base_lr * min(step / W, 1)``
+    (its LambdaLR is stepped after each update, so the first update has lr 0 and update W the full rate), then
+    constant. DiT and SiT use no warm-up (``warmup_steps=0``: ``base_lr`` throughout)."""
+    return base_lr * min(1.0, step / warmup_steps) if warmup_steps > 0 else base_lr
 
 
 @torch.no_grad()

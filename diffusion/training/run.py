@@ -17,7 +17,7 @@ from accelerate import Accelerator
 from diffusion import checkpoint as ckpt
 from diffusion.config.loading import config_to_json
 from diffusion.errors import ConfigError
-from diffusion.evaluation.training import FidHistory, TrainingFID
+from diffusion.evaluation.training import FidHistory, TrainingFID, selection_sample_config
 from diffusion.registry import (
     block_class,
     build_model,
@@ -27,7 +27,8 @@ from diffusion.registry import (
     set_attention,
 )
 from diffusion.sampling.generate import check_settings, num_real_classes, preview_settings, sample_settings
-from diffusion.training.data import TrainData, check_conditioning, prepare_data
+from diffusion.sampling.precision import precision_settings
+from diffusion.training.data import TrainData, check_conditioning, fid_captions, prepare_data
 from diffusion.training.distributed import ShardedEMA, autocast_forward, enable_on_cpu, fsdp_plugin, is_sharded
 from diffusion.training.logs import WandbLogger, report, setup_logging
 from diffusion.training.pieces import param_groups
@@ -162,8 +163,10 @@ def check_sampling(config, objective, net, data: TrainData) -> None:
     try:
         check_settings(objective, sample_settings(config.sample))
         check_settings(objective, sample_settings(preview_settings(config)))
+        check_settings(objective, sample_settings(selection_sample_config(config)))
+        precision_settings(config.sample)
     except ValueError as err:
-        raise ConfigError(f"sample / preview section: {err} (e.g. --config.preview.sampler=...)") from None
+        raise ConfigError(f"sample / preview / eval section: {err} (e.g. --config.preview.sampler=...)") from None
     if (config.eval.every > 0 and num_real_classes(net) and config.sample.labels == "train_freq"
             and data.class_counts is None):
         raise ConfigError("sample.labels=train_freq needs the training set's class counts, which this dataset does "
@@ -202,6 +205,6 @@ def start_fid(config, workdir: Path, accelerator: Accelerator, data: TrainData, 
         return None, None
     fid = TrainingFID(config, workdir, state=accelerator, device=accelerator.device, objective=objective,
                       shape=data.shape, decode=data.decode, class_counts=data.class_counts,
-                      caption_contexts=data.caption_contexts if data.null_context is not None else None,
+                      captions=fid_captions(config, data),
                       null_context=data.null_context)
     return fid, FidHistory.load(workdir)
