@@ -73,8 +73,7 @@ def _sample_benchmark(tmp_path, monkeypatch, *flags: str) -> dict:
 EXPECTED_NFE = {"heun2": 4 * 2, "euler": 4, "sde_euler": 4 * 2 + 2, "sde_heun": 4 * 4 + 2}
 
 
-@pytest.mark.parametrize(("sampler", "guidance"), [("heun2", "0"), ("euler", "1"), ("sde_euler", "0"),
-                                                    ("sde_heun", "0")])
+@pytest.mark.parametrize(("sampler", "guidance"), [("heun2", "1"), ("sde_heun", "0")])
 def test_transport_benchmark_reports_the_evaluations_each_sampler_makes(sampler, guidance, tmp_path, monkeypatch,
                                                                         capsys):
     """``--nfe 5`` is the sampler's steps setting; the report gives the forward calls made per sampled batch.
