@@ -1,9 +1,13 @@
-"""The checkpoints the U-ViT, DiT and SiT papers released, by file name, and the config that reproduces each paper
-number.
+"""The checkpoints the U-ViT, DiT, SiT and REPA papers released, by file name, and the config that reproduces each
+paper number.
 
 ``sample.py --ckpt=<released file>`` needs no ``--config``: the file name picks the config below (model, diffusion,
 autoencoder and the paper's sampler in ``config.sample``); ``--config.x=v`` overrides still apply. Rename a file and
 ``--config`` is needed again. ``python -m diffusion.released`` prints the table in README markdown.
+
+Some files hold more than the sampling network: REPA's SiT carries its alignment projectors (``projectors.*``, used
+by the training loss only). ``sampling_state_dict(file_name, state)`` drops what a released file's entry lists in
+``ignored``, so that the rest loads strictly into the backbone its config builds.
 """
 
 from __future__ import annotations
@@ -20,11 +24,17 @@ class Released:
     model: str
     dataset: str
     paper_fid: float
+    ignored: tuple[str, ...] = ()  # key prefixes of the file that sampling does not use
 
 
 # File names exactly as the U-ViT (github.com/baofff/U-ViT), DiT (github.com/facebookresearch/DiT) and SiT
 # (github.com/willisma/SiT) READMEs link them. U-ViT files are plain EMA state_dicts (.pth); DiT's and SiT's are plain
 # EMA state_dicts (.pt) of the same DiT key layout (SiT's training checkpoints: {"model", "ema", "opt", "args"}).
+# REPA's (github.com/sihyun-yu/REPA) has no README link: generate.py downloads it when no --ckpt is given
+# (utils.download_model('last.pt'), saved as pretrained_models/last.pt, the name its Dropbox link ends in) and loads it
+# as a plain state_dict: SiT-XL/2 in DiT's key layout without the learned-sigma half, trained in REPA's time
+# direction, plus ``projectors.0.{0,2,4}`` (REPA's train.py checkpoints: {"model", "ema", "opt", "args", "steps"}).
+# "last.pt" is a generic name: any other file so named needs --config.
 RELEASED: dict[str, Released] = {
     "cifar10_uvit_small.pth": Released("configs/cifar10_uvit_s2.py", "U-ViT-S/2", "CIFAR-10 32", 3.11),
     "celeba64_uvit_small.pth": Released("configs/celeba64_uvit_s4.py", "U-ViT-S/4", "CelebA 64", 2.87),
@@ -40,6 +50,8 @@ RELEASED: dict[str, Released] = {
     "DiT-XL-2-256x256.pt": Released("configs/imagenet256_dit_xl2.py", "DiT-XL/2", "ImageNet 256", 2.27),
     "DiT-XL-2-512x512.pt": Released("configs/imagenet512_dit_xl2.py", "DiT-XL/2", "ImageNet 512", 3.04),
     "SiT-XL-2-256x256.pt": Released("configs/imagenet256_sit_xl2.py", "SiT-XL/2", "ImageNet 256", 2.06),
+    "last.pt": Released("configs/imagenet256_sit_xl2_repa.py", "SiT-XL/2 + REPA", "ImageNet 256", 1.42,
+                        ignored=("projectors.",)),
 }
 
 
@@ -49,11 +61,22 @@ def released_config(file_name: str) -> Path | None:
     return REPO / entry.config if entry else None
 
 
+def sampling_state_dict(file_name: str, state: dict) -> dict:
+    """``state`` without the keys that the released file ``file_name`` holds besides its sampling network (its
+    entry's ``ignored`` prefixes: REPA's projectors); other names come back as they are."""
+    entry = RELEASED.get(file_name)
+    if entry is None or not entry.ignored:
+        return state
+    return {k: v for k, v in state.items() if not k.startswith(entry.ignored)}
+
+
 def _guidance(sample_cfg) -> str:
     if sample_cfg.guidance_scale == 1.0:
         return "none"
     channels = "" if sample_cfg.guidance_channels == "all" else f" on {sample_cfg.guidance_channels} ch."
-    return f"w = {sample_cfg.guidance_scale:g}{channels}"
+    lo, hi = sample_cfg.get("guidance_t_lo", 0.0), sample_cfg.get("guidance_t_hi", 1.0)
+    window = "" if (lo, hi) == (0.0, 1.0) else f", t in [{lo:g}, {hi:g}]"
+    return f"w = {sample_cfg.guidance_scale:g}{channels}{window}"
 
 
 def markdown_table() -> str:

@@ -321,6 +321,8 @@ RELEASED_CASES = {
     "DiT-XL-2-256x256.pt": ("dit_cond", DIT_LATENT, ["--labels=9,0"]),
     "DiT-XL-2-512x512.pt": ("dit_cond", DIT_LATENT, ["--labels=9,0"]),
     "SiT-XL-2-256x256.pt": ("sit_samplers", DIT_LATENT, ["--labels=9,0"]),  # weights saved by SiT's own code
+    # REPA's SiT (projectors beside the network, 1000 classes, no learned sigma), saved by REPA's own code
+    "last.pt": ("repa_sampler", [a for a in DIT_LATENT if "num_classes" not in a], ["--labels=9,0"]),
 }
 
 
@@ -380,7 +382,8 @@ FULL_SIZE = {"cifar10_uvit_small.pth": 44_255_328, "celeba64_uvit_small.pth": 44
              "imagenet256_uvit_huge.pth": 500_832_016, "imagenet512_uvit_large.pth": 286.86,
              "imagenet512_uvit_huge.pth": 500.94, "mscoco_uvit_small.pth": 44.69, "mscoco_uvit_small_deep.pth": 58.35,
              "DiT-XL-2-256x256.pt": 675_129_632, "DiT-XL-2-512x512.pt": 675_129_632 + 768 * 1152,
-             "SiT-XL-2-256x256.pt": 675_129_632}  # SiT-XL/2 is DiT-XL/2's network (learned sigma kept)
+             "SiT-XL-2-256x256.pt": 675_129_632,  # SiT-XL/2 is DiT-XL/2's network (learned sigma kept)
+             "last.pt": 675_129_632 - (1152 + 1) * 2 * 2 * 4}  # REPA's: no learned-sigma outputs (final layer)
 
 
 @pytest.mark.parametrize("name", sorted(RELEASED))

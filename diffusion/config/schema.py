@@ -124,6 +124,14 @@ def base_config() -> ml_collections.ConfigDict:
                 captions="",
             ),
             wandb=dict(mode="offline", project="transformer-diffusion", name=""),  # online | offline | disabled
+            # REPA (representation alignment, diffusion/objectives/repa.py): align the backbone's hidden states after
+            # block ``layer`` (1-based; U-ViT counts in_blocks, mid_block, out_blocks) through an MLP projector of
+            # width projector_dim with frozen vision encoders' patch features, loss = denoising + coeff x alignment.
+            # encoders: REPA's comma-separated names (e.g. "dinov2-vit-b"); "" = off. stop_at_step: no alignment
+            # term from this step on (0 = never stops). legacy: REPA's --legacy second label drop (p(null) 0.19).
+            # encoder_weights: local weights for the encoders ("" = their usual download cache).
+            repa=dict(encoders="", layer=8, projector_dim=2048, coeff=0.5, stop_at_step=0, legacy=False,
+                      encoder_weights=""),
         )
     )
 
@@ -204,6 +212,7 @@ def check_values(config: ml_collections.ConfigDict) -> None:
         problem = _choice(key, value, choices)
         if problem:
             problems.append(problem)
+    problems += _repa_problems(config.repa) if "repa" in config else []
     if ev.every > 0 and ev.n_samples < 2:
         problems.append(f"eval.n_samples must be >= 2 for an FID, got {ev.n_samples}: e.g. "
                         f"--config.eval.n_samples=10000")
@@ -240,4 +249,20 @@ def _sampling_problems(config) -> list[str]:
                         f"--config.sample.guidance_channels=all")
     if sc.labels not in LABEL_MODES:
         problems.append(f"sample.labels={sc.labels!r}; choose one of {', '.join(LABEL_MODES)}")
+    return problems
+
+
+def _repa_problems(rc) -> list[str]:
+    """The ``repa`` section's values (checked whether or not ``repa.encoders`` turns it on)."""
+    problems = []
+    for key, low, example in (("layer", 1, 8), ("projector_dim", 1, 2048)):
+        if not isinstance(rc[key], int) or isinstance(rc[key], bool) or rc[key] < low:
+            problems.append(f"repa.{key} must be an integer >= {low}, got {rc[key]!r}: e.g. --config.repa.{key}="
+                            f"{example}")
+    if not rc.coeff >= 0:
+        problems.append(f"repa.coeff must be >= 0 (the alignment loss's weight), got {rc.coeff!r}: e.g. "
+                        f"--config.repa.coeff=0.5")
+    if rc.stop_at_step < 0:
+        problems.append(f"repa.stop_at_step must be >= 0 (0 = never stops), got {rc.stop_at_step!r}: "
+                        f"--config.repa.stop_at_step=0")
     return problems

@@ -24,8 +24,14 @@ s), t' = 1 - s'; shift > 1 spends more time near noise), then scaled into the tr
 ``paths.interval``: t0 + t' (t1 - t0).
 
 Sampling (``sample``, ``SAMPLERS``) runs SiT's probability-flow ODE and SDE integrators of
-``diffusion.samplers.transport`` on the fields ``fields`` builds from the (guided) network; ``likelihood`` runs
-the ODE from data to noise for the log-likelihood and bits per dimension of data (SiT's ``sample_ode_likelihood``).
+``diffusion.samplers.transport`` on the fields ``fields`` builds from the (guided) network, or REPA's
+(``repa_euler``, ``repa_heun``, ``repa_sde``: ``diffusion.samplers.repa``, REPA's grids, guidance interval and
+one-evaluation SDE step); ``likelihood`` runs the ODE from data to noise for the log-likelihood and bits per
+dimension of data (SiT's ``sample_ode_likelihood``).
+
+``time_direction``: ``sit`` (the network is called with SiT's t) or ``repa`` (a network trained in REPA's time, t = 0
+data: called with 1 - t, its velocity negated, ``diffusion.objectives.repa_time.ReversedTime``), so the same loss,
+likelihood and samplers apply to REPA's checkpoints; everything else here stays in SiT's time.
 """
 
 from __future__ import annotations
@@ -39,7 +45,9 @@ from torch import Tensor
 
 from diffusion.objectives.guidance import guided_model
 from diffusion.objectives.paths import DIFFUSION_FORMS, PATHS, PREDICTIONS, Path, _expand, interval, resolve_eps
+from diffusion.objectives.repa_time import TIME_DIRECTIONS, ReversedTime, repa_guidance_bounds
 from diffusion.samplers.common import Randn, check_options, standard_normal
+from diffusion.samplers.repa import sample_repa_ode, sample_repa_sde
 from diffusion.samplers.transport import (
     LAST_STEPS,
     Field,
@@ -61,8 +69,12 @@ class Transport:
     def __init__(self, path: Path, prediction: str = "velocity", loss_weight: str = "none",
                  train_eps: float = 0.0, sample_eps: float | None = 0.0, time_sampling: str = "uniform",
                  logit_mean: float = 0.0, logit_std: float = 1.0, mode_scale: float = 1.29,
-                 time_shift: float = 1.0, cos_loss: float = 0.0, time_scale: float = 1.0):
+                 time_shift: float = 1.0, cos_loss: float = 0.0, time_scale: float = 1.0,
+                 time_direction: str = "sit"):
+        if time_direction not in TIME_DIRECTIONS:
+            raise ValueError(f"unknown time_direction {time_direction!r}; known: {', '.join(TIME_DIRECTIONS)}")
         self.path, self.prediction, self.loss_weight = path, prediction, loss_weight
+        self.time_direction = time_direction
         self.train_eps, self.sample_eps = train_eps, sample_eps
         self.time_sampling, self.logit_mean, self.logit_std = time_sampling, logit_mean, logit_std
         self.mode_scale, self.time_shift = mode_scale, time_shift
@@ -94,10 +106,13 @@ class Transport:
     # -- the loss --------------------------------------------------------------------------------------------
 
     def network_output(self, model, x_t: Tensor, t: Tensor, cond: dict) -> Tensor:
-        """model(x_t, time_scale t, **cond), keeping the first C channels of a 2C-channel output."""
-        t_net = t if self.time_scale == 1.0 else self.time_scale * t
-        out = model(x_t, t_net, **cond)
+        """model(x_t, time_scale t, **cond) (REPA's time direction: -model(x_t, time_scale (1 - t), **cond)),
+        keeping the first C channels of a 2C-channel output."""
         channels = x_t.shape[1]
+        if self.time_direction == "repa":
+            out = ReversedTime(model, self.time_scale, channels)(x_t, t, **cond)
+        else:
+            out = model(x_t, t if self.time_scale == 1.0 else self.time_scale * t, **cond)
         if out.shape[1] == 2 * channels:
             out = out[:, :channels]
         if out.shape != x_t.shape:
@@ -139,7 +154,8 @@ class Transport:
 
     # -- sampling --------------------------------------------------------------------------------------------
 
-    SAMPLERS = ("dopri5", "euler", "heun2", "sde_euler", "sde_heun")
+    SAMPLERS = ("dopri5", "euler", "heun2", "sde_euler", "sde_heun", "repa_euler", "repa_heun", "repa_sde")
+    REPA_SAMPLERS = ("repa_euler", "repa_heun", "repa_sde")
 
     def fields(self, net: Callable[[Tensor, Tensor], Tensor]) -> tuple[Field, Field]:
         """(ODE drift, score) of a network ``net(x, t) -> prediction`` (SiT's ``Sampler.drift`` and
@@ -230,7 +246,9 @@ class Transport:
         ``randn(x)`` (one per step), else ``generator``. ``reverse`` (ODE samplers only, SiT's ``reverse=True``):
         ``noise`` holds data and the ODE runs from data to noise on SiT's reversed interval (the same shifted times,
         in the other order): the deterministic encoding whose forward solve returns the data up to the solver's
-        error. ``order`` (DPM-Solver's) is not used; ``t_end``,
+        error. ``repa_euler`` / ``repa_heun`` / ``repa_sde``: REPA's ``euler_sampler`` (plain, ``--heun``) and
+        ``euler_maruyama_sampler`` on REPA's grids with ``steps`` = REPA's ``--num-steps`` (``_sample_repa``).
+        ``order`` (DPM-Solver's) is not used; ``t_end``,
         ``skip_type``, ``eta`` and ``clip_denoised`` have no meaning here and are refused when set."""
         check_options(sampler, self.SAMPLERS, steps=steps, order=order, skip_type=skip_type, eta=eta, t_end=t_end)
         self.check_sample_options(atol=atol, rtol=rtol, diffusion_form=diffusion_form, diffusion_norm=diffusion_norm,
@@ -244,12 +262,21 @@ class Transport:
         if self.sample_eps is None:
             raise ValueError("sample_eps is unset (train_eps was given without it, as SiT would): set sample_eps")
         channels = noise.shape[1]
+        if self.time_direction == "repa":  # the network seen in SiT's time, once for every sampler
+            model, scale = ReversedTime(model, self.time_scale, channels), 1.0
+        else:
+            scale = self.time_scale
+        if sampler in self.REPA_SAMPLERS:
+            return self._sample_repa(model, scale, noise, cond, null_cond, guidance_scale, guidance_channels,
+                                     sampler, steps, diffusion_form, diffusion_norm, last_step, last_step_size,
+                                     time_shift, guidance_t_lo, guidance_t_hi, reverse,
+                                     standard_normal(randn, generator))
         window = None if (guidance_t_lo, guidance_t_hi) == (0.0, 1.0) else \
-            (guidance_t_lo * self.time_scale, guidance_t_hi * self.time_scale)  # in the network's time
+            (guidance_t_lo * scale, guidance_t_hi * scale)  # in the network's time
         guided = guided_model(model, cond, null_cond, guidance_scale, channels, guidance_channels, interval=window)
 
         def net(x: Tensor, t: Tensor) -> Tensor:
-            t_net = t if self.time_scale == 1.0 else self.time_scale * t
+            t_net = t if scale == 1.0 else scale * t
             return guided(x, t_net)[:, :channels].to(x.dtype)
 
         drift, score = self.fields(net)
@@ -263,23 +290,70 @@ class Transport:
         last_step_size = 0.0 if last_step == "none" else last_step_size
         t0, t1 = interval(self.path, self.prediction, self.sample_eps, sde=True, diffusion_form=diffusion_form,
                           last_step_size=last_step_size)
-        w0 = self.path.diffusion(noise[:1], torch.tensor([t0], dtype=noise.dtype), diffusion_form, diffusion_norm)
-        if not torch.isfinite(w0).all():
-            raise ValueError(f"diffusion_form={diffusion_form!r} is infinite at t = {t0:g}, where this SDE starts "
-                             f"({type(self.path).__name__}, {self.prediction} prediction, sample_eps="
-                             f"{self.sample_eps:g}, as SiT): choose another diffusion_form")
+        self._check_diffusion_at(t0, noise, diffusion_form, diffusion_norm)
         return sample_sde(drift, self.diffusion_field(diffusion_form, diffusion_norm), score, noise,
                           ode_grid(t0, t1, steps, time_shift), method=sampler[len("sde_"):], last_step=last_step,
                           last_step_size=last_step_size, randn=standard_normal(randn, generator),
                           alpha_sigma=lambda t: self.path.coefficients(t)[:2])
 
+    def _check_diffusion_at(self, t0: float, noise: Tensor, form: str, norm: float) -> None:
+        w0 = self.path.diffusion(noise[:1], torch.tensor([t0], dtype=noise.dtype), form, norm)
+        if not torch.isfinite(w0).all():
+            raise ValueError(f"diffusion_form={form!r} is infinite at t = {t0:g}, where this SDE starts "
+                             f"({type(self.path).__name__}, {self.prediction} prediction, sample_eps="
+                             f"{self.sample_eps:g}, as SiT): choose another diffusion_form")
+
+    def _sample_repa(self, model, scale: float, noise: Tensor, cond: dict, null_cond: dict | None,
+                     guidance_scale: float, guidance_channels: str | int, sampler: str, steps: int,
+                     diffusion_form: str, diffusion_norm: float, last_step: str, last_step_size: float,
+                     time_shift: float, guidance_t_lo: float, guidance_t_hi: float, reverse: bool,
+                     randn: Randn) -> Tensor:
+        """REPA's samplers (``diffusion.samplers.repa``) on ``model``, a network in SiT's time (``scale`` x t):
+        ``steps`` is REPA's ``--num-steps``; guidance (all ``guidance_channels`` of the velocity, one batched
+        [cond; null] call) on the steps whose REPA time tau = 1 - t lies in REPA's inclusive [guidance_low,
+        guidance_high] = [1 - guidance_t_hi, 1 - guidance_t_lo] (``repa_guidance_bounds``); one network evaluation
+        per step (Heun: two but on the last step); float64 state, the network called in the noise's dtype."""
+        if self.prediction != "velocity":
+            raise ValueError(f"{sampler} is REPA's sampler of a velocity network (REPA trains velocity only); this "
+                             f"objective predicts the {self.prediction}: use dopri5, euler, heun2 or sde_*")
+        if reverse:
+            raise ValueError(f"reverse runs the probability-flow ODE (dopri5, euler, heun2); {sampler} has no reverse")
+        if time_shift != 1.0:
+            raise ValueError(f"time_shift does not apply to {sampler} (REPA's grids are uniform): leave it at 1")
+        channels, dtype = noise.shape[1], noise.dtype
+        guided = guided_model(model, cond, null_cond, guidance_scale, channels, guidance_channels)
+        guiding = null_cond is not None and guidance_scale != 1.0
+        low, high = repa_guidance_bounds(guidance_t_lo, guidance_t_hi)
+
+        def velocity(x: Tensor, t: Tensor, guide: bool) -> Tensor:
+            t_net = t.to(dtype) if scale == 1.0 else scale * t.to(dtype)
+            out = guided(x.to(dtype), t_net) if guide else model(x.to(dtype), t_net, **cond)
+            return out[:, :channels].to(x.dtype)
+
+        def guide(tau: float) -> bool:
+            return guiding and low <= tau <= high
+
+        if sampler != "repa_sde":
+            return sample_repa_ode(velocity, noise, steps, heun=sampler == "repa_heun", guide=guide)
+
+        def pair(x: Tensor, t: Tensor, guide: bool) -> tuple[Tensor, Tensor]:
+            v = velocity(x, t, guide)
+            return v, self.path.score_from_velocity(v, x, t)
+
+        self._check_diffusion_at(0.0, noise, diffusion_form, diffusion_norm)
+        return sample_repa_sde(pair, self.diffusion_field(diffusion_form, diffusion_norm), noise, steps,
+                               last_step=str(last_step).lower(), last_step_size=last_step_size, randn=randn,
+                               guide=guide, alpha_sigma=lambda t: self.path.coefficients(t)[:2])
+
 
 def build_transport(path: str = "linear", prediction: str = "velocity", loss_weight: str = "none",
                     train_eps: float | None = None, sample_eps: float | None = None, time_sampling: str = "uniform",
                     logit_mean: float = 0.0, logit_std: float = 1.0, mode_scale: float = 1.29,
-                    time_shift: float = 1.0, cos_loss: float = 0.0, time_scale: float = 1.0) -> Transport:
+                    time_shift: float = 1.0, cos_loss: float = 0.0, time_scale: float = 1.0,
+                    time_direction: str = "sit") -> Transport:
     """``diffusion.kind = "transport"``: SiT's ``create_transport`` (eps resolved by ``paths.resolve_eps``) plus
-    the training-time distribution, the velocity cosine loss and the network's time scale."""
+    the training-time distribution, the velocity cosine loss, the network's time scale and the time direction it
+    was trained in (``sit``; ``repa``: t = 0 data, ``diffusion.objectives.repa_time``)."""
     path_name = str(path).lower()
     if path_name not in PATHS:
         raise ValueError(f"unknown path {path!r}; known: {', '.join(PATHS)}")
@@ -302,6 +376,8 @@ def build_transport(path: str = "linear", prediction: str = "velocity", loss_wei
         raise ValueError("cos_loss applies to velocity prediction only")
     if time_scale <= 0:
         raise ValueError(f"time_scale must be > 0, got {time_scale!r}")
+    if time_direction not in TIME_DIRECTIONS:
+        raise ValueError(f"unknown time_direction {time_direction!r}; known: {', '.join(TIME_DIRECTIONS)}")
     train_eps, sample_eps = resolve_eps(path_name, prediction, train_eps, sample_eps)
     return Transport(PATHS[path_name](), prediction, loss_weight, train_eps, sample_eps, time_sampling, logit_mean,
-                     logit_std, mode_scale, time_shift, cos_loss, time_scale)
+                     logit_std, mode_scale, time_shift, cos_loss, time_scale, time_direction)

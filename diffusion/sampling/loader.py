@@ -25,7 +25,7 @@ from diffusion.data.autoencoder import Autoencoder
 from diffusion.data.text_encoder import TextEncoder
 from diffusion.errors import ConfigError, InputNotFoundError
 from diffusion.registry import build_model, build_objective, constructor_defaults, resolve_model_kwargs
-from diffusion.released import RELEASED, released_config
+from diffusion.released import RELEASED, released_config, sampling_state_dict
 from diffusion.sampling.generate import check_settings, num_real_classes, sample_settings
 from diffusion.sampling.precision import check_device, precision_settings
 
@@ -99,7 +99,8 @@ def read_checkpoint(ckpt: str | Path, config_path: str | Path | None = None, wei
         raise ConfigError(f"{path} is a weights file: add --config=configs/<name>.py describing its model "
                           f"(released files known by name need none: {', '.join(RELEASED)})")
     config = load_config(config_path)
-    return read_weights_file(path, prefer=weights), config, {}, path.resolve()
+    # a released file's training-only keys (REPA's projectors) are dropped; the rest must load strictly
+    return sampling_state_dict(path.name, read_weights_file(path, prefer=weights)), config, {}, path.resolve()
 
 
 def input_shape(config, meta: dict | None = None) -> tuple[int, int, int]:
