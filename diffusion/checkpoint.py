@@ -8,6 +8,7 @@ A checkpoint written by the trainer is one directory per step::
         ema.safetensors     EMA weights, fp32: what sampling uses
         config.json         the resolved config of the run
         train_state.pt      what resume needs: optimizer, grad scaler, step, samples consumed (weights_only load)
+        projectors.safetensors  REPA runs only: the alignment projectors (training only; sampling never reads it)
         meta.json           step, model class and constructor kwargs, class names, versions, and the sha256 and
                             size of each file above, so that damage is detected rather than trained or sampled on
 
@@ -47,6 +48,7 @@ from diffusion.errors import (
 
 CHECKPOINTS = "checkpoints"
 CHECKPOINT_FILES = ("model.safetensors", "ema.safetensors", "config.json", "train_state.pt")
+OPTIONAL_FILES = ("projectors.safetensors",)  # verified and read when meta.json records them
 _STEP_DIR = re.compile(r"step_(\d+)")
 
 
@@ -95,21 +97,27 @@ def _state_for_safetensors(state: dict) -> dict:
     return {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
 
 
-def _write_files(tmp: Path, model_state: dict, ema_state: dict, config, meta: dict, train_state: dict) -> dict:
+def _write_files(tmp: Path, model_state: dict, ema_state: dict, config, meta: dict, train_state: dict,
+                 projectors_state: dict | None = None) -> dict:
     save_file(_state_for_safetensors(model_state), tmp / "model.safetensors")
     save_file(_state_for_safetensors(ema_state), tmp / "ema.safetensors")
     (tmp / "config.json").write_text(config_to_json(config))
     torch.save(train_state, tmp / "train_state.pt")
+    names = CHECKPOINT_FILES
+    if projectors_state is not None:
+        save_file(_state_for_safetensors(projectors_state), tmp / "projectors.safetensors")
+        names = (*names, "projectors.safetensors")
     files = {}
-    for name in CHECKPOINT_FILES:
+    for name in names:
         _fsync(tmp / name)
         files[name] = {"sha256": sha256_file(tmp / name), "bytes": (tmp / name).stat().st_size}
     return files
 
 
 def save_checkpoint(workdir: str | Path, step: int, *, model_state: dict, ema_state: dict, config, meta: dict,
-                    train_state: dict, keep: int = 0) -> Path:
+                    train_state: dict, keep: int = 0, projectors_state: dict | None = None) -> Path:
     """Write ``checkpoints/step_XXXXXXXX`` atomically; ``keep > 0`` then deletes all but the newest ``keep``.
+    ``projectors_state``: a REPA run's projectors, written to ``projectors.safetensors`` beside the weights.
 
     Any failure while writing (a full disk raises OSError in Python, RuntimeError in torch.save, SafetensorError in
     safetensors) removes the ``.tmp`` and raises CheckpointSaveError; finished checkpoints are never touched."""
@@ -119,7 +127,7 @@ def save_checkpoint(workdir: str | Path, step: int, *, model_state: dict, ema_st
     try:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        files = _write_files(tmp, model_state, ema_state, config, meta, train_state)
+        files = _write_files(tmp, model_state, ema_state, config, meta, train_state, projectors_state)
         (tmp / "meta.json").write_text(json.dumps({**meta, "step": step, "files": files}, indent=2))
         _fsync(tmp / "meta.json")
     except Exception as err:  # noqa: BLE001 -- whatever failed, the half-written directory must go; a full disk
@@ -142,7 +150,8 @@ def save_checkpoint(workdir: str | Path, step: int, *, model_state: dict, ema_st
 
 
 def verify_checkpoint(path: str | Path, names: tuple[str, ...] = CHECKPOINT_FILES) -> dict:
-    """meta.json of checkpoint ``path``, after checking size and sha256 of the files ``names`` against it.
+    """meta.json of checkpoint ``path``, after checking size and sha256 of the files ``names`` against it (with the
+    default ``names``, also of each of ``OPTIONAL_FILES`` that meta.json records).
 
     Raises CheckpointError naming the first missing, truncated or damaged file."""
     path = Path(path)
@@ -151,6 +160,8 @@ def verify_checkpoint(path: str | Path, names: tuple[str, ...] = CHECKPOINT_FILE
     except (OSError, ValueError) as err:
         raise CheckpointError(f"{path / 'meta.json'} is unreadable ({err}): the checkpoint is incomplete") from None
     records = meta.get("files", {})
+    if names == CHECKPOINT_FILES:
+        names = (*names, *(name for name in OPTIONAL_FILES if name in records))
     for name in names:
         file = path / name
         if not file.is_file():
@@ -177,6 +188,7 @@ class Checkpoint:
     train_state: dict
     config: object
     meta: dict
+    projectors: dict | None = None  # a REPA run's projectors (projectors.safetensors), None when absent
 
 
 def _read(file: Path, reader):
@@ -191,10 +203,13 @@ def load_checkpoint(path: str | Path, verify: bool = True) -> Checkpoint:
     the file that is not usable."""
     path = Path(path)
     meta = verify_checkpoint(path) if verify else json.loads((path / "meta.json").read_text())
+    projectors = path / "projectors.safetensors"
     return Checkpoint(path=path, model=_read(path / "model.safetensors", load_file),
                       ema=_read(path / "ema.safetensors", load_file),
                       train_state=_read(path / "train_state.pt", _torch_load),
-                      config=_read(path / "config.json", lambda f: config_from_json(f.read_text())), meta=meta)
+                      config=_read(path / "config.json", lambda f: config_from_json(f.read_text())), meta=meta,
+                      projectors=_read(projectors, load_file) if "projectors.safetensors" in meta.get("files", {})
+                      else None)
 
 
 def load_checkpoint_dir(path: str | Path, weights: str = "ema"):

@@ -45,6 +45,7 @@ from diffusion.training.data import batch_conditioning, count_skipped, preview_c
 from diffusion.training.distributed import full_state
 from diffusion.training.logs import report
 from diffusion.training.pieces import ema_decay_at, learning_rate, reseed, update_ema
+from diffusion.training.repa import legacy_uniform, repa_losses
 from diffusion.training.resume import Progress
 from diffusion.training.run import Run, start_run
 from diffusion.training.stopping import StoppedBySignal, StopRequest, workdir_lock
@@ -82,6 +83,7 @@ class Window:
     """What the next log line reports: this process's loss since the last line and images it skipped."""
 
     loss_sum: torch.Tensor
+    terms_sum: torch.Tensor | None = None  # REPA: the sums of its denoise and proj terms
     steps: int = 0
     skipped: int = 0
     lr: float = 0.0
@@ -101,13 +103,22 @@ def train_step(run: Run, batches, progress: Progress, window: Window) -> None:
         batch = next(batches)
         window.skipped += count_skipped(batch.pop("skipped"), run.config.data.on_corrupt, run.rank, run.world)
         given, uniform = draws.rows(micro, run.micro_batch, run.rank, run.world) if draws else ({}, None)
-        x = batch["x"].to(run.device, non_blocking=True)
+        x = images = batch["x"].to(run.device, non_blocking=True)
         if run.data.encode is not None:
             x = run.data.encode(x)
         cond = batch_conditioning(run.net, batch, run.data, run.p_uncond, run.device, uniform)
         sync = micro == tc.grad_accum_steps - 1
         with nullcontext() if sync else run.accelerator.no_sync(run.model):
-            loss = run.objective.training_losses(run.model, x, cond, **given)["loss"].mean()
+            if run.repa is not None:
+                rows = slice(micro * run.micro_batch * run.world + run.rank,
+                             (micro + 1) * run.micro_batch * run.world, run.world)  # as StepDraws.rows
+                legacy = legacy_uniform(seed, progress.step, tc.batch_size, rows, run.device)
+                terms = repa_losses(run.repa, run.objective, run.model, images, x, cond, given, progress.step, legacy)
+                window.terms_sum += torch.stack([terms["denoise"].mean(), terms["proj"].mean()]).detach() / \
+                    tc.grad_accum_steps
+            else:
+                terms = run.objective.training_losses(run.model, x, cond, **given)
+            loss = terms["loss"].mean()
             run.accelerator.backward(loss / tc.grad_accum_steps)
         window.loss_sum += loss.detach() / tc.grad_accum_steps
     if tc.grad_clip > 0:
@@ -135,7 +146,8 @@ def train_loop(run: Run, progress: Progress, stop: StopRequest) -> Path:
     tc, ev = run.config.train, run.config.eval
     batches = stream_batches(run.data.dataset, run.config.seed, run.micro_batch, run.config.data.num_workers,
                              run.device, run.rank, run.world, progress.samples_seen)
-    window = Window(loss_sum=torch.zeros((), device=run.device))
+    window = Window(loss_sum=torch.zeros((), device=run.device),
+                    terms_sum=torch.zeros(2, device=run.device) if run.repa is not None else None)
     with tqdm(total=tc.steps, initial=progress.step, disable=not run.is_main, desc="train", dynamic_ncols=True) as bar:
         while progress.step < tc.steps and not stop.agreed(run.accelerator):
             train_step(run, batches, progress, window)
@@ -171,8 +183,10 @@ def off_the_clock(bar, window: Window):
 
 def log_window(run: Run, step: int, window: Window, last_ckpt: Path | None, bar) -> None:
     """The global mean loss (every process's micro-batches weigh the same) and throughput since the last line."""
+    extra = [] if window.terms_sum is None else list(window.terms_sum)
     totals = run.accelerator.reduce(torch.stack([window.loss_sum, torch.tensor(float(window.skipped),
-                                                                               device=run.device)]), reduction="sum")
+                                                                               device=run.device), *extra]),
+                                    reduction="sum")
     mean_loss = totals[0].item() / run.world / window.steps
     run.skipped_images += int(totals[1].item())
     if not math.isfinite(mean_loss):
@@ -182,9 +196,14 @@ def log_window(run: Run, step: int, window: Window, last_ckpt: Path | None, bar)
     throughput = window.steps * run.config.train.batch_size / (time.perf_counter() - window.start)
     skipped = f" | {run.skipped_images} unreadable images skipped so far" if run.skipped_images else ""
     bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{window.lr:.2e}", img_s=f"{throughput:.0f}")
-    log.info("step %d loss %.5f lr %.3e img/s %.1f%s", step, mean_loss, window.lr, throughput, skipped)
-    run.wandb.log({"loss": mean_loss, "lr": window.lr, "img_per_sec": throughput}, step)
+    terms = {name: totals[2 + i].item() / run.world / window.steps for i, name in enumerate(("denoise", "proj"))
+             if window.terms_sum is not None}
+    shown = "".join(f" {name} {value:.5f}" for name, value in terms.items())
+    log.info("step %d loss %.5f%s lr %.3e img/s %.1f%s", step, mean_loss, shown, window.lr, throughput, skipped)
+    run.wandb.log({"loss": mean_loss, **terms, "lr": window.lr, "img_per_sec": throughput}, step)
     window.loss_sum.zero_()
+    if window.terms_sum is not None:
+        window.terms_sum.zero_()
     window.steps, window.skipped, window.start = 0, 0, time.perf_counter()
 
 
@@ -204,7 +223,8 @@ def save(run: Run, progress: Progress) -> Path:
                        "samples_seen": progress.samples_seen, "scaler": scaler.state_dict() if scaler else {}}
         path = ckpt.save_checkpoint(run.workdir, progress.step, model_state=model_state,
                                     ema_state=ema.state_dict(), config=run.config, meta=run.meta,
-                                    train_state=train_state, keep=run.config.train.keep_checkpoints)
+                                    train_state=train_state, keep=run.config.train.keep_checkpoints,
+                                    projectors_state=run.repa.projectors.state_dict() if run.repa else None)
         log.info("step %d: saved %s", progress.step, path)
     run.accelerator.wait_for_everyone()
     progress.saved = path or run.workdir / ckpt.CHECKPOINTS / f"step_{progress.step:08d}"

@@ -119,11 +119,13 @@ def find_checkpoint(workdir: Path, accelerator: Accelerator) -> ckpt.Checkpoint 
 
 
 def restore(found: ckpt.Checkpoint | None, net: torch.nn.Module, ema: torch.nn.Module, sharded_ema: ShardedEMA | None,
-            optimizer: torch.optim.Optimizer, scaler) -> Progress:
+            optimizer: torch.optim.Optimizer, scaler, projectors: torch.nn.Module | None = None,
+            is_main: bool = True) -> Progress:
     """Load everything ``found`` holds into the run, after accelerate.prepare: weights and EMA (cut into shards with
     FSDP, which replaced the parameters), optimizer state (likewise), grad-scaler state (the scaler exists only
     after prepare) and the data position. A mismatch -- reachable only through --allow_config_change -- is one
-    ConfigError naming the file."""
+    ConfigError naming the file. REPA's ``projectors`` come from projectors.safetensors; a checkpoint without them
+    (REPA turned on by --allow_config_change) leaves them fresh, their optimizer state empty."""
     if found is None:
         return Progress()
     load_state_strict(net, shard_like(found.model, net), found.path / "model.safetensors")
@@ -131,7 +133,24 @@ def restore(found: ckpt.Checkpoint | None, net: torch.nn.Module, ema: torch.nn.M
     if sharded_ema is not None:
         sharded_ema.reshard()
     state = found.train_state
-    load_state_strict(optimizer, shard_optimizer_state(state["optimizer"], optimizer), found.path / "train_state.pt")
+    saved_optimizer = state["optimizer"]
+    if projectors is not None and found.projectors is not None:
+        load_state_strict(projectors, found.projectors, found.path / "projectors.safetensors", what="projectors")
+    elif projectors is not None or found.projectors is not None:
+        report(is_main, f"{found.path.name} has {'no' if projectors is not None else 'its'} REPA projectors: "
+                        f"{'starting fresh projectors' if projectors is not None else 'not used by this run'}")
+        saved_optimizer = fit_param_groups(saved_optimizer, optimizer)
+    load_state_strict(optimizer, shard_optimizer_state(saved_optimizer, optimizer), found.path / "train_state.pt")
     if state["scaler"] and scaler is not None:
         scaler.load_state_dict(state["scaler"])
     return Progress(step=state["step"], samples_seen=state["samples_seen"], saved=found.path)
+
+
+def fit_param_groups(saved: dict, optimizer: torch.optim.Optimizer) -> dict:
+    """A saved optimizer state with the current optimizer's parameter groups beyond (or without) the saved ones:
+    REPA's projectors' groups come after the backbone's, so adding them starts their state empty and dropping them
+    keeps the backbone's."""
+    current = optimizer.state_dict()["param_groups"]
+    groups = [*saved["param_groups"][:len(current)], *current[len(saved["param_groups"]):]]
+    kept = {i for group in groups[:len(saved["param_groups"])] for i in group["params"]}
+    return {"state": {i: v for i, v in saved["state"].items() if i in kept}, "param_groups": groups}

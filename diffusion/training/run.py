@@ -32,6 +32,7 @@ from diffusion.training.data import TrainData, check_conditioning, fid_captions,
 from diffusion.training.distributed import ShardedEMA, autocast_forward, enable_on_cpu, fsdp_plugin, is_sharded
 from diffusion.training.logs import WandbLogger, report, setup_logging
 from diffusion.training.pieces import param_groups
+from diffusion.training.repa import RepaTraining, WithProjectors, build_repa, check_repa
 from diffusion.training.resume import Progress, check_config_changes, find_checkpoint, restore
 from diffusion.training.speed import adamw, cpu_has_native_bf16, reuse_freed_memory
 
@@ -59,6 +60,7 @@ class Run:
     fid: TrainingFID | None  # FID during training (eval.every / eval.final_n_samples)
     fid_history: FidHistory | None
     skipped_images: int = 0  # unreadable images replaced so far (data.on_corrupt=skip)
+    repa: RepaTraining | None = None  # REPA's encoders, projectors and tap (repa.encoders), else None
 
     def full_ema(self) -> torch.nn.Module:
         """The EMA module, up to date. With FSDP a collective: every process calls it before any of them reads."""
@@ -85,6 +87,7 @@ def start_run(config, workdir: Path, allow_config_change: bool = False) -> tuple
     """Every object of the run, built once, and where it stands: resumed from the newest intact checkpoint in
     ``workdir`` (refused when its config would change the run, unless ``allow_config_change``), else step 0."""
     tc, oc = config.train, config.optim
+    check_repa(config)
     accelerator = build_accelerator(config)
     is_main, device = accelerator.is_main_process, accelerator.device
     setup_logging(workdir, is_main)
@@ -95,9 +98,15 @@ def start_run(config, workdir: Path, allow_config_change: bool = False) -> tuple
     if found is not None:
         check_config_changes(found, config, meta, workdir, allow_config_change, is_main)
     ema = copy.deepcopy(net).float().requires_grad_(False).eval()
-    optimizer = adamw(param_groups(net, oc.weight_decay, oc.decay_all_params), oc.lr, oc.betas, oc.eps, oc.impl)
-    model, optimizer, sharded_ema = prepare(accelerator, net, ema, optimizer, tc.fsdp)
-    progress = restore(found, net, ema, sharded_ema, optimizer, accelerator.scaler)
+    repa = build_repa(config, net, config.data.image_size, p_uncond, device)  # the tap: after the EMA's copy
+    projectors = repa.projectors if repa is not None else None
+    groups = param_groups(net, oc.weight_decay, oc.decay_all_params)
+    if projectors is not None:  # after the backbone's: its optimizer state keeps its indices
+        groups += param_groups(projectors, oc.weight_decay, oc.decay_all_params)
+    optimizer = adamw(groups, oc.lr, oc.betas, oc.eps, oc.impl)
+    model, optimizer, sharded_ema = prepare(accelerator, net, ema, optimizer, tc.fsdp, projectors)
+    progress = restore(found, net, ema, sharded_ema, optimizer, accelerator.scaler, projectors,
+                       is_main=is_main)
     micro_batch = tc.batch_size // (accelerator.num_processes * tc.grad_accum_steps)  # check_values: divisible
     sharded = f" sharded ({tc.fsdp})" if sharded_ema is not None else ""
     layout = (f"{accelerator.num_processes} process(es){sharded}, micro-batch {micro_batch} x "
@@ -108,7 +117,8 @@ def start_run(config, workdir: Path, allow_config_change: bool = False) -> tuple
     fid, fid_history = start_fid(config, workdir, accelerator, data, objective)
     return Run(config=config, workdir=workdir, accelerator=accelerator, data=data, net=net, ema=ema,
                sharded_ema=sharded_ema, model=model, optimizer=optimizer, objective=objective, p_uncond=p_uncond,
-               meta=meta, micro_batch=micro_batch, wandb=wandb, fid=fid, fid_history=fid_history), progress
+               meta=meta, micro_batch=micro_batch, wandb=wandb, fid=fid, fid_history=fid_history,
+               repa=repa), progress
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -173,10 +183,11 @@ def check_sampling(config, objective, net, data: TrainData) -> None:
                           "not provide: --config.sample.labels=uniform")
 
 
-def prepare(accelerator: Accelerator, net, ema, optimizer, fsdp: str):
+def prepare(accelerator: Accelerator, net, ema, optimizer, fsdp: str, projectors=None):
     """Hand the network and optimizer to accelerate (DDP, or FSDP replacing the parameters by shards; compile) ->
-    (the model the loss calls, the optimizer, the EMA's shards with FSDP or None)."""
-    model, optimizer = accelerator.prepare(net, optimizer)
+    (the model the loss calls, the optimizer, the EMA's shards with FSDP or None). REPA's ``projectors`` are
+    wrapped with the network (training.repa.WithProjectors) so that DDP syncs their gradients too."""
+    model, optimizer = accelerator.prepare(net if projectors is None else WithProjectors(net, projectors), optimizer)
     ema.to(accelerator.device)
     sharded_ema = None
     if is_sharded(net):

@@ -1,0 +1,155 @@
+"""REPA in the trainer (representation alignment, diffusion/objectives/repa.py): the refusals, the run's REPA objects
+(frozen encoders, projectors, the tap), the encoder targets of a batch and one micro-batch's loss.
+
+Set up by ``repa.encoders`` (transport objective only). The encoders are frozen and in eval mode and held in a plain
+list, never as submodules of anything trained, so they enter no checkpoint, EMA or DDP wrapper. The projectors are
+trained with the backbone: their parameters join the optimizer (after the backbone's), DDP wraps them with the
+backbone in one :class:`WithProjectors` container so both get gradient sync, and checkpoints keep them in
+``projectors.safetensors`` (the EMA averages the backbone only; sampling never reads the projectors).
+
+Encoder targets come from the batch's clean images before any autoencoder: the model-input images in [-1, 1] back to
+uint8 as the datasets made them (``round((x + 1) * 127.5)``; the digits' 0..16 levels become 0..255 greys), a grey
+channel repeated to three. Encoders are set up for ``data.image_size`` px when that is a multiple of 16 (REPA's
+rule: ``resolution / 16`` tokens per side); otherwise (the 8x8 digits) for 16 px per backbone patch, so the encoder's
+grid is the backbone's and its own bicubic preprocessing upsamples the small images to its input.
+
+Determinism: ``repa.legacy``'s second label drop reads one uniform per row of the global batch from a generator seeded
+by (seed, "repa legacy", step), so a resumed run draws the same ones.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+from torch import nn
+
+from diffusion.data.cached import CACHED_FEATURE_DATASETS
+from diffusion.data.vision_encoders import load_vision_encoders, split_names
+from diffusion.errors import ConfigError
+from diffusion.objectives.repa import Projectors, register_tap, repa_training_losses
+from diffusion.seeds import derive_seed
+
+log = logging.getLogger("diffusion.train")
+
+
+def repa_enabled(config) -> bool:
+    return "repa" in config and bool(split_names(config.repa.encoders))
+
+
+def check_repa(config) -> None:
+    """Refuse REPA settings the trainer cannot run (before anything heavy is built)."""
+    if not repa_enabled(config):
+        return
+    if config.diffusion.kind != "transport":
+        raise ConfigError(f"repa.encoders={config.repa.encoders!r} needs diffusion.kind=transport (REPA regularises "
+                          f"SiT's flow matching), got diffusion.kind={config.diffusion.kind!r}: set "
+                          f"--config.diffusion.kind=transport or --config.repa.encoders=")
+    if config.data.name in CACHED_FEATURE_DATASETS:
+        raise ConfigError(f"REPA needs the images: train on the image folder (data.name=imagenet, encoded on the "
+                          f"fly) -- cached encoder features are not supported yet (data.name={config.data.name!r})")
+    if config.train.fsdp:
+        raise ConfigError(f"REPA with train.fsdp={config.train.fsdp!r} is not supported yet: train with DDP "
+                          f"(--config.train.fsdp=)")
+
+
+def encoder_resolution(image_size: int, grid: int) -> int:
+    """The px the encoders are set up for: the images' own when a multiple of 16 (REPA), else 16 per backbone patch
+    (``grid`` patches per side)."""
+    return image_size if image_size > 0 and image_size % 16 == 0 else 16 * grid
+
+
+class WithProjectors(nn.Module):
+    """The backbone and the projectors in one module for the DDP wrapper (both get gradient sync); its forward is
+    the backbone's. Only used to wrap: checkpoints and the EMA take ``net`` and ``projectors`` apart."""
+
+    def __init__(self, net: nn.Module, projectors: Projectors):
+        super().__init__()
+        self.net, self.projectors = net, projectors
+
+    def forward(self, *args, **kwargs):
+        return self.net(*args, **kwargs)
+
+
+class RepaTraining:
+    """A run's REPA objects: ``encoders`` (a plain list, frozen), ``projectors`` (the bare module, trained),
+    ``tap`` (on the bare backbone), and the settings of the loss."""
+
+    def __init__(self, encoders: list, projectors: Projectors, tap, coeff: float, stop_at_step: int,
+                 legacy_p: float, null_label: int | None):
+        self.encoders, self.projectors, self.tap = encoders, projectors, tap
+        self.coeff, self.stop_at_step = float(coeff), int(stop_at_step)
+        self.legacy_p, self.null_label = legacy_p, null_label
+
+    def coeff_at(self, step: int) -> float:
+        """The alignment weight of update ``step``: 0 from ``stop_at_step`` on (when > 0)."""
+        return 0.0 if 0 < self.stop_at_step <= step else self.coeff
+
+    @torch.no_grad()
+    def targets(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """Every encoder's (B, tokens, dim) features of the clean model-input images (B, C, H, W) in [-1, 1]."""
+        pixels = images_to_uint8(images)
+        return [encoder(pixels.to(encoder.device)).to(images.device) for encoder in self.encoders]
+
+
+def images_to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """[-1, 1] images (the datasets' ``u / 127.5 - 1``) -> uint8 (B, 3, H, W), grey repeated to three channels."""
+    pixels = ((images.float() + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8)
+    if pixels.shape[1] == 1:
+        pixels = pixels.repeat(1, 3, 1, 1)
+    if pixels.shape[1] != 3:
+        raise ConfigError(f"REPA's encoders need RGB or grey images, the batch has {pixels.shape[1]} channels")
+    return pixels
+
+
+def backbone_geometry(net: nn.Module) -> tuple[int, int]:
+    """(hidden width, patches per side) of a U-ViT (``embed_dim``, ``grid_size``) or DiT (``x_embedder``)."""
+    if hasattr(net, "embed_dim") and hasattr(net, "grid_size"):
+        return int(net.embed_dim), int(net.grid_size)
+    embedder = getattr(net, "x_embedder", None)
+    if embedder is not None:
+        return int(embedder.proj.out_channels), math.isqrt(int(embedder.num_patches))
+    raise ConfigError(f"{type(net).__name__} is neither a U-ViT nor a DiT: REPA cannot size its projectors")
+
+
+def build_repa(config, net: nn.Module, image_size: int, p_uncond: float, device) -> RepaTraining | None:
+    """The encoders (frozen, on ``device``), fresh projectors on ``device`` (seeded by the run's seed) and the tap on
+    block ``repa.layer`` of the bare ``net``; None when ``repa.encoders`` is empty."""
+    if not repa_enabled(config):
+        return None
+    rc = config.repa
+    hidden, grid = backbone_geometry(net)
+    resolution = encoder_resolution(image_size, grid)
+    encoders = load_vision_encoders(rc.encoders, weights=rc.encoder_weights, resolution=resolution, device=device)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(derive_seed(config.seed, "repa projectors"))
+        projectors = Projectors(int(hidden), [e.embed_dim for e in encoders], rc.projector_dim).to(device)
+    try:
+        tap = register_tap(net, rc.layer)
+    except ValueError as err:
+        raise ConfigError(f"repa.layer: {err}") from None
+    legacy_p = p_uncond if rc.legacy else 0.0
+    log.info("REPA: %s at %d px (%s tokens), block %d, projector width %d, coeff %g%s", rc.encoders, resolution,
+             ", ".join(str(e.num_tokens) for e in encoders), rc.layer, rc.projector_dim, rc.coeff,
+             f", stops at step {rc.stop_at_step}" if rc.stop_at_step else "")
+    return RepaTraining(encoders, projectors, tap, rc.coeff, rc.stop_at_step, legacy_p,
+                        getattr(net, "null_label", None))
+
+
+def legacy_uniform(seed: int, step: int, batch_size: int, rows: slice, device) -> torch.Tensor:
+    """This micro-batch's rows of step ``step``'s legacy-drop draws (one per row of the global batch)."""
+    generator = torch.Generator("cpu").manual_seed(derive_seed(seed, "repa legacy", step))
+    return torch.rand(batch_size, generator=generator)[rows].to(device)
+
+
+def repa_losses(repa: RepaTraining, objective, model, images: torch.Tensor, x: torch.Tensor, cond: dict,
+                given: dict, step: int, uniform: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    """One micro-batch's REPA loss with the step's draws ``given`` (t, noise) and legacy draws ``uniform``. Past
+    ``stop_at_step`` the alignment weight is 0 (the projectors still see a zero gradient, so DDP syncs them)."""
+    has_labels = "y" in cond and repa.null_label is not None
+    terms = repa_training_losses(objective, model, x, cond, repa.targets(images), repa.projectors, repa.tap,
+                                 repa.coeff_at(step), t=given.get("t"), noise=given.get("noise"),
+                                 legacy_p=repa.legacy_p if has_labels else 0.0, null_label=repa.null_label,
+                                 legacy_uniform=uniform)
+    return terms
