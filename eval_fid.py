@@ -1,4 +1,4 @@
-"""FID (and sFID, Inception Score, precision/recall) of samples against a reference; reference statistics files.
+"""FID (and sFID, Inception Score, precision/recall, FD-DINOv2) of samples against a reference; statistics files.
 
     python eval_fid.py samples.npz fid_stats_imagenet256_guided_diffusion.npz            # FID (U-ViT's stats)
     python eval_fid.py samples.npz VIRTUAL_imagenet256_labeled.npz --protocol adm --metrics fid,sfid,is,pr   # DiT's
@@ -8,12 +8,16 @@
     python eval_fid.py --save_stats fid_stats_imagenet64_train.npz imagenet/train --resolution 64   # ADM crop
     python eval_fid.py --save_stats fid_stats_mscoco256_val.npz coco/ --coco val                    # U-ViT's COCO
     python eval_fid.py samples.npz configs/digits_uvit.py --extractor digits             # quickstart (digits)
+    python eval_fid.py samples.npz imagenet512_ref/ --metrics fid,fd_dinov2 --dinov2 dinov2_vitl14_pretrain.pth
+    python eval_fid.py --save_stats dinov2_stats.npz imagenet/train --resolution 512 --extractor dinov2
 
 SAMPLES: an .npz (arr_0 uint8 (N, H, W, 3), as sample.py writes) or an image folder. REFERENCE: a statistics file
 (mu, sigma[, mu_s, sigma_s]), an ADM reference batch (arr_0 + statistics), an image folder (--resolution R: ADM's
 centre crop), a dataset config (its training images as the dataset prepares them, flips off; --config.key=value
 overrides) or an MS-COCO 2014 root (--coco SPLIT). Metrics: fid, sfid (spatial features, needs them on both sides),
-is (Inception Score), pr (precision/recall, k = 3; needs reference images, not a statistics file).
+is (Inception Score), pr (precision/recall, k = 3; needs reference images, not a statistics file), fd_dinov2
+(EDM2's FD-DINOv2: the Frechet distance of DINOv2 ViT-L/14 class tokens; against images, or a statistics file made
+with --save_stats --extractor dinov2; an ADM batch's stored statistics are Inception ones, so never used for it).
 
 --protocol (default: a config REFERENCE's eval.protocol, else pytorch_fid) says how they are measured:
   pytorch_fid  pytorch-fid's Inception front end (uint8 / 255, bilinear resize with half-pixel centres, 2x - 1); an
@@ -25,7 +29,10 @@ is (Inception Score), pr (precision/recall, k = 3; needs reference images, not a
                distances in float16 (float32 where not finite). DiT's, SiT's and REPA's numbers.
 
 Features come from pytorch-fid's FID Inception (pt_inception-2015-12-05-6726825d.pth, read from pytorch-fid's
-torch-hub cache or --inception PATH; never downloaded here), or from the digits classifier (--extractor digits).
+torch-hub cache or --inception PATH; never downloaded here), or from the digits classifier (--extractor digits),
+or, for fd_dinov2 and --extractor dinov2, DINOv2 ViT-L/14 (--dinov2 PATH: torch.hub's dinov2_vitl14_pretrain.pth, a
+timm file or a transformers folder; default: a config's eval.dinov2_weights, else the torch-hub/Hugging Face caches;
+never downloaded) with EDM2's preprocessing (bicubic antialiased resize to 224, / 255, ImageNet mean/std).
 A config REFERENCE's eval.feature_extractor, eval.inception_weights and eval.protocol are the defaults. Features are
 cached beside each .npz / folder (NAME.features-<extractor>.npz; the Inception's id ends in -adm under ADM's front
 end) or in --cache_dir and reused until the file or folder changes.
@@ -60,9 +67,10 @@ from diffusion.evaluation import (
 from diffusion.evaluation.features import accumulate_statistics, statistics_of_features
 from diffusion.evaluation.sources import load_config_with_overrides
 
-METRICS = ("fid", "sfid", "is", "pr")
+METRICS = ("fid", "sfid", "is", "pr", "fd_dinov2")
 NEEDS = {"sfid": "spatial", "is": "logits"}  # metric -> extractor output it needs besides pool
-STATISTICS_OF = {"fid": "pool", "sfid": "spatial"}  # metric -> features whose statistics it compares
+STATISTICS_OF = {"fid": "pool", "sfid": "spatial", "fd_dinov2": "pool"}  # metric -> features it compares
+OWN_EXTRACTOR = {"fd_dinov2": "dinov2"}  # metrics measured with their own extractor, not --extractor's
 COMMAND = Command(__doc__, config="none", positional="PATH ...",
                   positional_help="SAMPLES REFERENCE, or SOURCE with --save_stats", flags=(
     Flag("save_stats", metavar="OUT.npz", help="write the statistics (mu, sigma[, mu_s, sigma_s]) of SOURCE to "
@@ -72,6 +80,8 @@ COMMAND = Command(__doc__, config="none", positional="PATH ...",
     Flag("extractor", choices=EXTRACTORS, help="default: a config's eval.feature_extractor, else inception"),
     Flag("inception", "", metavar="PATH",
          help="FID Inception weights (default: a config's eval.inception_weights, else pytorch-fid's cache)"),
+    Flag("dinov2", "", metavar="PATH", help="DINOv2 ViT-L/14 weights for fd_dinov2 / --extractor dinov2 (a .pth, "
+         "timm file or transformers folder; default: a config's eval.dinov2_weights, else the local caches)"),
     Flag("resolution", type=int, help="ADM centre crop of an image-folder reference/source (ImageNet); MS-COCO's "
          "size (default 256)"),
     Flag("coco", choices=("train", "val"),
@@ -96,16 +106,19 @@ def cached_reference(reference) -> str:
     return ", cached features" if reference.features is not None else ", cached statistics"
 
 
-def make_extractor(args: Arguments, config_spec: str, device) -> tuple[FeatureExtractor, Protocol]:
-    """(the extractor, the protocol) the flags ask for; a dataset config's ``eval`` section supplies the defaults."""
-    name, weights, protocol = args.extractor, args.inception, args.protocol
+def make_extractor(args: Arguments, config_spec: str, device, name: str = "") -> tuple[FeatureExtractor, Protocol]:
+    """(the extractor, the protocol) the flags ask for (``name``: this extractor instead of --extractor's); a
+    dataset config's ``eval`` section supplies the defaults."""
+    name, inception, dinov2, protocol = name or args.extractor, args.inception, args.dinov2, args.protocol
     if config_spec.endswith(".py"):
         config = load_config_with_overrides(config_spec, args.overrides)
         name = name or config.eval.feature_extractor
-        weights = weights or config.eval.inception_weights
+        inception = inception or config.eval.inception_weights
+        dinov2 = dinov2 or config.eval.get("dinov2_weights", "")
         protocol = protocol or config.eval.get("protocol", "")
-    protocol = get_protocol(protocol or "pytorch_fid")
-    extractor = build_feature_extractor(name or "inception", weights=weights, device=device, protocol=protocol.name)
+    protocol, name = get_protocol(protocol or "pytorch_fid"), name or "inception"
+    weights = dinov2 if name == "dinov2" else inception
+    extractor = build_feature_extractor(name, weights=weights, device=device, protocol=protocol.name)
     return extractor, protocol
 
 
@@ -145,11 +158,15 @@ def compute_metrics(metrics: list[str], samples: dict, reference, device, protoc
     if "pr" in metrics:
         scores["precision"], scores["recall"] = protocol.precision_recall(reference.features["pool"], samples["pool"],
                                                                           device=device)
+    if "fd_dinov2" in metrics:
+        scores["fd_dinov2"] = frechet_distance(sample_stats["mu"], sample_stats["sigma"], reference.statistics["mu"],
+                                               reference.statistics["sigma"])
     return scores
 
 
 def summary_line(scores: dict) -> str:
-    parts = [f"{name} {scores[key]:.4f}" for key, name in (("fid", "FID"), ("sfid", "sFID")) if key in scores]
+    parts = [f"{name} {scores[key]:.4f}" for key, name in (("fid", "FID"), ("sfid", "sFID"), ("fd_dinov2", "FD-DINOv2"))
+             if key in scores]
     if "inception_score" in scores:
         parts.append(f"IS {scores['inception_score']:.3f} ± {scores['inception_score_std']:.3f}")
     if "precision" in scores:
@@ -160,6 +177,26 @@ def summary_line(scores: dict) -> str:
 def stored_statistics(args: Arguments, protocol: Protocol) -> str:
     """Whether an ADM batch's stored statistics are the FID/sFID reference: --adm_stats insists, adm uses them."""
     return "required" if args.adm_stats else "if_stored" if protocol.stored_statistics else "never"
+
+
+def metric_groups(args: Arguments, metrics: list[str], reference_spec: str, device
+                  ) -> tuple[list[tuple[FeatureExtractor, list[str]]], Protocol]:
+    """The extractors the metrics need, each with its metrics (fd_dinov2: DINOv2; the rest: --extractor's), all
+    built (and their weights found) before any image is read; and the protocol."""
+    main = [m for m in metrics if m not in OWN_EXTRACTOR]
+    protocol, groups = get_protocol(args.protocol or "pytorch_fid"), {}
+    if main:
+        extractor, protocol = make_extractor(args, reference_spec, device)
+        groups[extractor.id] = (extractor, main)
+    for metric in (m for m in metrics if m in OWN_EXTRACTOR):
+        own, protocol = make_extractor(args, reference_spec, device, name=OWN_EXTRACTOR[metric])
+        groups.setdefault(own.id, (own, []))[1].append(metric)
+    for extractor, names in groups.values():
+        missing = [m for m in names if NEEDS.get(m, "pool") not in extractor.dims]
+        if missing:
+            raise ConfigError(f"the {extractor.id} extractor has no {NEEDS[missing[0]]} features, needed by "
+                              f"{missing[0]}")
+    return list(groups.values()), protocol
 
 
 def evaluate(args: Arguments, state, device) -> str:
@@ -173,31 +210,39 @@ def evaluate(args: Arguments, state, device) -> str:
     unknown = [m for m in metrics if m not in METRICS]
     if unknown or not metrics:
         raise ConfigError(f"unknown metrics {unknown or args.metrics!r}; choose from {', '.join(METRICS)}")
-    extractor, protocol = make_extractor(args, reference_spec, device)
-    missing = [m for m in metrics if NEEDS.get(m, "pool") not in extractor.dims]
-    if missing:
-        raise ConfigError(f"the {extractor.id} extractor has no {NEEDS[missing[0]]} features, needed by {missing[0]}")
+    groups, protocol = metric_groups(args, metrics, reference_spec, device)
     samples = open_images(samples_spec)  # a missing or malformed samples file fails before any extraction
     common = dict(cache_dir=args.cache_dir, use_cache=not args.no_cache, batch_size=args.batch_size,
                   num_workers=args.num_workers, state=state)
-    reference = load_reference(reference_spec, extractor, need_features="pr" in metrics,
-                               statistics_of=tuple(STATISTICS_OF[m] for m in metrics if m in STATISTICS_OF),
-                               stored_statistics=stored_statistics(args, protocol), resolution=args.resolution,
-                               coco_split=args.coco, overrides=args.overrides, **common)
-    features, cached = cached_features(samples, extractor, **common)
+    scores, lines, record = {}, [], {}
+    for extractor, names in groups:
+        own = any(m in OWN_EXTRACTOR for m in names)  # an ADM batch's stored statistics are the Inception's
+        reference = load_reference(reference_spec, extractor, need_features="pr" in names,
+                                   statistics_of=tuple(dict.fromkeys(STATISTICS_OF[m] for m in names
+                                                                     if m in STATISTICS_OF)),
+                                   stored_statistics="never" if own else stored_statistics(args, protocol),
+                                   resolution=args.resolution, coco_split=args.coco, overrides=args.overrides,
+                                   **common)
+        features, cached = cached_features(samples, extractor, **common)
+        if not state.is_main_process:
+            continue
+        group_scores = compute_metrics(names, features, reference, device, protocol)
+        scores.update(group_scores)
+        record.setdefault("reference", reference.record())
+        record["extractor" if not own or len(groups) == 1 else "fd_dinov2_extractor"] = extractor.id
+        ref_count = f"{reference.num_images} images, " if reference.num_images else ""
+        lines.append(f"{summary_line(group_scores)}\n  {len(samples)} samples of {samples.description}"
+                     f"{' (cached features)' if cached else ''} vs {reference.description} ({ref_count}statistics "
+                     f"from {reference.statistics_from}{cached_reference(reference)}); {extractor.id}, protocol "
+                     f"{protocol.name}")
     if not state.is_main_process:
         return ""
-    scores = compute_metrics(metrics, features, reference, device, protocol)
     if args.json:
-        record = {**scores, "num_samples": len(samples), "samples": str(Path(samples_spec).resolve()),
-                  "reference": reference.record(), "extractor": extractor.id, "protocol": protocol.name,
-                  "metrics": metrics}
+        record = {**scores, "num_samples": len(samples), "samples": str(Path(samples_spec).resolve()), **record,
+                  "protocol": protocol.name, "metrics": metrics}
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(record, indent=2) + "\n")
-    ref_count = f"{reference.num_images} images, " if reference.num_images else ""
-    return (f"{summary_line(scores)}\n  {len(samples)} samples of {samples.description}"
-            f"{' (cached features)' if cached else ''} vs {reference.description} ({ref_count}statistics from "
-            f"{reference.statistics_from}{cached_reference(reference)}); {extractor.id}, protocol {protocol.name}")
+    return "\n".join(lines)
 
 
 def run(args: Arguments) -> int:

@@ -105,8 +105,9 @@ def base_config() -> ml_collections.ConfigDict:
                 every=0,
                 n_samples=10_000,
                 final_n_samples=0,  # > 0: score the best checkpoint with this many samples at the end (50K)
-                feature_extractor="inception",  # inception (pytorch-fid's FID Inception) | digits (quickstart)
+                feature_extractor="inception",  # inception (pytorch-fid's FID Inception) | dinov2 | digits (quickstart)
                 inception_weights="",  # pt_inception-2015-12-05 .pth; "" = pytorch-fid's usual torch-hub cache
+                dinov2_weights="",  # DINOv2 ViT-L/14 (feature_extractor=dinov2: FD-DINOv2); "" = torch-hub / HF caches
                 reference="",  # reference statistics .npz (mu, sigma); "" = computed from the training data
                 batch_size=250,  # samples per process and network batch
                 # How FID/sFID/IS/precision-recall are measured: pytorch_fid (pytorch-fid's Inception front end;

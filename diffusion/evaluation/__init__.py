@@ -6,7 +6,8 @@ project's own modules import from the modules themselves.
     protocols    PROTOCOLS, Protocol, get_protocol: pytorch-fid's and ADM's evaluation rules by name
     extractor    FeatureExtractor, the interface of the two extractors: inception.py (pytorch-fid's FID Inception,
                  with pytorch-fid's or ADM's front end)
-                 and digits.py (the quickstart's stand-ins: digit features, and the end-of-run digits accuracy)
+                 and digits.py (the quickstart's stand-ins: digit features, and the end-of-run digits accuracy);
+                 fd_dinov2.py: EDM2's FD-DINOv2 features (DINOv2 ViT-L/14 class token)
     extractors   EXTRACTORS, build_feature_extractor: the extractors by name
     sources      .npz files, image folders, dataset configs, MS-COCO as uint8 image datasets
     features     batched multi-process extraction, per-source feature caches, running statistics of a source or

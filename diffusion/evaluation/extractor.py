@@ -1,5 +1,6 @@
 """The interface of every feature extractor (:class:`FeatureExtractor`): uint8 images in, named feature matrices
-out. The extractors themselves are in inception.py and digits.py, built by name in extractors.py:
+out. The extractors themselves are in inception.py, digits.py and fd_dinov2.py, built by name in
+extractors.py:
 
     extractor = build_feature_extractor("inception", weights="", device="cuda")
     features = extractor(images)        # uint8 (N, H, W, 3) numpy array or tensor, as the FID tools store samples

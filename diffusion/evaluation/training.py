@@ -10,7 +10,8 @@ frequencies); a text-to-image model cycles the caption contexts of ``eval.captio
 training set. Every process draws its share (sample i depends only on (seed, i), so the score does not depend on the
 number of processes), features are reduced to running statistics on every process, and the Frechet distance is taken
 against the reference statistics of ``eval.reference`` or of the training images (computed once and cached in
-``WORKDIR/eval``). ``eval.protocol`` decides the Inception's front end and, for an ADM reference batch, whether its
+``WORKDIR/eval``). ``eval.feature_extractor=dinov2`` makes the score EDM2's FD-DINOv2 instead (DINOv2 ViT-L/14,
+see fd_dinov2.py). ``eval.protocol`` decides the Inception's front end and, for an ADM reference batch, whether its
 stored statistics (adm) or those of its images (pytorch_fid) are the reference.
 """
 
@@ -108,7 +109,9 @@ class TrainingFID:
         self.shape, self.decode, self.class_counts = shape, decode, class_counts
         self.captions, self.null_context = captions, null_context
         self.selection = selection_sample_config(config)
-        self.extractor = build_feature_extractor(ev.feature_extractor, weights=ev.inception_weights, device=device,
+        # eval.feature_extractor=dinov2: the score is EDM2's FD-DINOv2 (weights: eval.dinov2_weights, else the caches)
+        weights = ev.get("dinov2_weights", "") if ev.feature_extractor == "dinov2" else ev.inception_weights
+        self.extractor = build_feature_extractor(ev.feature_extractor, weights=weights, device=device,
                                                  protocol=ev.get("protocol", "pytorch_fid"))
         self.reference = reference_statistics_for_config(config, self.extractor, workdir / "eval", state=state,
                                                          batch_size=ev.batch_size)
