@@ -97,6 +97,7 @@ def test_mismatched_weights_file_is_a_clear_error(tmp_path):
     assert proc.returncode == 2 and "does not fit" in proc.stderr and "Traceback" not in proc.stderr
 
 
+@pytest.mark.long
 def test_short_dit_quickstart_draws_the_requested_digits(tmp_path):
     """configs/digits_dit.py shortened to 1,200 steps of 32 (measured 44%; 79% with its batch of 64, the full run
     ~99%), scored by the same independent classifier as the U-ViT quickstart; chance is 10%."""

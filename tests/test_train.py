@@ -133,6 +133,7 @@ def test_decay_groups():
     assert "decoder_pred.weight" in {names[id(p)] for p in decay["params"]}
 
 
+@pytest.mark.long
 def test_short_quickstart_draws_the_requested_digits(tmp_path):
     """The quickstart config, shortened to 1,200 steps: an independent classifier fit on the real digits must
     recognise the requested class far above chance (10%); measured 58% here, the full 3,000-step run ~99%."""
