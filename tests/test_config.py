@@ -425,3 +425,56 @@ def test_diffusion_keywords_are_the_builders_signatures():
         assert DIFFUSION_KEYWORDS[kind] == tuple(inspect.signature(builder).parameters)
     with pytest.raises(ConfigError, match="unknown diffusion settings for 'vp_sde': \\['num_steps'\\]"):
         build_objective({"kind": "vp_sde", "num_steps": 10})
+
+
+# U-ViT + REPA (no paper run: configs/imagenet256_uvit_h2_repa.py, configs/mscoco_uvit_s2_repa.py document each
+# choice). (parent config, blocks in/mid/out, repa.layer, sampler, steps, guidance w, guidance t interval)
+UVIT_REPA = {
+    "imagenet256_uvit_h2_repa": ("imagenet256_uvit_h2", (14, 1, 14), 8, "repa_sde", 250, 1.8, (0.3, 1.0)),
+    "mscoco_uvit_s2_repa": ("mscoco_uvit_s2", (6, 1, 6), 4, "repa_euler", 50, 1.5, (0.0, 1.0)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(UVIT_REPA))
+def test_uvit_repa_configs(name):
+    """Transport objective (linear, velocity, U-ViT's time token fed 999 t), REPA's DINOv2-B / 2048 / 0.5 on an early
+    in-block that the tap can hold, the parent's backbone, data and recipe unchanged, and samplers the objective
+    runs."""
+    import torch
+
+    from diffusion.config.schema import check_values
+    from diffusion.evaluation.training import selection_sample_config
+    from diffusion.objectives.repa import register_tap
+    from diffusion.registry import build_model, build_objective
+    from diffusion.sampling.generate import check_settings, preview_settings, sample_settings
+
+    parent_name, (n_in, n_mid, n_out), layer, sampler, steps, w, window = UVIT_REPA[name]
+    config, _ = parse_command_line([f"--config={REPO / 'configs' / name}.py"])
+    parent, _ = parse_command_line([f"--config={REPO / 'configs' / parent_name}.py"])
+    d = config.diffusion
+    assert (d.kind, d.path, d.prediction, d.loss_weight, d.time_sampling, d.time_scale, d.time_direction) == (
+        "transport", "linear", "velocity", "none", "uniform", 999.0, "sit")
+    r = config.repa
+    assert (r.encoders, r.layer, r.projector_dim, r.coeff, r.stop_at_step, r.legacy) == (
+        "dinov2-vit-b", layer, 2048, 0.5, 0, False)
+    assert 1 <= r.layer <= n_in  # an in-block: before the mid block and the long skips
+    for section in ("model", "cond", "data", "autoencoder", "text_encoder", "optim", "train"):
+        assert config[section].to_dict() == parent[section].to_dict(), section
+    s = config.sample
+    assert (s.sampler, s.steps, s.guidance_scale, (s.guidance_t_lo, s.guidance_t_hi)) == (sampler, steps, w, window)
+    assert (config.eval.protocol, config.eval.reference, config.eval.every) == (
+        parent.eval.protocol, parent.eval.reference, parent.eval.every)
+    check_values(config)
+    with torch.device("meta"):
+        model = build_model(config.model)
+    assert (len(model.in_blocks), 1, len(model.out_blocks)) == (n_in, n_mid, n_out)
+    register_tap(model, r.layer).remove()
+    with pytest.raises(ValueError, match="REPA's layer must lie in"):
+        register_tap(model, n_in + n_mid + n_out + 1)
+    objective = build_objective(config.diffusion)
+    for settings in (config.sample, preview_settings(config), selection_sample_config(config)):
+        kwargs = sample_settings(settings, objective)
+        check_settings(objective, kwargs)
+        # the objective's own refusals (t_end, skip_type of the parent's DPM-Solver++): a zero network runs them
+        out = objective.sample(lambda x, t, **cond: torch.zeros_like(x), torch.randn(2, 4, 2, 2), {}, **kwargs)
+        assert out.shape == (2, 4, 2, 2) and torch.isfinite(out).all()
