@@ -5,8 +5,8 @@ and the CLIP last hidden state of every caption, plus the empty caption's encodi
         --autoencoder assets/stable-diffusion/autoencoder_kl.pth --clip openai/clip-vit-large-patch14
 
 ROOT holds train2014/, val2014/ and annotations/captions_{train,val}2014.json. Same sharded, multi-process, resumable
-machinery as scripts/extract_latents.py. Train on the result with --config.data.name=coco_latents
---config.data.root=OUT.
+machinery as scripts/extract_latents.py (also its --repa_encoders: REPA's targets of every image). Train on the
+result with --config.data.name=coco_latents --config.data.root=OUT.
 """
 
 import sys

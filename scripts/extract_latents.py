@@ -3,10 +3,13 @@
     accelerate launch scripts/extract_latents.py --data data/imagenet/train --out data/imagenet256_latents \\
         --resolution 256 --autoencoder stabilityai/sd-vae-ft-ema   # [--fp16]: half the disk, rounded moments
     python scripts/extract_latents.py ...     (one process)
+    ... --repa_encoders dinov2-vit-b --repa_encoder_weights PATH   # also REPA's targets, for data.name=latents
 
 Images are ADM-centre-cropped to --resolution; each process writes its own shards (shard k by rank k mod the number of
 processes). Rerunning the same command after a kill resumes without redoing finished shards. Train on the result
-with --config.data.name=latents --config.data.root=OUT (see diffusion/data/extraction.py for the file formats).
+with --config.data.name=latents --config.data.root=OUT (see diffusion/data/extraction.py for the file formats); with
+--repa_encoders the shards also hold those encoders' features of every image and its flip, which REPA training
+(repa.encoders, the same names and weights) reads as its targets.
 """
 
 import sys

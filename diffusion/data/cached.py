@@ -1,6 +1,9 @@
 """The datasets that train on cached autoencoder features, and the reading of an extraction folder's manifest.
 
 The folders are written by :mod:`diffusion.data.extraction`, whose docstring specifies their files and tensors.
+A folder extracted with REPA encoders (``--repa_encoders``) gives every item ``"repa_features"`` too: a list, one
+float32 (tokens, dim) per encoder in the manifest's ``repa_encoders`` order, of the same view (original or flip) as
+the item's latent.
 """
 
 from __future__ import annotations
@@ -27,6 +30,24 @@ MANIFEST, SETTINGS = "manifest.json", "extraction.json"
 CAPTIONS, NULL_CONTEXT = "captions.json", "null_context.safetensors"  # MS-COCO only
 FORMAT = "transformer-diffusion/cached-features"
 VERSION = 1
+REPA_SETTINGS = "repa_encoders"  # the settings / manifest key listing the stored REPA encoders' features
+
+
+def repa_key(encoder_name: str) -> str:
+    """The shard key of one REPA encoder's features, e.g. ``repa_dinov2-vit-b``."""
+    return f"repa_{encoder_name}"
+
+
+def vision_encoder_digest(encoder: torch.nn.Module) -> str:
+    """sha256 of a loaded vision encoder's state (every tensor's name, dtype, shape and bytes, in name order): the
+    weights identity the manifest records and training compares (the position table is the one resampled for the
+    encoder's resolution, so the digest also depends on it)."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(encoder.state_dict().items()):
+        flat = tensor.detach().cpu().contiguous().reshape(-1)
+        digest.update(f"{name}:{flat.dtype}:{tuple(tensor.shape)};".encode())
+        digest.update(flat.view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 def read_manifest(root: str | os.PathLike, kind: str | None = None) -> dict[str, Any]:
@@ -97,6 +118,8 @@ class _CachedFeatures(Dataset):
         self._ends = np.cumsum([shard["count"] for shard in self.shards], dtype=np.int64)
         self._check_files(verify_checksums)
         self._files: dict[int, Any] = {}
+        self.repa_encoders = list(self.manifest.get(REPA_SETTINGS, []))  # the stored REPA features' entries
+        self._repa_keys = [entry["key"] for entry in self.repa_encoders]
 
     def _check_files(self, verify_checksums: bool) -> None:
         """Sizes always (cheap); sha256 of every shard when asked (reads everything once)."""
@@ -130,13 +153,20 @@ class _CachedFeatures(Dataset):
             self._files[k] = safe_open(os.fspath(self.root / self.shards[k]["file"]), framework="pt")
         return self._files[k], k, row
 
+    def _repa_features(self, shard: Any, *row: int) -> dict[str, list[Tensor]]:
+        """``{"repa_features": [float32 (tokens, dim) per encoder]}`` at ``row`` (shard row[, view]), or {}."""
+        if not self._repa_keys:
+            return {}
+        return {"repa_features": [shard.get_slice(key)[row].float() for key in self._repa_keys]}
+
     def _posterior_sample(self, moments: Tensor) -> Tensor:
         """(2C, h, w) stored moments -> float32 (C, h, w) scaled latent, a fresh draw at every call."""
         return sample_posterior(moments.float()[None], self.scale_factor)[0]
 
 
 class LatentDataset(_CachedFeatures):
-    """Cached ImageNet-style latents (``scripts/extract_latents.py``): ``{"x": float32 (C, h, w), "y": int64}``.
+    """Cached ImageNet-style latents (``scripts/extract_latents.py``): ``{"x": float32 (C, h, w), "y": int64}``
+    (and ``"repa_features"`` of the same view when the folder holds them).
 
     Every read draws a fresh posterior sample ``scale_factor * (mean + std * noise)`` (torch's RNG, seeded per
     DataLoader worker) from the original's or, with ``random_flip``, at random the flipped image's moments.
@@ -161,12 +191,13 @@ class LatentDataset(_CachedFeatures):
         shard, _, row = self._locate(index)
         view = int(torch.randint(2, ())) if self.random_flip else 0
         return {"x": self._posterior_sample(shard.get_slice("moments")[row, view]),
-                "y": shard.get_slice("label")[row]}
+                "y": shard.get_slice("label")[row], **self._repa_features(shard, row, view)}
 
 
 class CocoFeatureDataset(_CachedFeatures):
     """Cached MS-COCO features (``scripts/extract_coco.py``): ``{"x": float32 (C, h, w), "context": float32 (L,
-    hidden)}``, a fresh posterior sample and one of the image's captions drawn at random at every read.
+    hidden)}``, a fresh posterior sample and one of the image's captions drawn at random at every read (and
+    ``"repa_features"`` when the folder holds them).
 
     ``null_context`` (L, hidden) is the empty caption's encoding, for caption dropout and guidance. The captions as
     text are in :func:`load_captions`. ``expect_text_encoder`` must match the manifest's CLIP when given.
@@ -192,7 +223,7 @@ class CocoFeatureDataset(_CachedFeatures):
         start, stop = self._caption_starts[k][row : row + 2].tolist()
         caption = start + int(torch.randint(stop - start, ()))
         return {"x": self._posterior_sample(shard.get_slice("moments")[row]),
-                "context": shard.get_slice("context")[caption].float()}
+                "context": shard.get_slice("context")[caption].float(), **self._repa_features(shard, row)}
 
 
 _DATASETS = (LatentDataset, CocoFeatureDataset)

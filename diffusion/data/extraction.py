@@ -29,6 +29,17 @@ Shard tensors (n stored images, m captions; floating point in the manifest's ``d
     coco         moments (n, 2C, h, w); context (m, L, hidden), image i's captions being the num_captions[i] rows
                  after those of images 0..i-1 of the shard; num_captions, image_id, index int64 (n,)
 
+With ``--repa_encoders`` (REPA, diffusion/training/repa.py) a shard also holds every encoder's patch features of the
+stored views, under ``repa_<encoder name>`` (e.g. ``repa_dinov2-vit-b``): imagefolder (n, 2, tokens, dim), [original,
+h-flipped] as the moments; coco (n, tokens, dim). They are REPA's targets: the encoder (set up for ``resolution``)
+run on the same uint8 crop the moments were encoded from, in float32 (``--repa_fp16``: float16, a relative rounding of
+about 5e-4 in the targets). The settings (so extraction.json and the manifest) list the encoders under
+``repa_encoders``: name, key, weights source, ``sha256`` (:func:`~diffusion.data.cached.vision_encoder_digest` of the
+loaded encoder), resolution, input size, tokens, dim, dtype. Features cannot be added to a folder extracted without
+them (its settings differ, so the run is refused): extract into a new folder. Size: ViT-B at 256 px is 256 x 768
+float32 per view, 1.6 MB per ImageNet image with its flip (about 2 TB for ImageNet-1k; half with --repa_fp16); a
+process holds one shard's features in memory before writing it.
+
 ``index`` is the item's position in the source (ImageFolder order; COCO image-id order), so skipped images leave gaps.
 The datasets that train on these folders are in :mod:`diffusion.data.cached`.
 """
@@ -57,9 +68,20 @@ from tqdm import tqdm
 from diffusion.config.cli import Flag
 from diffusion.config.schema import ON_CORRUPT
 from diffusion.data.autoencoder import DTYPES, Autoencoder
-from diffusion.data.cached import CAPTIONS, FORMAT, MANIFEST, NULL_CONTEXT, SETTINGS, VERSION
+from diffusion.data.cached import (
+    CAPTIONS,
+    FORMAT,
+    MANIFEST,
+    NULL_CONTEXT,
+    REPA_SETTINGS,
+    SETTINGS,
+    VERSION,
+    repa_key,
+    vision_encoder_digest,
+)
 from diffusion.data.datasets import CocoCaptions, center_crop_arr
 from diffusion.data.text_encoder import TextEncoder
+from diffusion.data.vision_encoders import load_vision_encoders, split_names
 from diffusion.errors import ConfigError, CorruptImageError, DatasetNotFoundError, JobMismatchError
 from diffusion.files import write_atomic
 
@@ -147,6 +169,43 @@ def _int64(items: list[dict[str, Any]], key: str) -> Tensor:
     return torch.tensor([item[key] for item in items], dtype=torch.int64)
 
 
+def _uint8(items: list[dict[str, Any]], device: torch.device) -> Tensor:
+    """uint8 HWC images -> uint8 (B, 3, H, W) on ``device``: what REPA's encoders take (and what training's
+    ``images_to_uint8`` gives back from the [-1, 1] images)."""
+    return torch.from_numpy(np.stack([item["image"] for item in items])).to(device).permute(0, 3, 1, 2)
+
+
+class RepaFeatures:
+    """REPA's frozen vision encoders (``names`` comma-separated, as ``repa.encoders``), set up for ``resolution``
+    px images: each one's patch features of the stored views, and their settings entries."""
+
+    def __init__(self, names: str, weights: str, resolution: int, device: torch.device, fp16: bool) -> None:
+        self.encoders = load_vision_encoders(names, weights=weights, resolution=resolution, device=device)
+        self.dtype = _storage_dtype(fp16)
+        self.device = device
+
+    def settings(self) -> list[dict[str, Any]]:
+        return [{"name": e.name, "key": repa_key(e.name), "weights": e.source, "sha256": vision_encoder_digest(e),
+                 "resolution": e.resolution, "input_size": e.input_size, "tokens": e.num_tokens,
+                 "dim": e.embed_dim, "dtype": self.dtype} for e in self.encoders]
+
+    def encode(self, items: list[dict[str, Any]], flip: bool) -> dict[str, Tensor]:
+        """{key: float32 (B, 2, tokens, dim) [original, flipped] with ``flip``, else (B, tokens, dim)}."""
+        pixels = _uint8(items, self.device)
+        if flip:
+            pixels = torch.cat([pixels, pixels.flip(-1)])
+        out = {}
+        for encoder in self.encoders:
+            features = encoder(pixels.to(encoder.device)).float()
+            out[repa_key(encoder.name)] = torch.stack(features.chunk(2), dim=1) if flip else features
+        return out
+
+
+def _repa_settings(repa: RepaFeatures | None) -> dict[str, Any]:
+    """The settings entry of the REPA features (none without encoders, so older folders resume unchanged)."""
+    return {REPA_SETTINGS: repa.settings()} if repa is not None else {}
+
+
 class ExtractionJob(Protocol):
     source: Any  # a Dataset of source items with .path(index)
     settings: dict[str, Any]  # JSON: what the run computes; a resume must have the same
@@ -165,14 +224,16 @@ class ExtractionJob(Protocol):
 class ImageFolderLatents:
     """ImageNet-style: moments of every image and of its horizontal flip, and its label."""
 
-    def __init__(self, source: ImageFolderImages, autoencoder: Autoencoder, settings: dict[str, Any]) -> None:
-        self.source, self.autoencoder, self.settings = source, autoencoder, settings
+    def __init__(self, source: ImageFolderImages, autoencoder: Autoencoder, settings: dict[str, Any],
+                 repa: RepaFeatures | None = None) -> None:
+        self.source, self.autoencoder, self.settings, self.repa = source, autoencoder, settings, repa
 
     def encode(self, items: list[dict[str, Any]]) -> dict[str, Tensor]:
         x = _pixels(items, self.autoencoder.device)
         moments = self.autoencoder.encode_moments(torch.cat([x, x.flip(-1)]))  # (2B, 2C, h, w)
+        features = self.repa.encode(items, flip=True) if self.repa is not None else {}
         return {"moments": torch.stack(moments.chunk(2), dim=1),  # (B, 2, 2C, h, w)
-                "label": _int64(items, "label"), "index": _int64(items, "index")}
+                "label": _int64(items, "label"), "index": _int64(items, "index"), **features}
 
     def shard_info(self, items: list[dict[str, Any]]) -> dict[str, Any]:
         labels = [item["label"] for item in items]
@@ -188,15 +249,17 @@ class CocoFeatures:
     caption; at the end the empty caption's encoding and all captions as text."""
 
     def __init__(self, source: CocoImages, autoencoder: Autoencoder, text_encoder: TextEncoder,
-                 settings: dict[str, Any]) -> None:
+                 settings: dict[str, Any], repa: RepaFeatures | None = None) -> None:
         self.source, self.autoencoder, self.text_encoder, self.settings = source, autoencoder, text_encoder, settings
+        self.repa = repa
 
     def encode(self, items: list[dict[str, Any]]) -> dict[str, Tensor]:
         captions = [caption for item in items for caption in item["captions"]]
+        features = self.repa.encode(items, flip=False) if self.repa is not None else {}
         return {"moments": self.autoencoder.encode_moments(_pixels(items, self.autoencoder.device)),
                 "context": self.text_encoder.encode(captions),
                 "num_captions": torch.tensor([len(item["captions"]) for item in items], dtype=torch.int64),
-                "image_id": _int64(items, "image_id"), "index": _int64(items, "index")}
+                "image_id": _int64(items, "image_id"), "index": _int64(items, "index"), **features}
 
     def shard_info(self, items: list[dict[str, Any]]) -> dict[str, Any]:
         keys = ("index", "image_id", "file_name", "captions")
@@ -235,8 +298,13 @@ def _claim_folder(out: Path, settings: dict[str, Any]) -> None:
 
 def _check_settings(out: Path, settings: dict[str, Any]) -> None:
     recorded = json.loads((out / SETTINGS).read_text())
-    changed = [f"{key}: {recorded.get(key)!r} there, {settings.get(key)!r} now"
-               for key in sorted(set(recorded) | set(settings)) if recorded.get(key) != settings.get(key)]
+    keys = [key for key in sorted(set(recorded) | set(settings)) if recorded.get(key) != settings.get(key)]
+    if keys == [REPA_SETTINGS] and REPA_SETTINGS not in recorded:
+        raise JobMismatchError(f"{out} holds an extraction without REPA features: they cannot be added to it (its "
+                               f"shards are written and recorded without them). Extract into another --out folder "
+                               f"with --repa_encoders (the latents are recomputed with them), or rerun without "
+                               f"--repa_encoders to resume it as it was.")
+    changed = [f"{key}: {recorded.get(key)!r} there, {settings.get(key)!r} now" for key in keys]
     if changed:
         raise JobMismatchError(f"{out} holds an extraction with other settings ({'; '.join(changed)}). Rerun with "
                                f"the original settings to resume it, or extract into another --out folder.")
@@ -253,7 +321,15 @@ def _batch_plan(shards: list[int], num_items: int, shard_size: int, batch_size: 
             yield k, list(range(first, min(first + batch_size, stop))), (start, stop) if last else None
 
 
-def _write_shard(out: Path, k: int, span: tuple[int, int], parts: dict[str, list[Tensor]], dtype: torch.dtype,
+def _storage_dtypes(settings: dict[str, Any]) -> dict[str, torch.dtype]:
+    """Floating-point storage dtype by shard key ("" for every key not named: the moments, contexts)."""
+    dtypes = {"": getattr(torch, settings["dtype"])}
+    dtypes.update({entry["key"]: getattr(torch, entry["dtype"]) for entry in settings.get(REPA_SETTINGS, [])})
+    return dtypes
+
+
+def _write_shard(out: Path, k: int, span: tuple[int, int], parts: dict[str, list[Tensor]],
+                 dtypes: dict[str, torch.dtype],
                  infos: list[dict[str, Any]], skipped: list[dict[str, Any]], job: ExtractionJob,
                  writer: tuple[int, int]) -> None:
     record: dict[str, Any] = {"shard": k, "start": span[0], "stop": span[1], "count": len(infos),
@@ -263,6 +339,7 @@ def _write_shard(out: Path, k: int, span: tuple[int, int], parts: dict[str, list
         tensors = {}
         for key, chunks in parts.items():
             tensor = torch.cat(chunks)
+            dtype = dtypes.get(key, dtypes[""])
             tensors[key] = (tensor.to(dtype) if tensor.is_floating_point() else tensor).cpu().contiguous()
         data = save(tensors, metadata={"format": FORMAT})  # one key: safetensors writes a map's keys in any order
         record.update(file=f"{_shard_name(k)}.safetensors", bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
@@ -322,14 +399,14 @@ def run_extraction(job: ExtractionJob, out: str | os.PathLike, *, shard_size: in
     with tqdm(total=sum(len(indices) for _, indices, _ in plan), desc=f"rank {rank}/{world}", unit="img",
               position=rank, dynamic_ncols=True) as progress:
         if plan:
-            _extract_shards(job, out, plan, dtype=getattr(torch, settings["dtype"]), num_workers=num_workers,
+            _extract_shards(job, out, plan, dtypes=_storage_dtypes(settings), num_workers=num_workers,
                             on_corrupt=on_corrupt, writer=(rank, world), progress=progress)
     state.wait_for_everyone()
     return _write_manifest(out, job, settings, num_shards) if state.is_main_process else None
 
 
 def _extract_shards(job: ExtractionJob, out: Path, plan: list[tuple[int, list[int], tuple[int, int] | None]], *,
-                    dtype: torch.dtype, num_workers: int, on_corrupt: str, writer: tuple[int, int],
+                    dtypes: dict[str, torch.dtype], num_workers: int, on_corrupt: str, writer: tuple[int, int],
                     progress: tqdm) -> None:
     """Encode the batches of ``plan`` (:func:`_batch_plan`'s) and write each shard after its last batch.
     ``writer``: (rank, world size), for the shard records."""
@@ -350,7 +427,7 @@ def _extract_shards(job: ExtractionJob, out: Path, plan: list[tuple[int, list[in
             infos.extend({key: v for key, v in item.items() if key != "image"} for item in good)
         progress.update(len(indices))
         if span is not None:
-            _write_shard(out, k, span, parts, dtype, infos, skipped, job, writer)
+            _write_shard(out, k, span, parts, dtypes, infos, skipped, job, writer)
             parts, infos, skipped = defaultdict(list), [], []
 
 
@@ -360,9 +437,11 @@ def _storage_dtype(fp16: bool) -> str:
 
 def extract_imagefolder(data: str | os.PathLike, out: str | os.PathLike, *, resolution: int, autoencoder: str,
                         single_file_config: str = "", scale_factor: float = 0.18215, fp16: bool = False,
-                        autoencoder_dtype: str = "fp32", **run_kwargs: Any) -> dict[str, Any] | None:
-    """Moments of every image of the ImageFolder ``data`` and of its flip, at ``resolution`` (ADM centre crop).
-    ``run_kwargs`` go to :func:`run_extraction`."""
+                        autoencoder_dtype: str = "fp32", repa_encoders: str = "", repa_encoder_weights: str = "",
+                        repa_fp16: bool = False, **run_kwargs: Any) -> dict[str, Any] | None:
+    """Moments of every image of the ImageFolder ``data`` and of its flip, at ``resolution`` (ADM centre crop), and
+    with ``repa_encoders`` (comma-separated, as ``repa.encoders``; weights as ``repa.encoder_weights``) those
+    encoders' features of both. ``run_kwargs`` go to :func:`run_extraction`."""
     state = process_state()
     source = ImageFolderImages(data, resolution)
     ae = Autoencoder.load(autoencoder, scale_factor=scale_factor, single_file_config=single_file_config,
@@ -371,14 +450,26 @@ def extract_imagefolder(data: str | os.PathLike, out: str | os.PathLike, *, reso
                 "autoencoder": autoencoder, "single_file_config": single_file_config, "scale_factor": scale_factor,
                 "autoencoder_dtype": autoencoder_dtype, "resolution": resolution,
                 "latent_shape": list(ae.latent_shape(resolution)), "dtype": _storage_dtype(fp16), "flip": True}
-    return run_extraction(ImageFolderLatents(source, ae, settings), out, **run_kwargs)
+    repa = _repa(repa_encoders, repa_encoder_weights, resolution, state.device, repa_fp16)
+    settings.update(_repa_settings(repa))
+    return run_extraction(ImageFolderLatents(source, ae, settings, repa), out, **run_kwargs)
+
+
+def _repa(names: str, weights: str, resolution: int, device: torch.device, fp16: bool) -> RepaFeatures | None:
+    if not split_names(names):
+        if weights:
+            raise ConfigError(f"--repa_encoder_weights={weights!r} without --repa_encoders: name the encoders")
+        return None
+    return RepaFeatures(names, weights, resolution, device, fp16)
 
 
 def extract_coco(root: str | os.PathLike, split: str, out: str | os.PathLike, *, autoencoder: str, clip: str,
                  resolution: int = 256, single_file_config: str = "", scale_factor: float = 0.23010,
-                 max_length: int = 77, fp16: bool = False, autoencoder_dtype: str = "fp32", **run_kwargs: Any
+                 max_length: int = 77, fp16: bool = False, autoencoder_dtype: str = "fp32", repa_encoders: str = "",
+                 repa_encoder_weights: str = "", repa_fp16: bool = False, **run_kwargs: Any
                  ) -> dict[str, Any] | None:
-    """Moments of every MS-COCO image of ``split`` and the CLIP encodings of all its captions."""
+    """Moments of every MS-COCO image of ``split`` and the CLIP encodings of all its captions (and, with
+    ``repa_encoders``, those encoders' features of every image)."""
     state = process_state()
     source = CocoImages(root, split, resolution)
     ae = Autoencoder.load(autoencoder, scale_factor=scale_factor, single_file_config=single_file_config,
@@ -389,7 +480,9 @@ def extract_coco(root: str | os.PathLike, split: str, out: str | os.PathLike, *,
                 "autoencoder_dtype": autoencoder_dtype, "resolution": resolution,
                 "latent_shape": list(ae.latent_shape(resolution)), "dtype": _storage_dtype(fp16), "flip": False,
                 "text_encoder": clip, "max_length": max_length, "context_shape": [max_length, te.hidden_size]}
-    return run_extraction(CocoFeatures(source, ae, te, settings), out, **run_kwargs)
+    repa = _repa(repa_encoders, repa_encoder_weights, resolution, state.device, repa_fp16)
+    settings.update(_repa_settings(repa))
+    return run_extraction(CocoFeatures(source, ae, te, settings, repa), out, **run_kwargs)
 
 
 def extraction_flags(scale_factor: float) -> tuple[Flag, ...]:
@@ -403,6 +496,11 @@ def extraction_flags(scale_factor: float) -> tuple[Flag, ...]:
              help="recorded in the manifest; the training config's autoencoder.scale_factor wins"),
         Flag("autoencoder_dtype", "fp32", choices=tuple(DTYPES), help="dtype the encoder runs in"),
         Flag("fp16", False, bool, help="store features as float16 (half the disk)"),
+        Flag("repa_encoders", "", metavar="NAMES",
+             help="also store these REPA encoders' features (comma-separated, as repa.encoders, e.g. dinov2-vit-b)"),
+        Flag("repa_encoder_weights", "", metavar="PATHS",
+             help="their weights, one per encoder (comma-separated; empty: the local caches), as repa.encoder_weights"),
+        Flag("repa_fp16", False, bool, help="store the REPA features as float16 (half the disk, rounded targets)"),
         Flag("batch_size", 32, int, help="images per encoder call"),
         Flag("shard_size", 1024, int, help="images per shard file"),
         Flag("num_workers", 4, int, help="image-decoding workers per process"),

@@ -113,7 +113,8 @@ def train_step(run: Run, batches, progress: Progress, window: Window) -> None:
                 rows = slice(micro * run.micro_batch * run.world + run.rank,
                              (micro + 1) * run.micro_batch * run.world, run.world)  # as StepDraws.rows
                 legacy = legacy_uniform(seed, progress.step, tc.batch_size, rows, run.device)
-                terms = repa_losses(run.repa, run.objective, run.model, images, x, cond, given, progress.step, legacy)
+                terms = repa_losses(run.repa, run.objective, run.model, images, x, cond, given, progress.step, legacy,
+                                    batch.get("repa_features"))
                 window.terms_sum += torch.stack([terms["denoise"].mean(), terms["proj"].mean()]).detach() / \
                     tc.grad_accum_steps
             else:
