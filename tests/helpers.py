@@ -67,6 +67,22 @@ def launch_train(workdir, *args, processes: int = 2) -> subprocess.CompletedProc
     return proc
 
 
+def make_tiny_dinov2(path, seed: int = 0) -> Path:
+    """A tiny DINOv2-S layout (1 block, width 64) with the released models' 518 px position table, saved as a .pth
+    in timm's key layout; returns the path."""
+    import timm
+
+    torch.manual_seed(seed)
+    model = timm.create_model("vit_small_patch14_dinov2", pretrained=False, img_size=518, num_classes=0, depth=1,
+                              embed_dim=64, num_heads=1)
+    with torch.no_grad():  # layer scale 1e-5 would hide the block
+        for name, p in model.named_parameters():
+            if name.endswith("gamma"):
+                p.fill_(1.0)
+    torch.save(model.state_dict(), path)
+    return Path(path)
+
+
 def tiny_config(*overrides, config: str = "configs/digits_uvit.py"):
     """The config file with a tiny backbone of its kind and a quiet, short run; ``overrides`` come last."""
     tiny = TINY_DIT if "dit" in Path(config).stem else TINY_UVIT

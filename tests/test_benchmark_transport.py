@@ -88,3 +88,35 @@ def test_transport_benchmark_reports_the_evaluations_each_sampler_makes(sampler,
     out = capsys.readouterr().out.strip().splitlines()
     assert f"{sampler} steps 5: NFE {nfe}" in out[0]  # the table's line
     assert out[-1].startswith("[benchmark]") and f"{sampler} steps 5 NFE {nfe}" in out[-1]  # the summary line
+
+
+def test_repa_training_step_with_encoder_features_on_the_fly_against_cached(tmp_path, monkeypatch):
+    """A REPA training step two ways: the encoder on the batch's images at every step, and its features read as a
+    cache serves them. Both train the projectors (same first loss: the same targets); the cached one runs no
+    encoder."""
+    from tests.helpers import make_tiny_dinov2
+
+    monkeypatch.setattr(benchmark_script, "matmul_peak", lambda dtype, device: 1e12)
+    weights = make_tiny_dinov2(tmp_path / "dinov2.pth")
+    report = tmp_path / "bench.json"
+    code = benchmark_script.main([
+        "--config", str(REPO / "configs" / "digits_sit.py"), "--task", "train", "--batch", "2", "--repeats", "1",
+        "--warmup", "0", "--threads", "1", "--config.repa.encoders=dinov2-vit-s",
+        f"--config.repa.encoder_weights={weights}", "--config.repa.layer=1", "--config.repa.projector_dim=16",
+        "--variant", "on_the_fly:repa_targets=images", "--variant", "cached:repa_targets=cached",
+        "--json", str(report)])
+    assert code == 0
+    results = {r["variant"]: r for r in json.loads(report.read_text())["results"]}
+    assert set(results) == {"on_the_fly", "cached"}
+    assert results["on_the_fly"]["first_loss"] == pytest.approx(results["cached"]["first_loss"], rel=1e-5)
+    plain = _plain_loss(tmp_path, monkeypatch)
+    assert abs(results["cached"]["first_loss"] - plain) > 1e-3  # the alignment term is in the loss
+
+
+def _plain_loss(tmp_path, monkeypatch) -> float:
+    """The same step's loss without REPA."""
+    report = tmp_path / "plain.json"
+    assert benchmark_script.main([
+        "--config", str(REPO / "configs" / "digits_sit.py"), "--task", "train", "--batch", "2", "--repeats", "1",
+        "--warmup", "0", "--threads", "1", "--variant", "plain:precision=fp32", "--json", str(report)]) == 0
+    return json.loads(report.read_text())["results"][0]["first_loss"]

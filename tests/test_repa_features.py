@@ -12,6 +12,7 @@ import sys
 
 import pytest
 import torch
+from PIL import Image
 from torchvision.datasets.folder import pil_loader
 
 from diffusion.config.cli import parse_command_line
@@ -24,7 +25,16 @@ from diffusion.training.data import stream_batches
 from diffusion.training.loop import train
 from diffusion.training.repa import RepaTraining
 from diffusion.training.run import start_run
-from tests.helpers import FILES, REPO, TINY_MODEL, make_tiny_autoencoder, make_tiny_clip, write_coco, write_imagefolder
+from tests.helpers import (
+    FILES,
+    REPO,
+    TINY_MODEL,
+    make_tiny_autoencoder,
+    make_tiny_clip,
+    make_tiny_dinov2,
+    write_coco,
+    write_imagefolder,
+)
 from tests.test_latents import _kill_when, _launch, _one_thread, _stored
 
 pytestmark = pytest.mark.filterwarnings("ignore::diffusion.data.vision_encoders.EncoderSizeWarning")
@@ -34,27 +44,12 @@ KEY = "repa_dinov2-vit-s"
 EXTRACT = ["--resolution", str(RES), "--shard_size", "3", "--batch_size", "2", "--num_workers", "0"]
 
 
-def _tiny_dinov2(path, seed: int):
-    """A tiny DINOv2-S layout (1 block, width 64) with the released models' 518 px position table, as a .pth."""
-    import timm
-
-    torch.manual_seed(seed)
-    model = timm.create_model("vit_small_patch14_dinov2", pretrained=False, img_size=518, num_classes=0, depth=1,
-                              embed_dim=64, num_heads=1)
-    with torch.no_grad():  # layer scale 1e-5 would hide the block
-        for name, p in model.named_parameters():
-            if name.endswith("gamma"):
-                p.fill_(1.0)
-    torch.save(model.state_dict(), path)
-    return path
-
-
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory):
     """An ImageFolder (one truncated JPEG) and its one-process extraction with DINOv2 features (the reference)."""
     root = tmp_path_factory.mktemp("repa_cache")
     ae = str(make_tiny_autoencoder(root / "ae"))
-    dinov2 = str(_tiny_dinov2(root / "dinov2_tiny.pth", seed=0))
+    dinov2 = str(make_tiny_dinov2(root / "dinov2_tiny.pth", seed=0))
     data = write_imagefolder(root / "train")
     with _one_thread():
         manifest = extract_imagefolder(data, root / "latents", resolution=RES, autoencoder=ae, shard_size=3,
@@ -189,9 +184,11 @@ def test_training_from_cached_features_uses_them_as_the_targets(cache, tmp_path)
         torch.testing.assert_close(from_cache, from_images, atol=1e-5, rtol=1e-5)
     finally:
         run.repa.tap.remove()
-    train(cfg, tmp_path / "run")
+    train(_sit(cache, "--config.train.sample_every=3"), tmp_path / "run")
     text = (tmp_path / "run" / "log.txt").read_text()
     assert "targets cached in data.root" in text
+    preview = Image.open(tmp_path / "run" / "samples" / "step_00000003.png")
+    assert min(preview.size) > 2 * RES  # decoded images (RES px, two class rows), not the 4x4 latents
     proj = [float(m) for m in re.findall(r" proj (-?[0-9.]+)", text)]
     loss = [float(m) for m in re.findall(r" loss (-?[0-9.]+)", text)]
     assert len(proj) == len(loss) == 3 and all(-1.0 <= p <= 1.0 and p != 0 for p in proj)
@@ -201,7 +198,7 @@ def test_training_from_cached_features_uses_them_as_the_targets(cache, tmp_path)
 def test_mismatched_or_missing_features_are_refused(cache, tmp_path):
     with pytest.raises(ConfigError, match="holds REPA features of dinov2-vit-s, but repa.encoders='dinov2-vit-b'"):
         train(_sit(cache, "--config.repa.encoders=dinov2-vit-b"), tmp_path / "name")
-    other = _tiny_dinov2(tmp_path / "other.pth", seed=1)
+    other = make_tiny_dinov2(tmp_path / "other.pth", seed=1)
     with pytest.raises(ConfigError, match="come from other weights"):
         train(_sit(cache, f"--config.repa.encoder_weights={other}"), tmp_path / "weights")
     plain = tmp_path / "plain"
@@ -210,3 +207,13 @@ def test_mismatched_or_missing_features_are_refused(cache, tmp_path):
                             batch_size=8, num_workers=0)
     with pytest.raises(ConfigError, match="extracted without REPA features.*--repa_encoders dinov2-vit-s"):
         train(_sit(cache, root=plain), tmp_path / "plain_run")
+
+
+def test_a_token_mismatch_is_resized_and_said_in_the_log(cache, tmp_path):
+    """Patch size 1 gives the backbone 4x4 tokens against the encoder's 2x2: the projected grid is resized (not an
+    error) and the log says so."""
+    train(_sit(cache, "--config.model.patch_size=1", "--config.train.steps=1", "--config.train.ckpt_every=1"),
+          tmp_path)
+    text = (tmp_path / "log.txt").read_text()
+    assert "the backbone's 16 tokens (4x4) are resized to dinov2-vit-s's 4" in text
+    assert all(-1.0 <= float(p) <= 1.0 for p in re.findall(r" proj (-?[0-9.]+)", text))

@@ -20,26 +20,14 @@ from diffusion.training.data import stream_batches
 from diffusion.training.loop import Window, train, train_step
 from diffusion.training.repa import images_to_uint8
 from diffusion.training.run import start_run
-from tests.helpers import REPO, TINY_DIT
+from tests.helpers import REPO, TINY_DIT, make_tiny_dinov2
 
 pytestmark = pytest.mark.filterwarnings("ignore::diffusion.data.vision_encoders.EncoderSizeWarning")
 
 
 @pytest.fixture(scope="module")
 def dinov2_file(tmp_path_factory):
-    """A tiny DINOv2-S layout (1 block, width 64) with the released models' 518 px position table, as a .pth."""
-    import timm
-
-    torch.manual_seed(0)
-    model = timm.create_model("vit_small_patch14_dinov2", pretrained=False, img_size=518, num_classes=0, depth=1,
-                              embed_dim=64, num_heads=1)
-    with torch.no_grad():  # layer scale 1e-5 would hide the block
-        for name, p in model.named_parameters():
-            if name.endswith("gamma"):
-                p.fill_(1.0)
-    path = tmp_path_factory.mktemp("dinov2") / "dinov2_tiny.pth"
-    torch.save(model.state_dict(), path)
-    return path
+    return make_tiny_dinov2(tmp_path_factory.mktemp("dinov2") / "dinov2_tiny.pth")
 
 
 def repa_sit(weights, *overrides, config: str = "configs/digits_sit.py"):

@@ -46,6 +46,7 @@ from diffusion.sampling.loader import input_shape
 from diffusion.tools.flops import forward_flops, synthetic_conditioning
 from diffusion.training.data import batch_conditioning, prepare_data, stream_batches
 from diffusion.training.pieces import update_ema
+from diffusion.training.repa import build_repa, repa_losses
 from diffusion.training.speed import OPTIMIZER_IMPLS, adamw, reuse_freed_memory
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -73,6 +74,9 @@ class Variant:
     channels_last: bool = False  # channels-last memory format for the convolutions
     tf32: bool = False  # TF32 matmuls (CUDA)
     data: str = "synthetic"  # synthetic: random tensors of the data shape; loader: the config's dataset
+    # With repa.encoders set (training): "images" runs the encoders on the batch's images at every step (data.name
+    # = imagenet); "cached" reads their features as a feature cache serves them (computed once, before timing)
+    repa_targets: str = "images"
     config: dict = field(default_factory=dict)
 
 
@@ -106,7 +110,8 @@ def check_variant(variant: Variant) -> None:
     for key, value, known in (("precision", variant.precision, tuple(PRECISIONS)),
                               ("attention", variant.attention, attention_paths()),
                               ("optimizer", variant.optimizer, OPTIMIZER_IMPLS),
-                              ("data", variant.data, ("synthetic", "loader"))):
+                              ("data", variant.data, ("synthetic", "loader")),
+                              ("repa_targets", variant.repa_targets, ("images", "cached"))):
         if value not in known:
             raise ConfigError(f"variant {variant.name!r}: unknown {key} {value!r}; known: {', '.join(known)}")
 
@@ -216,6 +221,7 @@ class Workload:
         self.net = set_attention(build_model(config.model), variant.attention).to(self.device)
         if variant.channels_last:
             self.net.to(memory_format=torch.channels_last)
+        self.repa = self._repa() if setup.task == "train" else None  # its tap: before compiling
         self.model = torch.compile(self.net) if variant.compile else self.net
         self.objective = build_objective(config.diffusion)
         generator = torch.Generator().manual_seed(setup.seed)
@@ -230,7 +236,8 @@ class Workload:
             self.net.train()
             self.ema = copy.deepcopy(self.net).requires_grad_(False).eval()
             oc = config.optim
-            self.optimizer = adamw(self.net.parameters(), oc.lr, oc.betas, oc.eps, variant.optimizer)
+            params = [*self.net.parameters(), *(self.repa.projectors.parameters() if self.repa else ())]
+            self.optimizer = adamw(params, oc.lr, oc.betas, oc.eps, variant.optimizer)
             fp16_cuda = variant.precision == "fp16" and self.device.type == "cuda"
             self.scaler = torch.amp.GradScaler("cuda") if fp16_cuda else None
         else:
@@ -240,6 +247,25 @@ class Workload:
         self.model.register_forward_pre_hook(self._forward_starts)
         self.model.register_forward_hook(self._forward_ends)
         self.losses: list[float] = []
+
+    # -- REPA ------------------------------------------------------------------------------------------------
+
+    def _repa(self):
+        """The trainer's REPA pieces (encoders, projectors, the tap) when ``repa.encoders`` is set, with synthetic
+        images of ``data.image_size``; for ``repa_targets=cached`` their features, computed once."""
+        if not self.config.repa.get("encoders"):
+            return None
+        config = copy.deepcopy(self.config)
+        config.data.name = "imagenet"  # targets from images; "cached" below reads them as a cache would
+        size = config.data.image_size
+        repa = build_repa(config, self.net, size, config.cond.get("p_uncond", 0.0), self.device)
+        generator = torch.Generator().manual_seed(self.setup.seed + 1)
+        self.images = (torch.rand(self.setup.batch, 3, size, size, generator=generator) * 2 - 1).to(self.device)
+        self.features = None
+        if self.variant.repa_targets == "cached":
+            self.features = repa.targets(self.images)
+            repa.cached = True
+        return repa
 
     # -- data ------------------------------------------------------------------------------------------------
 
@@ -281,7 +307,11 @@ class Workload:
         if self.variant.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with self.autocast:
-            loss = self.objective.training_losses(self.model, x, cond)["loss"].mean()
+            if self.repa is None:
+                loss = self.objective.training_losses(self.model, x, cond)["loss"].mean()
+            else:
+                loss = repa_losses(self.repa, self.objective, self.model, self.images, x, cond, {}, 0, None,
+                                   features=self.features)["loss"].mean()
         if self.scaler is not None:
             self.scaler.scale(loss).backward()
             self.scaler.step(self.optimizer)

@@ -194,6 +194,10 @@ def build_repa(config, net: nn.Module, image_size: int, p_uncond: float, device)
     except ValueError as err:
         raise ConfigError(f"repa.layer: {err}") from None
     legacy_p = p_uncond if rc.legacy else 0.0
+    for encoder in encoders:
+        if encoder.num_tokens != grid * grid:
+            log.info("REPA: the backbone's %d tokens (%dx%d) are resized to %s's %d for the alignment loss",
+                     grid * grid, grid, grid, encoder.name, encoder.num_tokens)
     log.info("REPA: %s at %d px (%s tokens), block %d, projector width %d, coeff %g%s%s", rc.encoders, resolution,
              ", ".join(str(e.num_tokens) for e in encoders), rc.layer, rc.projector_dim, rc.coeff,
              f", stops at step {rc.stop_at_step}" if rc.stop_at_step else "",
