@@ -43,7 +43,8 @@ def logged(workdir, name: str) -> list[float]:
 
 def test_repa_trains_logs_its_terms_and_saves_the_projectors_apart(dinov2_file, tmp_path):
     final = train(repa_sit(dinov2_file, "--config.train.steps=6", "--config.train.ckpt_every=6",
-                           "--config.train.log_every=3"), tmp_path / "repa")
+                           "--config.train.log_every=3", "--config.train.sample_every=6"), tmp_path / "repa")
+    assert (tmp_path / "repa" / "samples" / "step_00000006.png").is_file()  # previews as without REPA
     loss, denoise, proj = (logged(tmp_path / "repa", n) for n in ("loss", "denoise", "proj"))
     assert len(loss) == len(denoise) == len(proj) == 2
     assert all(-1.0 <= p <= 1.0 for p in proj) and all(d > 0 for d in denoise)
