@@ -3,18 +3,24 @@ weights are, and small datasets written in their real on-disk formats. Test modu
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
 import re
+import signal
+import socket
 import subprocess
 import sys
+import time
+from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import load_file
 
 from diffusion.config.cli import parse_command_line
 
@@ -313,3 +319,88 @@ def write_coco(root: Path, split: str = "train") -> Path:
                 "annotations": [annotations[i] for i in order]}
     (root / "annotations" / f"captions_{split}2014.json").write_text(json.dumps(captions))
     return root
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Processes: scripts on one thread each, launched, killed mid-way; what an extraction wrote
+# ----------------------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def one_thread():
+    """In-process runs on one thread, as the launched processes (OMP_NUM_THREADS=1), so their numbers are bitwise
+    comparable."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def run_script(cmd: list[str]) -> subprocess.CompletedProcess:
+    """``cmd`` from the repository root on one thread per process, output captured."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+
+
+def launch_script(num_processes: int, script: str, args: list[str]) -> subprocess.CompletedProcess:
+    """``script`` under ``accelerate launch`` with ``num_processes`` CPU processes on a free port."""
+    with socket.socket() as s:  # a free port: other test runs may be using accelerate's default one
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", f"--num_processes={num_processes}",
+           "--num_machines=1", "--mixed_precision=no", "--dynamo_backend=no", f"--main_process_port={port}",
+           script, *args]
+    return run_script(cmd)
+
+
+def kill_when(cmd: list[str], ready, log: Path, timeout: float = 300) -> int:
+    """Start ``cmd`` as :func:`run_script` does and SIGKILL it once ``ready()`` holds; -> its return code."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    with open(log, "w") as stderr:
+        process = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=stderr)
+        deadline = time.monotonic() + timeout
+        while not ready() and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        if process.poll() is None:
+            process.send_signal(signal.SIGKILL)
+        return process.wait()
+
+
+def kill_extraction_after_first_shard(args: list[str], blocking: Path, out: Path, log: Path) -> int:
+    """``scripts/extract_latents.py ARGS`` with the image file ``blocking`` (the first of shard 1) replaced by a named
+    pipe: reading it blocks, so the run holds still right after writing shard 0 and is SIGKILLed there; the image
+    is put back. -> the return code."""
+    image = blocking.read_bytes()
+    blocking.unlink()
+    os.mkfifo(blocking)
+    try:
+        return kill_when([sys.executable, "scripts/extract_latents.py", *args],
+                         lambda: (out / "shard_000000.json").exists(), log)
+    finally:
+        blocking.unlink()
+        blocking.write_bytes(image)
+
+
+def stored_shards(out: Path) -> dict[str, torch.Tensor]:
+    """Every shard's tensors of an extraction, concatenated in manifest order."""
+    manifest = json.loads((out / "manifest.json").read_text())
+    parts = defaultdict(list)
+    for shard in manifest["shards"]:
+        for key, tensor in load_file(out / shard["file"]).items():
+            parts[key].append(tensor)
+    return {key: torch.cat(tensors) for key, tensors in parts.items()}
+
+
+def run_sample(*argv) -> tuple[int, str, str]:
+    """sample.py in this process (no interpreter start-up): (exit code, stdout, stderr)."""
+    import sample
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = sample.main([str(a) for a in argv])
+        except SystemExit as exit_:
+            code = exit_.code
+    return code, out.getvalue(), err.getvalue()

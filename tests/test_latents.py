@@ -6,17 +6,10 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import pickle
 import runpy
 import shutil
 import signal
-import socket
-import subprocess
-import sys
-import time
-from collections import defaultdict
-from contextlib import contextmanager
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -38,8 +31,12 @@ from tests.helpers import (
     FILES,
     GREEN,
     REPO,
+    kill_extraction_after_first_shard,
+    launch_script,
     make_tiny_autoencoder,
     make_tiny_clip,
+    one_thread,
+    stored_shards,
     write_coco,
     write_imagefolder,
     write_ldm_single_file,
@@ -47,56 +44,6 @@ from tests.helpers import (
 
 RES = 16  # pixels; the tiny autoencoder downsamples by 8 -> 2x2 latents
 SCALE = 0.18215
-
-
-@contextmanager
-def _one_thread():
-    """In-process runs on one thread, as the launched processes (OMP_NUM_THREADS=1), so their numbers are bitwise
-    comparable."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
-def _launch(num_processes: int, script: str, args: list[str]) -> subprocess.CompletedProcess:
-    with socket.socket() as s:  # a free port: other test runs may be using accelerate's default one
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", f"--num_processes={num_processes}",
-           "--num_machines=1", "--mixed_precision=no", "--dynamo_backend=no", f"--main_process_port={port}",
-           script, *args]
-    return _run(cmd)
-
-
-def _run(cmd: list[str]) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-
-
-def _kill_when(cmd: list[str], ready, log: Path, timeout: float = 300) -> int:
-    """Start ``cmd`` as :func:`_run` does and SIGKILL it from here once ``ready()`` holds; -> its return code."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    with open(log, "w") as stderr:
-        process = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=stderr)
-        deadline = time.monotonic() + timeout
-        while not ready() and process.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.02)
-        if process.poll() is None:
-            process.send_signal(signal.SIGKILL)
-        return process.wait()
-
-
-def _stored(out: Path) -> dict[str, torch.Tensor]:
-    """Every shard's tensors of an extraction, concatenated in manifest order."""
-    manifest = json.loads((out / "manifest.json").read_text())
-    parts = defaultdict(list)
-    for shard in manifest["shards"]:
-        for key, tensor in load_file(out / shard["file"]).items():
-            parts[key].append(tensor)
-    return {key: torch.cat(tensors) for key, tensors in parts.items()}
 
 
 def _pixels(image: np.ndarray) -> torch.Tensor:
@@ -121,7 +68,7 @@ def imagenet(tmp_path_factory, models) -> SimpleNamespace:
     """A small ImageFolder and its extraction by one in-process run (the reference for the other tests)."""
     root = tmp_path_factory.mktemp("imagenet")
     data = write_imagefolder(root / "train")
-    with _one_thread():
+    with one_thread():
         manifest = extract_imagefolder(data, root / "latents", resolution=RES, autoencoder=models.ae,
                                        shard_size=3, batch_size=2, num_workers=0)
     return SimpleNamespace(data=data, out=root / "latents", manifest=manifest,
@@ -144,7 +91,7 @@ def test_extraction_counts_labels_and_skips_the_corrupt_file(imagenet, models) -
         ("shard_000002.safetensors", 6, 7, 1)]
     for shard in m["shards"]:
         assert hashlib.sha256((imagenet.out / shard["file"]).read_bytes()).hexdigest() == shard["sha256"]
-    stored = _stored(imagenet.out)
+    stored = stored_shards(imagenet.out)
     assert stored["index"].tolist() == [0, 1, 2, 3, 5, 6]  # every readable image exactly once
     assert stored["label"].tolist() == [0, 0, 0, 1, 1, 1]
     assert stored["moments"].shape == (6, 2, 8, 2, 2) and stored["moments"].dtype == torch.float32
@@ -152,7 +99,7 @@ def test_extraction_counts_labels_and_skips_the_corrupt_file(imagenet, models) -
 
 def test_stored_moments_are_the_encoders_of_the_crop_and_its_flip(imagenet, models) -> None:
     ae = Autoencoder.load(models.ae, scale_factor=SCALE)
-    stored = _stored(imagenet.out)
+    stored = stored_shards(imagenet.out)
     for row, index in enumerate(stored["index"].tolist()):
         x = _pixels(center_crop_arr(pil_loader(imagenet.paths[index]), RES))
         expected = ae.encode_moments(torch.stack([x, x.flip(-1)]))
@@ -166,15 +113,7 @@ def test_killed_extraction_resumes_on_two_processes_with_identical_shards(imagen
     # For the first run image 3, the first of shard 1, is a named pipe: reading it blocks, so the run holds still
     # right after writing shard 0, and is killed there.
     blocking, log = imagenet.paths[3], tmp_path / "killed.log"
-    image = blocking.read_bytes()
-    blocking.unlink()
-    os.mkfifo(blocking)
-    try:
-        returncode = _kill_when([sys.executable, "scripts/extract_latents.py", *args],
-                                lambda: (out / "shard_000000.json").exists(), log)
-    finally:
-        blocking.unlink()
-        blocking.write_bytes(image)
+    returncode = kill_extraction_after_first_shard(args, blocking, out, log)
     assert returncode == -signal.SIGKILL, log.read_text()[-3000:]
     assert sorted(p.name for p in out.glob("shard_*")) == ["shard_000000.json", "shard_000000.safetensors"]
     assert not (out / "manifest.json").exists()
@@ -182,7 +121,7 @@ def test_killed_extraction_resumes_on_two_processes_with_identical_shards(imagen
     stale = out / ".shard_000001.safetensors.tmp4242"  # what a kill in the middle of writing a shard leaves
     stale.write_bytes(b"half a shard")
 
-    resumed = _launch(2, "scripts/extract_latents.py", args)
+    resumed = launch_script(2, "scripts/extract_latents.py", args)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in out.glob("shard_000000.*")} == finished
     assert not stale.exists()
@@ -192,13 +131,13 @@ def test_killed_extraction_resumes_on_two_processes_with_identical_shards(imagen
     # 1 process, then 2 processes: the same files, byte for byte, as one uninterrupted single-process run.
     assert manifest["shards"] == imagenet.manifest["shards"]
     assert manifest["counts"] == imagenet.manifest["counts"] and manifest["skipped"] == imagenet.manifest["skipped"]
-    assert _stored(out)["index"].tolist() == [0, 1, 2, 3, 5, 6]
+    assert stored_shards(out)["index"].tolist() == [0, 1, 2, 3, 5, 6]
 
 
 def test_on_corrupt_error_names_the_file(imagenet, models, tmp_path, capsys) -> None:
     main = runpy.run_path(str(REPO / "scripts" / "extract_latents.py"))["main"]
     args = ["--data", str(imagenet.data), "--out", str(tmp_path / "out"), "--autoencoder", models.ae, *EXTRACT]
-    with _one_thread():
+    with one_thread():
         assert main([*args, "--on_corrupt", "error"]) == 2
     err = capsys.readouterr().err
     assert str(imagenet.corrupt) in err and "--on_corrupt skip" in err
@@ -207,7 +146,7 @@ def test_on_corrupt_error_names_the_file(imagenet, models, tmp_path, capsys) -> 
 
 def test_rerun_resumes_nothing_to_do_and_refuses_other_settings(imagenet, models) -> None:
     before = {p.name: p.stat().st_mtime_ns for p in imagenet.out.glob("shard_*")}
-    with _one_thread():
+    with one_thread():
         assert extract_imagefolder(imagenet.data, imagenet.out, resolution=RES, autoencoder=models.ae,
                                    shard_size=3, batch_size=2, num_workers=0) == imagenet.manifest
         assert {p.name: p.stat().st_mtime_ns for p in imagenet.out.glob("shard_*")} == before
@@ -227,7 +166,7 @@ def test_latent_dataset_draws_fresh_posterior_samples(imagenet, models) -> None:
     assert item["y"].dtype == torch.int64 and item["y"].item() == 1
     assert not torch.equal(ds[0]["x"], ds[0]["x"])
 
-    mean, logvar = _stored(imagenet.out)["moments"][0, 0].chunk(2)
+    mean, logvar = stored_shards(imagenet.out)["moments"][0, 0].chunk(2)
     std = torch.exp(0.5 * logvar)
     n = 4000
     torch.manual_seed(0)
@@ -413,7 +352,7 @@ def test_coco_missing_files(coco_root, tmp_path) -> None:
 
 def test_coco_extraction_on_two_processes(coco_root, models, tmp_path) -> None:
     out = tmp_path / "features"
-    proc = _launch(2, "scripts/extract_coco.py", [
+    proc = launch_script(2, "scripts/extract_coco.py", [
         "--root", str(coco_root), "--split", "train", "--out", str(out), "--autoencoder", models.ae,
         "--clip", models.clip, "--resolution", str(RES), "--shard_size", "2", "--batch_size", "1",
         "--num_workers", "0"])
@@ -428,7 +367,7 @@ def test_coco_extraction_on_two_processes(coco_root, models, tmp_path) -> None:
     assert load_captions(out) == [
         {"index": i, "image_id": coco.image_ids[i], "file_name": coco.file_names[i], "captions": coco.captions[i]}
         for i in range(4)]
-    stored = _stored(out)
+    stored = stored_shards(out)
     assert stored["index"].tolist() == [0, 1, 2, 3] and stored["image_id"].tolist() == coco.image_ids
     assert stored["num_captions"].tolist() == [len(c) for c in coco.captions]
 

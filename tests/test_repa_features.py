@@ -5,10 +5,8 @@ extraction; the cached features against the encoder on the images; training from
 from __future__ import annotations
 
 import json
-import os
 import re
 import signal
-import sys
 
 import pytest
 import torch
@@ -29,13 +27,16 @@ from tests.helpers import (
     FILES,
     REPO,
     TINY_MODEL,
+    kill_extraction_after_first_shard,
+    launch_script,
     make_tiny_autoencoder,
     make_tiny_clip,
     make_tiny_dinov2,
+    one_thread,
+    stored_shards,
     write_coco,
     write_imagefolder,
 )
-from tests.test_latents import _kill_when, _launch, _one_thread, _stored
 
 pytestmark = pytest.mark.filterwarnings("ignore::diffusion.data.vision_encoders.EncoderSizeWarning")
 
@@ -51,7 +52,7 @@ def cache(tmp_path_factory):
     ae = str(make_tiny_autoencoder(root / "ae"))
     dinov2 = str(make_tiny_dinov2(root / "dinov2_tiny.pth", seed=0))
     data = write_imagefolder(root / "train")
-    with _one_thread():
+    with one_thread():
         manifest = extract_imagefolder(data, root / "latents", resolution=RES, autoencoder=ae, shard_size=3,
                                        batch_size=2, num_workers=0, repa_encoders="dinov2-vit-s",
                                        repa_encoder_weights=dinov2)
@@ -74,7 +75,7 @@ def test_manifest_records_the_encoder(cache):
 
 def test_cached_features_are_the_encoders_of_the_crop_and_its_flip(cache):
     (encoder,) = load_vision_encoders("dinov2-vit-s", weights=cache["dinov2"], resolution=RES)
-    stored = _stored(cache["out"])
+    stored = stored_shards(cache["out"])
     assert stored[KEY].shape == (6, 2, 4, 64) and stored[KEY].dtype == torch.float32
     for row, index in enumerate(stored["index"].tolist()):
         u = _uint8(cache["paths"][index])
@@ -101,20 +102,12 @@ def test_killed_extraction_with_features_resumes_on_two_processes_with_identical
     args = ["--data", str(cache["data"]), "--out", str(out), "--autoencoder", cache["ae"], *EXTRACT,
             "--repa_encoders", "dinov2-vit-s", "--repa_encoder_weights", cache["dinov2"]]
     blocking, log = cache["paths"][3], tmp_path / "killed.log"  # a named pipe: the run blocks after shard 0
-    image = blocking.read_bytes()
-    blocking.unlink()
-    os.mkfifo(blocking)
-    try:
-        returncode = _kill_when([sys.executable, "scripts/extract_latents.py", *args],
-                                lambda: (out / "shard_000000.json").exists(), log)
-    finally:
-        blocking.unlink()
-        blocking.write_bytes(image)
+    returncode = kill_extraction_after_first_shard(args, blocking, out, log)
     assert returncode == -signal.SIGKILL, log.read_text()[-3000:]
     assert sorted(p.name for p in out.glob("shard_*")) == ["shard_000000.json", "shard_000000.safetensors"]
     finished = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in out.glob("shard_000000.*")}
 
-    resumed = _launch(2, "scripts/extract_latents.py", args)
+    resumed = launch_script(2, "scripts/extract_latents.py", args)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in out.glob("shard_000000.*")} == finished
     writers = [json.loads((out / f"shard_00000{k}.json").read_text()) for k in range(3)]
@@ -126,13 +119,13 @@ def test_killed_extraction_with_features_resumes_on_two_processes_with_identical
 
 def test_coco_cache_stores_the_features_of_every_image(cache, tmp_path):
     coco = write_coco(tmp_path / "coco")
-    with _one_thread():
+    with one_thread():
         extract_coco(coco, "train", tmp_path / "features", autoencoder=cache["ae"], clip=str(make_tiny_clip(
             tmp_path / "clip")), resolution=RES, shard_size=2, batch_size=2, num_workers=0,
             repa_encoders="dinov2-vit-s", repa_encoder_weights=cache["dinov2"])
     (encoder,) = load_vision_encoders("dinov2-vit-s", weights=cache["dinov2"], resolution=RES)
     dataset, images = CocoFeatureDataset(tmp_path / "features"), CocoCaptions(coco, "train", RES)
-    stored = _stored(tmp_path / "features")
+    stored = stored_shards(tmp_path / "features")
     assert stored[KEY].shape == (len(dataset), 4, 64)
     for i, index in enumerate(stored["index"].tolist()):
         expected = encoder(torch.from_numpy(images.load_image(index)).permute(2, 0, 1)[None])[0]
@@ -141,7 +134,7 @@ def test_coco_cache_stores_the_features_of_every_image(cache, tmp_path):
 
 def test_features_cannot_be_added_to_a_cache_without_them(cache, tmp_path):
     out = tmp_path / "plain"
-    with _one_thread():
+    with one_thread():
         extract_imagefolder(cache["data"], out, resolution=RES, autoencoder=cache["ae"], shard_size=3, batch_size=2,
                             num_workers=0)
         with pytest.raises(JobMismatchError, match="without REPA features: they cannot be added"):
@@ -176,7 +169,7 @@ def test_training_from_cached_features_uses_them_as_the_targets(cache, tmp_path)
         assert cached[0].shape == (4, 4, 64)
         # On the fly from the images (as data.name=imagenet feeds them, in [-1, 1]) the targets are the same.
         dataset = LatentDataset(cache["out"], random_flip=False)
-        stored = _stored(cache["out"])
+        stored = stored_shards(cache["out"])
         images = torch.stack([_uint8(cache["paths"][i]) for i in stored["index"].tolist()]).float() / 127.5 - 1
         on_the_fly = RepaTraining(run.repa.encoders, run.repa.projectors, run.repa.tap, 0.5, 0, 0.0, None)
         from_images = on_the_fly.targets(images)[0]
@@ -202,7 +195,7 @@ def test_mismatched_or_missing_features_are_refused(cache, tmp_path):
     with pytest.raises(ConfigError, match="come from other weights"):
         train(_sit(cache, f"--config.repa.encoder_weights={other}"), tmp_path / "weights")
     plain = tmp_path / "plain"
-    with _one_thread():
+    with one_thread():
         extract_imagefolder(cache["data"], plain, resolution=RES, autoencoder=cache["ae"], shard_size=8,
                             batch_size=8, num_workers=0)
     with pytest.raises(ConfigError, match="extracted without REPA features.*--repa_encoders dinov2-vit-s"):
@@ -217,3 +210,20 @@ def test_a_token_mismatch_is_resized_and_said_in_the_log(cache, tmp_path):
     text = (tmp_path / "log.txt").read_text()
     assert "the backbone's 16 tokens (4x4) are resized to dinov2-vit-s's 4" in text
     assert all(-1.0 <= float(p) <= 1.0 for p in re.findall(r" proj (-?[0-9.]+)", text))
+
+
+def test_training_on_the_fly_from_images_decodes_previews(cache, tmp_path):
+    """The other source of targets: ImageNet-style images encoded by the VAE at every step (data.name=imagenet),
+    the encoder run on the same images; previews are decoded images."""
+    import shutil
+
+    images = tmp_path / "imagenet" / "train"  # training on images reads every file: leave the truncated JPEG out
+    shutil.copytree(cache["data"], images)
+    for bad in images.rglob("*truncated*"):
+        bad.unlink()
+    train(_sit(cache, "--config.data.name=imagenet", f"--config.data.root={images.parent}",
+               "--config.train.sample_every=3"), tmp_path / "run")
+    text = (tmp_path / "run" / "log.txt").read_text()
+    assert "targets cached" not in text and len(re.findall(r" proj (-?[0-9.]+)", text)) == 3
+    preview = Image.open(tmp_path / "run" / "samples" / "step_00000003.png")
+    assert min(preview.size) > 2 * RES  # decoded images, not the 4x4 latents

@@ -1,10 +1,8 @@
 """sample.py and diffusion.sampling: every checkpoint format, per-sample seeds, resumable many-process .npz jobs."""
 
 import argparse
-import contextlib
 import functools
 import inspect
-import io
 import json
 import os
 import signal
@@ -31,7 +29,7 @@ from diffusion.sampling.grids import default_grid_classes, sample_grid
 from diffusion.sampling.jobs import SampleJob
 from diffusion.sampling.loader import input_shape, load_for_sampling
 from diffusion.sampling.per_sample import LabelPlan, PerSampleNoise, training_class_counts
-from tests.helpers import REPO, TINY_MODEL, load_fixture, make_tiny_autoencoder, make_tiny_clip
+from tests.helpers import REPO, TINY_MODEL, load_fixture, make_tiny_autoencoder, make_tiny_clip, run_sample
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 DIT = [f"--config={REPO / 'configs/digits_dit.py'}", *TINY_MODEL["dit"]]
@@ -39,15 +37,7 @@ DIT = [f"--config={REPO / 'configs/digits_dit.py'}", *TINY_MODEL["dit"]]
 DDPM = ["--sampler=ddpm", "--steps=6", "--guidance=2.0"]
 
 
-def run_main(*argv) -> tuple[int, str, str]:
-    """sample.py in this process (no interpreter start-up): (exit code, stdout, stderr)."""
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            code = sample.main([str(a) for a in argv])
-        except SystemExit as exit_:
-            code = exit_.code
-    return code, out.getvalue(), err.getvalue()
+run_main = run_sample  # sample.py in this process
 
 
 def perturbed(model: torch.nn.Module, seed: int, scale: float = 0.05) -> torch.nn.Module:

@@ -3,14 +3,11 @@ as sample.py flags and in every .npz job's record (older records without them re
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 
 import pytest
 import torch
 
-import sample
 from diffusion.config.cli import parse_command_line
 from diffusion.data.autoencoder import Autoencoder
 from diffusion.errors import ConfigError, JobMismatchError
@@ -18,7 +15,7 @@ from diffusion.registry import build_model, build_objective
 from diffusion.sampling.generate import generate
 from diffusion.sampling.jobs import SampleJob
 from diffusion.sampling.precision import precision_settings
-from tests.helpers import REPO, TINY_MODEL, make_tiny_autoencoder
+from tests.helpers import REPO, TINY_MODEL, make_tiny_autoencoder, run_sample
 
 DIT = [f"--config={REPO / 'configs/digits_dit.py'}", *TINY_MODEL["dit"]]
 LATENT_DIT = [*DIT, "--config.model.in_channels=4", "--config.model.input_size=4"]  # the tiny VAE's 4x4x4 latents
@@ -95,14 +92,7 @@ def test_unknown_precisions_are_refused():
         precision_settings({"precision": "fp64"})
 
 
-def run_main(*argv) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            code = sample.main([str(a) for a in argv])
-        except SystemExit as exit_:
-            code = exit_.code
-    return code, out.getvalue(), err.getvalue()
+run_main = run_sample  # sample.py in this process
 
 
 def test_sample_py_flags_reach_the_job_record_and_a_change_is_refused(tmp_path):
