@@ -32,3 +32,11 @@ def fresh_accelerate_state():
 
         AcceleratorState._reset_state(reset_partial_state=True)
         GradientState._reset_state()
+
+
+@pytest.fixture
+def private_caches(tmp_path, monkeypatch):
+    """No test reads or writes the user's caches: torch hub (Inception weights) and the evaluation cache (modules
+    that run the evaluation use it for every test: ``pytestmark = pytest.mark.usefixtures("private_caches")``)."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg_cache"))

@@ -26,6 +26,7 @@ from diffusion.config.cli import parse_command_line
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = Path(__file__).resolve().parent / "fixtures"  # computed with the official code; see fixtures/README.md
+DIGITS_EXTRACTOR = ["--extractor", "digits", "--num_workers", "0"]  # eval_fid.py on the quickstart's features
 
 
 def load_fixture(name: str) -> dict:

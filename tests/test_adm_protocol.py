@@ -31,16 +31,10 @@ from diffusion.evaluation.metrics import ADM_TILE
 from diffusion.evaluation.training import TrainingFID
 from diffusion.sampling.loader import load_for_sampling
 from diffusion.training.loop import train
+from tests.helpers import DIGITS_EXTRACTOR as DIGITS
 from tests.helpers import REPO, load_fixture, make_random_fid_inception, tiny_config
 
-DIGITS = ["--extractor", "digits", "--num_workers", "0"]
-
-
-@pytest.fixture(autouse=True)
-def private_caches(tmp_path, monkeypatch):
-    """No test reads or writes the user's caches: torch hub (Inception weights) and the evaluation cache."""
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg_cache"))
+pytestmark = pytest.mark.usefixtures("private_caches")
 
 
 @pytest.fixture(scope="module")

@@ -41,16 +41,10 @@ from diffusion.evaluation import digits as digits_module
 from diffusion.evaluation.digits import real_digits_uint8
 from diffusion.evaluation.inception import WEIGHTS_FILE, load_fid_inception
 from diffusion.evaluation.sources import NpzImages
+from tests.helpers import DIGITS_EXTRACTOR as DIGITS
 from tests.helpers import REPO, make_random_fid_inception
 
-DIGITS = ["--extractor", "digits", "--num_workers", "0"]
-
-
-@pytest.fixture(autouse=True)
-def private_caches(tmp_path, monkeypatch):
-    """No test reads or writes the user's caches: torch hub (Inception weights) and the evaluation cache."""
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg_cache"))
+pytestmark = pytest.mark.usefixtures("private_caches")
 
 
 def _run_cli(capsys, *argv) -> tuple[int, str, str]:
