@@ -184,10 +184,15 @@ class StepDraws:
     uniform: torch.Tensor
 
     def rows(self, micro: int, micro_batch: int, rank: int, world: int) -> tuple[dict, torch.Tensor]:
-        """({"t", "noise"}, uniform) of this process's micro-batch ``micro``: the sampler deals rank r the global
-        positions r, r + world, ..., so micro-batch m holds the step's rows m * mb * world + r + j * world."""
-        rows = slice(micro * micro_batch * world + rank, (micro + 1) * micro_batch * world, world)
+        """({"t", "noise"}, uniform) of this process's micro-batch ``micro`` (``micro_batch_rows``)."""
+        rows = micro_batch_rows(micro, micro_batch, rank, world)
         return {"t": self.t[rows], "noise": self.noise[rows]}, self.uniform[rows]
+
+
+def micro_batch_rows(micro: int, micro_batch: int, rank: int, world: int) -> slice:
+    """The global-batch rows of this process's micro-batch ``micro``: the sampler deals rank r the global positions
+    r, r + world, ..., so micro-batch m holds the step's rows m * mb * world + r + j * world."""
+    return slice(micro * micro_batch * world + rank, (micro + 1) * micro_batch * world, world)
 
 
 def step_draws(objective, batch_size: int, shape: tuple[int, ...], seed: int, step: int, device) -> StepDraws:

@@ -41,7 +41,14 @@ from diffusion.registry import set_attention
 from diffusion.sampling.generate import preview_settings
 from diffusion.sampling.grids import sample_grid
 from diffusion.sampling.loader import load_for_sampling
-from diffusion.training.data import batch_conditioning, count_skipped, preview_contexts, step_draws, stream_batches
+from diffusion.training.data import (
+    batch_conditioning,
+    count_skipped,
+    micro_batch_rows,
+    preview_contexts,
+    step_draws,
+    stream_batches,
+)
 from diffusion.training.distributed import full_state
 from diffusion.training.logs import report
 from diffusion.training.pieces import ema_decay_at, learning_rate, reseed, update_ema
@@ -110,8 +117,7 @@ def train_step(run: Run, batches, progress: Progress, window: Window) -> None:
         sync = micro == tc.grad_accum_steps - 1
         with nullcontext() if sync else run.accelerator.no_sync(run.model):
             if run.repa is not None:
-                rows = slice(micro * run.micro_batch * run.world + run.rank,
-                             (micro + 1) * run.micro_batch * run.world, run.world)  # as StepDraws.rows
+                rows = micro_batch_rows(micro, run.micro_batch, run.rank, run.world)
                 legacy = legacy_uniform(seed, progress.step, tc.batch_size, rows, run.device)
                 terms = repa_losses(run.repa, run.objective, run.model, images, x, cond, given, progress.step, legacy,
                                     batch.get("repa_features"))
