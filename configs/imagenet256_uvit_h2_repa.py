@@ -35,9 +35,9 @@ No paper number stands behind this config.
   best one, pytorch-fid against U-ViT's ``fid_stats_imagenet256_guided_diffusion.npz``), the selection unguided as
   U-ViT's train_ldm_discrete.py, with REPA's 50-step Euler ODE in place of DPM-Solver++.
 
-Data: the parent's cached latents. REPA's encoder targets come from the images themselves, so until cached encoder
-features exist the trainer refuses ``data.name=latents`` with REPA on (diffusion/training/repa.py); train on the
-image folder (``--config.data.name=imagenet --config.data.root=data/imagenet/train``) meanwhile.
+Data: the parent's cached latents, extracted with the encoder's features beside them (``scripts/extract_latents.py
+... --repa_encoders dinov2-vit-b``; a cache without them is refused by diffusion/training/repa.py), or the image
+folder encoded on the fly (``--config.data.name=imagenet --config.data.root=data/imagenet/train``).
 
     accelerate launch --multi_gpu --num_processes 8 train.py --config=configs/imagenet256_uvit_h2_repa.py
 """

@@ -43,8 +43,9 @@ recorded here:
   guided as U-ViT's train_t2i_discrete.py; FID-30K of the best step, pytorch-fid against U-ViT's
   ``fid_stats_mscoco256_val.npz``), not REPA's 40,192-sample .npz.
 
-Data: the parent's cached COCO features. REPA's encoder targets come from the images, so until cached encoder
-features exist the trainer refuses ``data.name=coco_latents`` with REPA on (diffusion/training/repa.py).
+Data: the parent's cached COCO features, extracted with the encoder's features beside them
+(``scripts/extract_coco.py ... --repa_encoders dinov2-vit-b``; a cache without them is refused by
+diffusion/training/repa.py).
 
     accelerate launch --multi_gpu --num_processes 4 train.py --config=configs/mscoco_uvit_s2_repa.py
 """
