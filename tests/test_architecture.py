@@ -15,7 +15,7 @@ LAYERS = [
     ("utilities", ("diffusion.errors", "diffusion.files", "diffusion.seeds")),
     ("mathematics", ("diffusion.objectives", "diffusion.samplers")),
     ("configs and the registry", ("diffusion.config", "diffusion.registry", "diffusion.checkpoint",
-                                  "diffusion.released")),
+                                  "diffusion.weights", "diffusion.released")),
     ("data", ("diffusion.data",)),
     ("sampling and evaluation", ("diffusion.sampling", "diffusion.evaluation")),
     ("training", ("diffusion.training",)),

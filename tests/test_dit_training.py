@@ -10,11 +10,11 @@ import pytest
 import torch
 from PIL import Image
 
-from diffusion.checkpoint import read_weights_file
 from diffusion.config.cli import parse_command_line
 from diffusion.errors import CheckpointError
 from diffusion.registry import build_model
 from diffusion.training.loop import train
+from diffusion.weights import read_weights_file
 from tests.helpers import REPO, TINY_DIT, logged_losses, tiny_config
 
 

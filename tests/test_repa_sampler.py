@@ -16,7 +16,6 @@ import torch
 from PIL import Image
 
 import sample
-from diffusion.checkpoint import load_state_strict, read_weights_file
 from diffusion.config.cli import parse_command_line
 from diffusion.config.loading import load_config
 from diffusion.objectives.repa_time import ReversedTime, repa_guidance_bounds
@@ -25,6 +24,7 @@ from diffusion.registry import build_model, build_objective
 from diffusion.released import RELEASED, released_config, sampling_state_dict
 from diffusion.samplers.repa import repa_ode_times, repa_sde_times
 from diffusion.sampling.generate import sample_settings
+from diffusion.weights import load_state_strict, read_weights_file
 from dit import DiT
 from tests.helpers import load_fixture, make_tiny_autoencoder, rel_err
 

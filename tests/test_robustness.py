@@ -29,7 +29,6 @@ from diffusion.checkpoint import (
     checkpoint_dirs,
     load_checkpoint_dir,
     load_train_state,
-    read_weights_file,
     verify_checkpoint,
 )
 from diffusion.config.cli import parse_command_line
@@ -38,6 +37,7 @@ from diffusion.data.datasets import build_dataset
 from diffusion.data.stream import StreamItems
 from diffusion.errors import CheckpointError, ConfigError, WorkdirBusyError
 from diffusion.training.loop import train
+from diffusion.weights import read_weights_file
 from tests.helpers import REPO, TINY_UVIT, logged_losses
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}

@@ -31,8 +31,8 @@ import re
 import torch
 from torch import Tensor, nn
 
-from diffusion.checkpoint import load_state_strict
 from diffusion.errors import CheckpointError
+from diffusion.weights import load_state_strict
 
 HEAD_DIM = 64  # every DINOv2 (S/14: 6 heads of 384, B: 12 of 768, L: 16 of 1024, g: 24 of 1536)
 _CHUNKED = re.compile(r"^blocks\.\d+\.(\d+)\.")

@@ -29,9 +29,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from diffusion.checkpoint import read_weights_file
 from diffusion.data import dinov2
 from diffusion.errors import ConfigError, InputError, WeightsNotFoundError
+from diffusion.weights import read_weights_file
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)

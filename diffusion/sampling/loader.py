@@ -19,7 +19,7 @@ from pathlib import Path
 import ml_collections
 import torch
 
-from diffusion.checkpoint import latest_checkpoint, load_checkpoint_dir, load_state_strict, read_weights_file
+from diffusion.checkpoint import latest_checkpoint, load_checkpoint_dir
 from diffusion.config.loading import apply_override, load_config
 from diffusion.data.autoencoder import Autoencoder
 from diffusion.data.text_encoder import TextEncoder
@@ -28,6 +28,7 @@ from diffusion.registry import build_model, build_objective, constructor_default
 from diffusion.released import RELEASED, released_config, sampling_state_dict
 from diffusion.sampling.generate import check_settings, num_real_classes, sample_settings
 from diffusion.sampling.precision import check_device, precision_settings
+from diffusion.weights import load_state_strict, read_weights_file
 
 
 @dataclass

@@ -11,11 +11,11 @@ from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list
 
 from diffusion import checkpoint as ckpt
-from diffusion.checkpoint import load_state_strict
 from diffusion.config.loading import flatten_config, override_flag
 from diffusion.errors import ConfigError
 from diffusion.training.distributed import ShardedEMA, shard_like, shard_optimizer_state
 from diffusion.training.logs import report
+from diffusion.weights import load_state_strict
 
 
 @dataclass
