@@ -11,9 +11,10 @@ predicts one of
 
 per sample, the mean over every non-batch dimension. ``loss_weight``: ``none`` (w = 1), ``velocity``
 (w = (drift_var / sigma_t)^2) or ``likelihood`` (w = drift_var / sigma_t^2), drift_var from the path's ``drift``.
-``cos_loss`` adds ``cos_loss * (1 - cos(v, u_t))`` per sample (the cosine over all of a sample's elements,
-LightningDiT's velocity-direction loss; velocity prediction only). A network with twice the data's channels
-(DiT with ``learn_sigma``) contributes its first half only, as SiT.
+``cos_loss`` adds ``cos_loss * mean(1 - cos(v, u_t))`` per sample, LightningDiT's velocity-direction loss (velocity
+prediction only): the cosine over the channels at every position (``F.cosine_similarity(dim=1)``, eps 1e-8), then
+the mean over the positions; LightningDiT's train.py adds it with weight 1 (``cos_loss = 1``). A network with
+twice the data's channels (DiT with ``learn_sigma``) contributes its first half only, as SiT.
 
 Training times (``sample_time``): a base draw u in [0, 1) (``uniform``; ``logit_normal``: sigmoid(N(logit_mean,
 logit_std^2)), in SiT's time, so logit_mean > 0 favours the data side; ``mode``: SD3's mode sampling with scale
@@ -141,8 +142,9 @@ class Transport:
         if self.prediction == "velocity":
             loss = (out - u_t.float()).pow(2).mean(dims)
             if self.cos_loss:
-                cos = F.cosine_similarity(out.flatten(1), u_t.float().flatten(1), dim=1)
-                loss = loss + self.cos_loss * (1 - cos)
+                # per position over the channels, as LightningDiT (not one cosine of the flattened sample)
+                cos = F.cosine_similarity(out, u_t.float(), dim=1)
+                loss = loss + self.cos_loss * (1 - cos).reshape(cos.shape[0], -1).mean(1)
         else:
             w = self.weight(x_t, t)
             if self.prediction == "noise":
