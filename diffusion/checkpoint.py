@@ -1,5 +1,5 @@
-"""Self-describing checkpoints and the run directory's lock (weights files of the original repositories and the strict
-state-dict loader: :mod:`diffusion.weights`).
+"""Self-describing checkpoints (weights files of the original repositories and the strict state-dict loader:
+:mod:`diffusion.weights`; the run directory's lock: :mod:`diffusion.training.stopping`).
 
 A checkpoint written by the trainer is one directory per step::
 
@@ -25,9 +25,6 @@ import json
 import os
 import re
 import shutil
-import socket
-import threading
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,7 +36,6 @@ from diffusion.errors import (
     CheckpointError,
     CheckpointSaveError,
     InputNotFoundError,
-    WorkdirBusyError,
 )
 
 CHECKPOINTS = "checkpoints"
@@ -234,95 +230,3 @@ def _torch_load(file: Path):
 
 def load_train_state(path: str | Path) -> dict:
     return _torch_load(Path(path) / "train_state.pt")
-
-
-# ----------------------------------------------------------------------------------------------------------
-# One run per working directory
-# ----------------------------------------------------------------------------------------------------------
-
-
-class WorkdirLock:
-    """``WORKDIR/train.lock``: host, pid and start time of the run using the directory, created atomically
-    (O_CREAT | O_EXCL). The holder touches it every ``HEARTBEAT`` seconds from a daemon thread. A lock is stale, and
-    taken over, when its process is dead on this host or it has not been touched for ``STALE_AFTER`` seconds (a run
-    killed on another machine); two processes racing to take over the same stale lock can both succeed (rare)."""
-
-    NAME = "train.lock"
-    HEARTBEAT = 60.0
-    STALE_AFTER = 300.0
-
-    def __init__(self, workdir: str | Path):
-        self.path = Path(workdir) / self.NAME
-        self.record = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    def acquire(self) -> str | None:
-        """Take the lock; returns a note when a stale lock was taken over. Raises WorkdirBusyError."""
-        note = None
-        while True:
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-                break
-            except FileExistsError:
-                holder, stale = self._holder()
-                if stale is None or note is not None:
-                    raise WorkdirBusyError(
-                        f"workdir {self.path.parent} is in use by another run ({holder}; lock file {self.path}). "
-                        f"Use another --workdir, or wait for that run to end; if it is dead, delete {self.path}"
-                    ) from None
-                self.path.unlink(missing_ok=True)
-                note = f"took over the stale lock {self.path} of {holder} ({stale})"
-        with os.fdopen(fd, "w") as f:
-            json.dump(self.record, f)
-        self._thread = threading.Thread(target=self._beat, name="workdir-lock-heartbeat", daemon=True)
-        self._thread.start()
-        return note
-
-    def _holder(self) -> tuple[str, str | None]:
-        """(description of the holder, why its lock is stale or None while it is live)."""
-        try:
-            age = time.time() - self.path.stat().st_mtime
-            holder = json.loads(self.path.read_text())
-            host, pid = holder["host"], int(holder["pid"])
-        except FileNotFoundError:
-            return "a run that just ended", "the lock is gone"
-        except (OSError, ValueError, KeyError, TypeError):
-            return "an unknown run (unreadable lock)", "unreadable lock" if age > 10 else None
-        who = f"host {host}, pid {pid}, started {holder.get('started', '?')}"
-        if host == socket.gethostname() and not _pid_alive(pid):
-            return who, f"process {pid} is not running"
-        if age > self.STALE_AFTER:
-            return who, f"no heartbeat for {age:.0f} s"
-        return who, None
-
-    def _beat(self) -> None:
-        while not self._stop.wait(self.HEARTBEAT):
-            try:
-                os.utime(self.path)
-            except OSError:
-                return
-
-    def release(self) -> None:
-        self._stop.set()
-        try:
-            if json.loads(self.path.read_text()) == self.record:
-                self.path.unlink()
-        except (OSError, ValueError):
-            pass
-
-    def __enter__(self) -> WorkdirLock:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.release()
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

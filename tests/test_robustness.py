@@ -25,7 +25,6 @@ from safetensors.torch import load_file
 import sample
 import train as train_py
 from diffusion.checkpoint import (
-    WorkdirLock,
     checkpoint_dirs,
     load_checkpoint_dir,
     load_train_state,
@@ -37,6 +36,7 @@ from diffusion.data.datasets import build_dataset
 from diffusion.data.stream import StreamItems
 from diffusion.errors import CheckpointError, ConfigError, WorkdirBusyError
 from diffusion.training.loop import train
+from diffusion.training.stopping import WorkdirLock
 from diffusion.weights import read_weights_file
 from tests.helpers import REPO, TINY_UVIT, logged_losses
 
