@@ -16,6 +16,7 @@ LAYERS = [
     ("mathematics", ("diffusion.objectives", "diffusion.samplers")),
     ("configs and the registry", ("diffusion.config", "diffusion.registry", "diffusion.checkpoint",
                                   "diffusion.weights", "diffusion.released")),
+    ("frozen pretrained networks", ("diffusion.pretrained",)),
     ("data", ("diffusion.data",)),
     ("sampling and evaluation", ("diffusion.sampling", "diffusion.evaluation")),
     ("training", ("diffusion.training",)),

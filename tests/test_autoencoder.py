@@ -10,8 +10,8 @@ import torch
 from diffusers import AutoencoderKL
 
 from diffusion.config.schema import base_config
-from diffusion.data.autoencoder import Autoencoder, sample_posterior
 from diffusion.errors import WeightsNotFoundError
+from diffusion.pretrained.autoencoder import Autoencoder, sample_posterior
 from tests.helpers import ldm_state_dict, make_tiny_autoencoder, write_ldm_single_file
 
 

@@ -18,7 +18,7 @@ from diffusion.evaluation import build_feature_extractor, frechet_distance, stat
 from diffusion.evaluation.fd_dinov2 import DINOv2Extractor
 from tests.test_vision_encoders import spread_, to_hub
 
-pytestmark = pytest.mark.filterwarnings("ignore::diffusion.data.vision_encoders.EncoderSizeWarning")
+pytestmark = pytest.mark.filterwarnings("ignore::diffusion.pretrained.vision_encoders.EncoderSizeWarning")
 
 EDM2_MEAN, EDM2_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]  # calculate_metrics.py's constants
 

@@ -20,12 +20,12 @@ from ml_collections import ConfigDict
 from safetensors.torch import load_file
 from torchvision.datasets.folder import pil_loader
 
-from diffusion.data.autoencoder import Autoencoder
 from diffusion.data.cached import CocoFeatureDataset, LatentDataset, load_captions
 from diffusion.data.datasets import CocoCaptions, build_dataset, center_crop_arr
 from diffusion.data.extraction import ImageFolderImages, ImageFolderLatents, extract_imagefolder, run_extraction
-from diffusion.data.text_encoder import TextEncoder
 from diffusion.errors import ConfigError, DatasetNotFoundError
+from diffusion.pretrained.autoencoder import Autoencoder
+from diffusion.pretrained.text_encoder import TextEncoder
 from tests.helpers import (
     COCO_IMAGES,
     FILES,

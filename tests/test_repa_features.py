@@ -17,8 +17,8 @@ from diffusion.config.cli import parse_command_line
 from diffusion.data.cached import CocoFeatureDataset, LatentDataset, vision_encoder_digest
 from diffusion.data.datasets import CocoCaptions, center_crop_arr
 from diffusion.data.extraction import extract_coco, extract_imagefolder
-from diffusion.data.vision_encoders import load_vision_encoders
 from diffusion.errors import ConfigError, JobMismatchError
+from diffusion.pretrained.vision_encoders import load_vision_encoders
 from diffusion.training.data import stream_batches
 from diffusion.training.loop import train
 from diffusion.training.repa import RepaTraining
@@ -38,7 +38,7 @@ from tests.helpers import (
     write_imagefolder,
 )
 
-pytestmark = pytest.mark.filterwarnings("ignore::diffusion.data.vision_encoders.EncoderSizeWarning")
+pytestmark = pytest.mark.filterwarnings("ignore::diffusion.pretrained.vision_encoders.EncoderSizeWarning")
 
 RES = 32  # pixels: 4x4 latents; the encoder sees 28 px, 2x2 tokens: one per latent patch of a patch-2 SiT
 KEY = "repa_dinov2-vit-s"

@@ -22,7 +22,7 @@ from diffusion.training.repa import images_to_uint8
 from diffusion.training.run import start_run
 from tests.helpers import REPO, TINY_DIT, make_tiny_dinov2
 
-pytestmark = pytest.mark.filterwarnings("ignore::diffusion.data.vision_encoders.EncoderSizeWarning")
+pytestmark = pytest.mark.filterwarnings("ignore::diffusion.pretrained.vision_encoders.EncoderSizeWarning")
 
 
 @pytest.fixture(scope="module")

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from diffusion.config.cli import parse_command_line
-from diffusion.data.autoencoder import Autoencoder
 from diffusion.errors import ConfigError, JobMismatchError
+from diffusion.pretrained.autoencoder import Autoencoder
 from diffusion.registry import build_model, build_objective
 from diffusion.sampling.generate import generate
 from diffusion.sampling.jobs import SampleJob

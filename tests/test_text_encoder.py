@@ -8,8 +8,8 @@ import torch
 from transformers import CLIPTextModel
 
 from diffusion.config.schema import base_config
-from diffusion.data.text_encoder import TextEncoder
 from diffusion.errors import WeightsNotFoundError
+from diffusion.pretrained.text_encoder import TextEncoder
 from tests.helpers import BOS, EOS, make_tiny_clip
 
 PROMPTS = ["a cat and a dog", "the dog", "A cat sitting on the mat, next to the dog!"]

@@ -1,4 +1,4 @@
-"""REPA's frozen vision encoders (diffusion/data/vision_encoders.py, diffusion/data/dinov2.py): preprocessing
+"""REPA's frozen vision encoders (diffusion/pretrained/vision_encoders.py, dinov2.py): preprocessing
 against REPA's own output, tiny randomly initialised DINOv2 models built by timm and by transformers and a tiny
 CLIP vision tower, saved to disk in their real layouts and loaded back through the loader (no network)."""
 
@@ -10,8 +10,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from diffusion.data import dinov2
-from diffusion.data.vision_encoders import (
+from diffusion.errors import ConfigError, UserError, WeightsNotFoundError
+from diffusion.pretrained import dinov2
+from diffusion.pretrained.vision_encoders import (
     CLIP_MEAN,
     CLIP_STD,
     IMAGENET_MEAN,
@@ -23,11 +24,10 @@ from diffusion.data.vision_encoders import (
     parse_name,
     preprocess_raw_images,
 )
-from diffusion.errors import ConfigError, UserError, WeightsNotFoundError
 from tests.helpers import load_fixture
 
 # The tiny models are far narrower than the names they load under; that warning is tested once, below.
-pytestmark = pytest.mark.filterwarnings("ignore::diffusion.data.vision_encoders.EncoderSizeWarning")
+pytestmark = pytest.mark.filterwarnings("ignore::diffusion.pretrained.vision_encoders.EncoderSizeWarning")
 
 TINY = dict(depth=2, embed_dim=128, num_heads=2)  # 64-wide heads, as every DINOv2
 ARCHS = {"plain": "vit_small_patch14_dinov2", "reg": "vit_small_patch14_reg4_dinov2",

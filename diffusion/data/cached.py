@@ -22,8 +22,8 @@ from safetensors.torch import load_file
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from diffusion.data.autoencoder import sample_posterior
 from diffusion.errors import ConfigError, DatasetNotFoundError, InputError
+from diffusion.pretrained.autoencoder import sample_posterior
 
 # The names of an extraction folder's files, and the format its manifest and shards declare.
 MANIFEST, SETTINGS = "manifest.json", "extraction.json"
@@ -172,7 +172,7 @@ class LatentDataset(_CachedFeatures):
     DataLoader worker) from the original's or, with ``random_flip``, at random the flipped image's moments.
     ``scale_factor`` None takes the manifest's. ``expect_autoencoder`` / ``expect_resolution`` (the config's
     ``autoencoder.pretrained`` and ``data.image_size``) must match the manifest when given; with
-    ``encoder_digest`` (dtype name -> :meth:`~diffusion.data.autoencoder.Autoencoder.encoder_digest` of the
+    ``encoder_digest`` (dtype name -> :meth:`~diffusion.pretrained.autoencoder.Autoencoder.encoder_digest` of the
     config's autoencoder) the autoencoder is compared by its encoder's weights where the manifest records them.
     """
 

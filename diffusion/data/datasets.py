@@ -36,9 +36,9 @@ from torch.utils.data import Dataset
 from torchvision.datasets.folder import pil_loader
 from torchvision.datasets.utils import check_integrity
 
-from diffusion.data.autoencoder import Autoencoder, resolve_dtype
 from diffusion.data.cached import CACHED_FEATURE_DATASETS, CocoFeatureDataset, LatentDataset
 from diffusion.errors import ConfigError, CorruptImageError, DatasetNotFoundError
+from diffusion.pretrained.autoencoder import Autoencoder, resolve_dtype
 
 COCO_SPLITS = ("train", "val")
 CELEBA_CROP = (57, 25, 128)  # top, left, side of the original U-ViT face crop of the aligned 178x218 images

@@ -67,7 +67,6 @@ from tqdm import tqdm
 
 from diffusion.config.cli import Flag
 from diffusion.config.schema import ON_CORRUPT
-from diffusion.data.autoencoder import DTYPES, Autoencoder
 from diffusion.data.cached import (
     CAPTIONS,
     FORMAT,
@@ -80,10 +79,11 @@ from diffusion.data.cached import (
     vision_encoder_digest,
 )
 from diffusion.data.datasets import CocoCaptions, center_crop_arr
-from diffusion.data.text_encoder import TextEncoder
-from diffusion.data.vision_encoders import load_vision_encoders, split_names
 from diffusion.errors import ConfigError, CorruptImageError, DatasetNotFoundError, JobMismatchError
 from diffusion.files import write_atomic
+from diffusion.pretrained.autoencoder import DTYPES, Autoencoder
+from diffusion.pretrained.text_encoder import TextEncoder
+from diffusion.pretrained.vision_encoders import load_vision_encoders, split_names
 
 # Ranks that finish early wait at the final barrier for the slowest one; the default collective timeout (10-30 min)
 # is too short for a resumed run whose remaining shards are unevenly spread.

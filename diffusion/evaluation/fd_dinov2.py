@@ -8,7 +8,7 @@ EDM2's ``DINOv2Detector`` (its default ``resize_mode='torch'``) feeds the networ
 
 and the hub model interpolates its 37 x 37 position table (518 px) to the 16 x 16 grid of 224 px inputs in every
 forward: bicubic, no antialias, scale factor (16 + 0.1) / 37 (``interpolate_offset``). Here the encoder comes from
-``diffusion.data.vision_encoders.load_vision_encoder`` (timm or transformers, local files only) set up for 518 px,
+``diffusion.pretrained.vision_encoders.load_vision_encoder`` (timm or transformers, local files only) set up for 518 px,
 so the released table is kept as stored, and that table is then resampled once the hub's way and the model set up
 for 224 px; the forward is then the hub's. (A weights file with another grid than 37 x 37 is first resampled to
 37 x 37 by the loader, REPA's way.) The Frechet distance of these features is ``fd_dinov2``; statistics are float64,
@@ -25,9 +25,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from diffusion.data.vision_encoders import IMAGENET_MEAN, IMAGENET_STD, WEIGHT_SUFFIXES, load_vision_encoder
 from diffusion.evaluation.extractor import FeatureExtractor
 from diffusion.evaluation.inception import weights_digest
+from diffusion.pretrained.vision_encoders import IMAGENET_MEAN, IMAGENET_STD, WEIGHT_SUFFIXES, load_vision_encoder
 
 ENCODER = "dinov2-vit-l"  # torch.hub's dinov2_vitl14
 INPUT_SIZE = 224  # EDM2's resize

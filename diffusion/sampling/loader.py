@@ -21,9 +21,9 @@ import torch
 
 from diffusion.checkpoint import latest_checkpoint, load_checkpoint_dir
 from diffusion.config.loading import apply_override, load_config
-from diffusion.data.autoencoder import Autoencoder
-from diffusion.data.text_encoder import TextEncoder
 from diffusion.errors import ConfigError, InputNotFoundError
+from diffusion.pretrained.autoencoder import Autoencoder
+from diffusion.pretrained.text_encoder import TextEncoder
 from diffusion.registry import build_model, build_objective, constructor_defaults, resolve_model_kwargs
 from diffusion.released import RELEASED, released_config, sampling_state_dict
 from diffusion.sampling.generate import check_settings, num_real_classes, sample_settings

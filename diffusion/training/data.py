@@ -11,11 +11,11 @@ from dataclasses import dataclass
 import ml_collections
 import torch
 
-from diffusion.data.autoencoder import Autoencoder
 from diffusion.data.cached import CACHED_FEATURE_DATASETS
 from diffusion.data.datasets import build_dataset
 from diffusion.data.stream import InfiniteSampler, StreamItems
 from diffusion.errors import ConfigError, UnreadableDataError
+from diffusion.pretrained.autoencoder import Autoencoder
 from diffusion.sampling.generate import num_real_classes
 from diffusion.seeds import derive_seed
 from diffusion.training.pieces import drop_contexts, drop_labels

@@ -33,9 +33,9 @@ import torch
 from torch import nn
 
 from diffusion.data.cached import CACHED_FEATURE_DATASETS, REPA_SETTINGS, read_manifest, vision_encoder_digest
-from diffusion.data.vision_encoders import load_vision_encoders, parse_name, split_names
 from diffusion.errors import ConfigError, DatasetNotFoundError
 from diffusion.objectives.repa import Projectors, register_tap, repa_training_losses
+from diffusion.pretrained.vision_encoders import load_vision_encoders, parse_name, split_names
 from diffusion.seeds import derive_seed
 
 log = logging.getLogger("diffusion.train")

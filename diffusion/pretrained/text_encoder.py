@@ -13,8 +13,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from diffusion.data.autoencoder import looks_like_hub_id, resolve_dtype
 from diffusion.errors import ConfigError, WeightsNotFoundError
+from diffusion.pretrained.autoencoder import looks_like_hub_id, resolve_dtype
 
 CLIP_HUB_ID = "openai/clip-vit-large-patch14"
 HOW_TO_GET_CLIP = (

@@ -29,8 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from diffusion.data import dinov2
 from diffusion.errors import ConfigError, InputError, WeightsNotFoundError
+from diffusion.pretrained import dinov2
 from diffusion.weights import read_weights_file
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
