@@ -50,6 +50,40 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# The documentation: README.md and the pages under docs/
+# ----------------------------------------------------------------------------------------------------------------
+def doc_pages() -> list[Path]:
+    """README.md and every docs/*.md page, the places the documentation's claims live."""
+    return [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+
+
+def doc_headings(text: str) -> list[tuple[int, int, str]]:
+    """(line index, level, title) of every markdown heading of ``text``, outside fenced code blocks."""
+    headings, fenced = [], False
+    for i, line in enumerate(text.splitlines()):
+        if line.startswith("```"):
+            fenced = not fenced
+        elif not fenced and (m := re.match(r"(#+) (.+)$", line)):
+            headings.append((i, len(m.group(1)), m.group(2).strip()))
+    return headings
+
+
+def doc_section(title: str) -> str:
+    """The section headed ``title`` (any level) in README.md or a docs page, up to the next heading of its level or
+    above; the test fails unless exactly one page has that heading exactly once."""
+    found = []
+    for page in doc_pages():
+        lines = page.read_text().splitlines()
+        headings = doc_headings("\n".join(lines))
+        for k, (i, level, name) in enumerate(headings):
+            if name == title:
+                end = next((j for j, lv, _ in headings[k + 1:] if lv <= level), len(lines))
+                found.append((page, "\n".join(lines[i:end])))
+    assert len(found) == 1, f"section {title!r} found {len(found)} times: {[str(p) for p, _ in found]}"
+    return found[0][1]
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Tiny training runs on the bundled digits
 # ----------------------------------------------------------------------------------------------------------------
 TINY_MODEL = {

@@ -10,7 +10,7 @@ import pytest
 from diffusion.config.cli import parse_command_line
 from diffusion.config.loading import apply_override, config_from_json, config_to_json
 from diffusion.errors import ConfigError
-from tests.helpers import REPO
+from tests.helpers import REPO, doc_headings, doc_pages, doc_section
 
 CONFIGS = sorted((REPO / "configs").glob("*.py"))
 
@@ -147,8 +147,8 @@ def test_paper_configs_measure_as_their_paper(name):
 
 def test_reproduction_table_names_each_configs_protocol_and_reference():
     """README's reproduction table: every row's protocol and reference file are its config's."""
-    readme = (REPO / "README.md").read_text()
-    section = readme[readme.index("## Reproduction table"):readme.index("\n## ", readme.index("## Reproduction table"))]
+    section = doc_section("Reproduction table")
+    assert section in (REPO / "README.md").read_text()  # the table a newcomer meets first
     rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in section.splitlines()
             if line.startswith("| ") and "`" in line]
     names = {"pytorch_fid": "pytorch-fid", "adm": "ADM"}
@@ -235,6 +235,30 @@ def test_pointers_into_docs_originals_resolve():
             if "originals.md#" in line:
                 cited |= set(re.findall(r"#([a-z][\w-]*)", line[line.index("originals.md#"):]))
     assert len(cited) > 10 and cited <= anchors, sorted(cited - anchors)
+
+
+def test_documentation_links_resolve():
+    """README.md and docs/*.md: every relative link names an existing file, every #anchor a heading of its page, and
+    the README links every docs page."""
+    def slug(title):
+        return re.sub(r"[^\w\- ]", "", title.lower()).replace(" ", "-")
+
+    pages = doc_pages()
+    linked = set()
+    for page in pages:
+        text = page.read_text()
+        prose = re.sub(r"^```.*?^```", "", text, flags=re.M | re.S)  # links in code blocks are not links
+        for target in re.findall(r"\]\(([^)\s]+)\)", prose):
+            if re.match(r"[a-z]+:", target):
+                continue
+            path, _, anchor = target.partition("#")
+            dest = (page.parent / path).resolve() if path else page
+            assert dest.exists(), f"{page.name}: link to {target}: no such file"
+            if anchor and dest.suffix == ".md":
+                assert anchor in {slug(t) for _, _, t in doc_headings(dest.read_text())}, f"{page.name}: {target}"
+            if page.name == "README.md":
+                linked.add(dest)
+    assert len(pages) > 5 and set(pages[1:]) <= linked, sorted(p.name for p in set(pages[1:]) - linked)
 
 
 def test_dit_label_dropout_has_one_source_of_truth():
