@@ -5,7 +5,7 @@
 The backbone of configs/digits_dit.py (class-conditional adaLN-Zero DiT, learned sigma kept as SiT keeps it: the
 extra output channels are ignored by the objective) on SiT's interpolant transport: the linear path
 x_t = t x1 + (1 - t) x0, velocity prediction, uniform training times, the network fed t in [0, 1]
-(docs: README "Flow matching"). The run's length, batch, optimiser and EMA are the DiT quickstart's. Sampling:
+(docs: docs/flow_matching.md). The run's length, batch, optimiser and EMA are the DiT quickstart's. Sampling:
 Heun on the probability-flow ODE (SiT's ``num_steps`` convention: 50 grid points, 49 steps), guidance 2 on all
 channels; SiT's own default, adaptive dopri5, is ``--config.sample.sampler=dopri5``.
 """

@@ -3,7 +3,7 @@ paper number.
 
 ``sample.py --ckpt=<released file>`` needs no ``--config``: the file name picks the config below (model, diffusion,
 autoencoder and the paper's sampler in ``config.sample``); ``--config.x=v`` overrides still apply. Rename a file and
-``--config`` is needed again. ``python -m diffusion.released`` prints the table in README markdown.
+``--config`` is needed again. ``python -m diffusion.released`` prints the table in markdown (docs/sampling.md).
 
 Some files hold more than the sampling network: REPA's SiT carries its alignment projectors (``projectors.*``, used
 by the training loss only). ``sampling_state_dict(file_name, state)`` drops what a released file's entry lists in

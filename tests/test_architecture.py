@@ -10,7 +10,7 @@ import pytest
 
 from tests.helpers import REPO
 
-# Layers from the bottom up; a module may import its own layer and the ones below (README, "Architecture").
+# Layers from the bottom up; a module may import its own layer and the ones below (docs/architecture.md, "Layers").
 LAYERS = [
     ("utilities", ("diffusion.errors", "diffusion.files", "diffusion.seeds")),
     ("mathematics", ("diffusion.objectives", "diffusion.samplers")),

@@ -39,7 +39,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, path: str = "auto"
 
     ``sdpa``: F.scaled_dot_product_attention (flash / memory-efficient kernels on GPU, the fastest fp32 path on CPU).
     ``math``: the explicit product, which autograd differentiates; on CPUs in bf16 it is faster than SDPA in both
-    directions (README, Benchmarks). ``auto``: math for half precision on CPU, sdpa otherwise. Same values either way.
+    directions (docs/benchmarks.md). ``auto``: math for half precision on CPU, sdpa otherwise. Same values either way.
     """
     if path == "auto":
         path = "math" if q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16) else "sdpa"
