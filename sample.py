@@ -37,6 +37,7 @@ import torch
 from accelerate import PartialState
 
 from diffusion.config.cli import Arguments, Command, Flag, run_main
+from diffusion.config.schema import SAMPLE_QUANTIZE
 from diffusion.errors import ConfigError, InputNotFoundError
 from diffusion.sampling.generate import SAMPLER_SETTINGS, SampleSource, num_real_classes
 from diffusion.sampling.grids import sample_grid
@@ -60,6 +61,8 @@ COMMAND = Command(__doc__, config="optional", flags=(
     Flag("chunk_size", type=int, help="samples per chunk file of an .npz job (fixed per job; 256)"),
     *(Flag(FLAG_NAMES.get(key, key), type=kind, help=text, group=SAMPLER_GROUP)
       for key, (kind, text) in SAMPLER_SETTINGS.items()),
+    Flag("quantize", choices=SAMPLE_QUANTIZE, group=SAMPLER_GROUP, help="[-1, 1] -> uint8 of an .npz job's samples: "
+         "round (U-ViT, DiT, SiT) or truncate (REPA's generate.py; ~0.5 grey level darker)"),
     Flag("labels", metavar="C,C,...", group="conditioning",
          help="class labels, e.g. 3,1,4: grid rows, or cycled over an .npz job"),
     Flag("label_dist", choices=LABEL_MODES, group="conditioning", help="labels of an .npz job (default: "
@@ -76,7 +79,7 @@ COMMAND = Command(__doc__, config="optional", flags=(
 
 def sample_flags(args: Arguments) -> dict:
     """The sample-section values the flags set (the sampler's, plus per_class and seed)."""
-    keys = (*SAMPLER_SETTINGS, "per_class", "seed")
+    keys = (*SAMPLER_SETTINGS, "quantize", "per_class", "seed")
     values = {key: args.values[FLAG_NAMES.get(key, key)] for key in keys}
     return {key: value for key, value in values.items() if value is not None}
 

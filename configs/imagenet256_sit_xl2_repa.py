@@ -19,8 +19,10 @@ sampler (``repa_sde``: REPA's grid linspace(1, 0.04, 250) then 0 in its time, di
 form w = 1 - t, which on the linear path equals ``sigma``; a final noiseless mean step over 0.04; one network
 evaluation per step), guidance 1.8 on every latent channel while REPA's tau <= 0.7, i.e. SiT's t >= 0.3
 (``guidance_t_lo=0.3``, ``guidance_t_hi=1``), fp32 with TF32 matmuls (generate.py ``--tf32``), 50K samples with
-uniform labels. REPA's ODE sampler is ``--sampler=repa_euler`` (generate.py's default mode; ``--heun``:
-``repa_heun``) at ``--steps=50``. Previews as train.py's: ``repa_euler``, 50 steps (train.py guides them at 4.0).
+uniform labels, quantised to uint8 by truncation as generate.py does (``quantize="truncate"``: on average half a
+grey level darker than rounding; diffusion/sampling/pixels.py). REPA's ODE sampler is ``--sampler=repa_euler``
+(generate.py's default mode; ``--heun``: ``repa_heun``) at ``--steps=50``. Previews as train.py's: ``repa_euler``,
+50 steps (train.py guides them at 4.0).
 
 Evaluation as REPA's: FID-50K of the EMA weights with ADM's evaluator against ADM's reference batch
 ``VIRTUAL_imagenet256_labeled.npz``, no in-training FID. The released checkpoint (``last.pt``, REPA's utils.py
@@ -50,7 +52,7 @@ def get_config():
     config.sample.update(sampler="repa_sde", steps=250, diffusion_form="linear", diffusion_norm=1.0,
                          last_step="mean", last_step_size=0.04, guidance_scale=1.8, guidance_channels="all",
                          guidance_t_lo=0.3, guidance_t_hi=1.0, labels="uniform", per_class=4, n_samples=50_000,
-                         precision="fp32", tf32=True)
+                         precision="fp32", tf32=True, quantize="truncate")
     config.preview.update(sampler="repa_euler", steps=50)
     config.eval.update(every=0, final_n_samples=0, protocol="adm", reference="data/VIRTUAL_imagenet256_labeled.npz")
     return config

@@ -56,7 +56,8 @@ def get_config():
     # REPA's SDE sampler; t_end and skip_type belong to DPM-Solver++ and do not apply to the transport samplers
     config.sample.update(sampler="repa_sde", steps=250, t_end=None, skip_type=None, diffusion_form="linear",
                          diffusion_norm=1.0, last_step="mean", last_step_size=0.04, guidance_scale=1.8,
-                         guidance_channels="all", guidance_t_lo=0.3, guidance_t_hi=1.0, precision="fp32", tf32=True)
+                         guidance_channels="all", guidance_t_lo=0.3, guidance_t_hi=1.0, precision="fp32", tf32=True,
+                         quantize="truncate")  # generate.py's uint8 cast truncates
     config.preview.update(sampler="repa_euler", steps=50)
     config.eval.update(sampler="repa_euler", steps=50, guidance_scale=1.0)  # the unguided selection sampler
     return config

@@ -63,7 +63,8 @@ def get_config():
     config.repa.update(encoders="dinov2-vit-b", layer=4, projector_dim=2048, coeff=0.5, stop_at_step=0, legacy=False)
     # REPA's T2I Euler ODE; t_end and skip_type belong to DPM-Solver++ and do not apply to the transport samplers
     config.sample.update(sampler="repa_euler", steps=50, t_end=None, skip_type=None, guidance_scale=1.5,
-                         guidance_channels="all", guidance_t_lo=0.0, guidance_t_hi=1.0, precision="fp32", tf32=True)
+                         guidance_channels="all", guidance_t_lo=0.0, guidance_t_hi=1.0, precision="fp32", tf32=True,
+                         quantize="truncate")  # generate_t2i.py's uint8 cast truncates
     config.preview.update(sampler="repa_euler", steps=50)
     config.eval.update(sampler="repa_euler", steps=50, guidance_scale=1.5)  # selection guided, as U-ViT's T2I
     return config

@@ -253,7 +253,7 @@ def test_changed_settings_are_refused_on_resume(tmp_path, dit_file):
     assert record["settings"]["sampler"] == {"sampler": "ddpm", "steps": 6, "order": 3, "t_end": None,
                                              "skip_type": None, "eta": 0.0, "guidance_scale": 2.0,
                                              "guidance_channels": "all", "clip_denoised": True,
-                                             "precision": "fp32", "tf32": False}
+                                             "precision": "fp32", "tf32": False, "quantize": "round"}
     code, out, _ = run_main(*job, "--batch_size=1")  # batch size does not change samples
     assert code == 0 and "already complete (4 samples" in out
     no_count = [a for a in job if not str(a).startswith("--n_samples")]

@@ -93,6 +93,9 @@ def base_config() -> ml_collections.ConfigDict:
                 # sampled under fp16 autocast, DiT in fp32 with TF32 matmuls (tf32: NVIDIA GPUs only).
                 precision="fp32",
                 tf32=False,
+                # [-1, 1] -> uint8 of the samples (diffusion/sampling/pixels.py): round (U-ViT, DiT, SiT) | truncate
+                # (REPA's generate.py: about half a grey level darker on average)
+                quantize="round",
             ),
             # Training previews may use a cheaper sampler; empty / 0 values fall back to ``sample``.
             preview=dict(sampler="", steps=0),
@@ -158,6 +161,9 @@ EVAL_PROTOCOLS = ("pytorch_fid", "adm")  # eval.protocol
 SAMPLE_PRECISIONS = ("fp32", "fp16", "bf16")  # sample.precision
 
 
+SAMPLE_QUANTIZE = ("round", "truncate")  # sample.quantize
+
+
 def _choice(key: str, value, choices: tuple[str, ...]) -> str | None:
     if value in choices:
         return None
@@ -209,7 +215,8 @@ def check_values(config: ml_collections.ConfigDict) -> None:
         problems.append(f"eval.final_n_samples={ev.final_n_samples} scores the best in-training FID checkpoint, but "
                         f"eval.every=0 computes none: e.g. --config.eval.every={max(tc.ckpt_every, 1)}")
     for key, value, choices in (("eval.protocol", ev.protocol, EVAL_PROTOCOLS),
-                                ("sample.precision", config.sample.precision, SAMPLE_PRECISIONS)):
+                                ("sample.precision", config.sample.precision, SAMPLE_PRECISIONS),
+                                ("sample.quantize", config.sample.quantize, SAMPLE_QUANTIZE)):
         problem = _choice(key, value, choices)
         if problem:
             problems.append(problem)

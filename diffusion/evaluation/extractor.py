@@ -33,7 +33,7 @@ class FeatureExtractor:
         x = torch.as_tensor(images)
         if x.dtype != torch.uint8 or x.ndim != 4 or x.shape[-1] not in (1, 3):
             raise InputError(f"images must be uint8 (N, H, W, 1 or 3) as the FID tools store samples (see "
-                             f"diffusion.sampling.generate.to_uint8), got {x.dtype} {tuple(x.shape)}")
+                             f"diffusion.sampling.pixels.to_uint8), got {x.dtype} {tuple(x.shape)}")
         with torch.inference_mode(), full_precision():
             return self.forward(x.to(self.device))
 

@@ -30,7 +30,7 @@ from diffusion.config.loading import apply_override, load_config
 from diffusion.data.cached import CACHED_FEATURE_DATASETS
 from diffusion.data.datasets import CocoCaptions, build_dataset, center_crop_arr
 from diffusion.errors import ConfigError, CorruptImageError, DatasetNotFoundError, InputError, InputNotFoundError
-from diffusion.sampling.generate import to_uint8
+from diffusion.sampling.pixels import to_uint8
 
 _HEADER_READERS = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
 

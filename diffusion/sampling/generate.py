@@ -25,6 +25,7 @@ from diffusion.config.schema import base_config
 from diffusion.errors import ConfigError
 from diffusion.samplers.common import check_options
 from diffusion.sampling.per_sample import LabelPlan, PerSampleNoise
+from diffusion.sampling.pixels import quantize_setting, to_uint8
 from diffusion.sampling.precision import (
     PRECISION_KEYS,
     AutocastNetwork,
@@ -205,14 +206,11 @@ class SampleSource:
         return images, labels
 
     def uint8(self, indices: Sequence[int]) -> tuple[np.ndarray, np.ndarray | None]:
-        """-> (uint8 (N, H, W, 3) as the FID tools read them; grey images repeated to RGB, labels or None)."""
+        """-> (uint8 (N, H, W, 3) as the FID tools read them, quantised by ``sample.quantize``; grey images repeated
+        to RGB, labels or None)."""
         images, labels = self.images(indices)
-        pixels = to_uint8(images).numpy()
+        pixels = to_uint8(images, quantize_setting(self.sample_cfg)).numpy()  # sample.quantize
         if pixels.shape[-1] == 1:
             pixels = np.repeat(pixels, 3, axis=-1)
         return pixels, None if labels is None else labels.numpy().astype(np.int64)
 
-
-def to_uint8(images: torch.Tensor) -> torch.Tensor:
-    """[-1, 1] (N, C, H, W) -> uint8 (N, H, W, C), quantised like the FID pipelines."""
-    return ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu()

@@ -18,8 +18,10 @@ from diffusion.errors import ConfigError, InputError, JobMismatchError
 from diffusion.files import write_atomic
 
 # Settings that job records gained after the first records were written: (path in ``settings``, the value every
-# older job was drawn with). A record without one reads as that value, so an older half-finished job resumes.
-ADDED_SETTINGS = ((("sampler", "precision"), "fp32"), (("sampler", "tf32"), False))
+# older job was drawn with). A record without one reads as that value, so an older half-finished job resumes; new
+# settings without one (a caller that predates the key) mean that value too, and are recorded with it.
+ADDED_SETTINGS = ((("sampler", "precision"), "fp32"), (("sampler", "tf32"), False),
+                  (("sampler", "quantize"), "round"))  # sample.quantize: samples were rounded before it existed
 
 
 def _with_added_settings(settings: dict) -> dict:
@@ -79,7 +81,7 @@ class SampleJob:
         for name, value in (("number of samples", num_samples), ("chunk size", chunk_size)):
             if value is not None and value < 1:
                 raise ConfigError(f"the {name} must be positive, got {value}")
-        settings = json.loads(json.dumps(settings))  # the form it takes in the JSON record
+        settings = _with_added_settings(json.loads(json.dumps(settings)))  # the form it takes in the JSON record
         record = out.with_suffix(".job.json")
         if record.is_file():
             saved = json.loads(record.read_text())

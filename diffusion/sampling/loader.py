@@ -27,6 +27,7 @@ from diffusion.pretrained.text_encoder import TextEncoder
 from diffusion.registry import build_model, build_objective, constructor_defaults, resolve_model_kwargs
 from diffusion.released import RELEASED, released_config, sampling_state_dict
 from diffusion.sampling.generate import check_settings, num_real_classes, sample_settings
+from diffusion.sampling.pixels import quantize_setting
 from diffusion.sampling.precision import check_device, precision_settings
 from diffusion.weights import load_state_strict, read_weights_file
 
@@ -167,7 +168,8 @@ def job_settings(ready: ReadyModel, labels, prompts: list[str] | None) -> dict:
     return {
         "checkpoint": str(ready.source), "weights": "EMA" if ready.weights == "ema" else "raw",
         "model": resolve_model_kwargs(config.model)[1], "diffusion": config.diffusion.to_dict(),
-        "image_shape": list(ready.image_shape), "sampler": {**ready.settings, **ready.arithmetic},
+        "image_shape": list(ready.image_shape),
+        "sampler": {**ready.settings, **ready.arithmetic, "quantize": quantize_setting(config.sample)},
         "seed": config.sample.seed,
         "labels": labels.describe() if labels else None,
         "prompts": {"count": len(prompts), "sha256": digest} if prompts else None,

@@ -36,6 +36,7 @@ from diffusion.data.cached import CACHED_FEATURE_DATASETS, REPA_SETTINGS, read_m
 from diffusion.errors import ConfigError, DatasetNotFoundError
 from diffusion.objectives.repa import Projectors, register_tap, repa_training_losses
 from diffusion.pretrained.vision_encoders import load_vision_encoders, parse_name, split_names
+from diffusion.sampling.pixels import to_uint8
 from diffusion.seeds import derive_seed
 
 log = logging.getLogger("diffusion.train")
@@ -155,7 +156,7 @@ class RepaTraining:
 
 def images_to_uint8(images: torch.Tensor) -> torch.Tensor:
     """[-1, 1] images (the datasets' ``u / 127.5 - 1``) -> uint8 (B, 3, H, W), grey repeated to three channels."""
-    pixels = ((images.float() + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8)
+    pixels = to_uint8(images, "round", channels_last=False)  # rounding inverts the datasets' scaling exactly
     if pixels.shape[1] == 1:
         pixels = pixels.repeat(1, 3, 1, 1)
     if pixels.shape[1] != 3:
