@@ -430,7 +430,7 @@ def test_inception_matches_pytorch_fid(inception_file, tmp_path) -> None:
     spatial = {}
     theirs.blocks[2][6].branch1x1.register_forward_hook(lambda module, inputs, output: spatial.update(x=output))
     ours = build_feature_extractor("inception")  # no path: pytorch-fid's cache under TORCH_HOME
-    assert ours.weights_path == hub_file
+    assert ours.network.weights_path == hub_file
     assert ours.id == build_feature_extractor("inception", weights=str(inception_file)).id
     images = _smooth_images(3, 21, seed=0)[:, :, :17]  # not square, not 299: pytorch-fid's resize
     with torch.no_grad():

@@ -15,7 +15,7 @@ from PIL import Image
 
 import eval_fid
 from diffusion.evaluation import build_feature_extractor, frechet_distance, statistics
-from diffusion.evaluation.fd_dinov2 import DINOv2Extractor
+from diffusion.evaluation.fd_dinov2 import DINOv2Features
 from tests.test_vision_encoders import spread_, to_hub
 
 pytestmark = pytest.mark.filterwarnings("ignore::diffusion.pretrained.vision_encoders.EncoderSizeWarning")
@@ -69,21 +69,21 @@ def direct_fd(extractor, a: np.ndarray, b: np.ndarray) -> float:
 
 def test_preprocessing_is_edm2s(weights) -> None:
     """EDM2's resize_mode='torch' recipe exactly; its PIL reference (resize_mode='pil') within rounding."""
-    extractor = DINOv2Extractor(str(weights))
+    network = DINOv2Features(str(weights))  # the network itself: its preprocessing
     images = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (2, 40, 40, 3), dtype=np.uint8))
-    ours = extractor.prepare(images)
+    ours = network.prepare(images)
     x = F.interpolate(images.permute(0, 3, 1, 2).float(), size=(224, 224), mode="bicubic", antialias=True)
     expected = (x / 255 - torch.tensor(EDM2_MEAN).view(1, 3, 1, 1)) / torch.tensor(EDM2_STD).view(1, 3, 1, 1)
     assert ours.shape == (2, 3, 224, 224) and ours.dtype == torch.float32
     assert torch.allclose(ours, expected, atol=1e-6, rtol=0)
     smooth = smooth_images(2, 256, seed=3)  # PIL clamps to uint8 between its two passes: smooth images, no overshoot
-    ours = extractor.prepare(torch.from_numpy(smooth))
+    ours = network.prepare(torch.from_numpy(smooth))
     pil = np.stack([np.asarray(Image.fromarray(im).resize((224, 224), Image.Resampling.BICUBIC)) for im in smooth])
     pixels = (ours * torch.tensor(EDM2_STD).view(1, 3, 1, 1) + torch.tensor(EDM2_MEAN).view(1, 3, 1, 1)) * 255
     levels = (pixels - torch.from_numpy(pil).permute(0, 3, 1, 2).float()).abs()  # in uint8 levels
     assert levels.max() < 1.5 and levels.mean() < 0.4  # "almost the same results" (EDM2): PIL's rounding
-    grey = extractor.prepare(images[..., :1])
-    assert torch.allclose(grey, extractor.prepare(images[..., :1].expand(-1, -1, -1, 3)))
+    grey = network.prepare(images[..., :1])
+    assert torch.allclose(grey, network.prepare(images[..., :1].expand(-1, -1, -1, 3)))
 
 
 def test_features_are_the_hub_models_class_token(weights) -> None:
@@ -118,7 +118,7 @@ def test_eval_fid_fd_dinov2_equals_direct_and_with_fid(weights, tmp_path, capsys
     np.savez(tmp_path / "samples.npz", arr_0=samples)
     np.savez(tmp_path / "ref.npz", arr_0=reference, mu=np.zeros(2048), sigma=np.eye(2048))  # stored: Inception's
     flags = ["--dinov2", weights, "--num_workers", "0", "--batch_size", "32", "--device", "cpu"]
-    expected = direct_fd(DINOv2Extractor(str(weights)), samples, reference)
+    expected = direct_fd(build_feature_extractor("dinov2", weights=str(weights)), samples, reference)
     assert expected > 0
     code, out, err = run_cli(capsys, tmp_path / "samples.npz", tmp_path / "ref.npz", "--metrics", "fd_dinov2",
                              "--protocol", "adm", "--json", tmp_path / "a.json", *flags)
@@ -149,7 +149,7 @@ def test_feature_cache_keyed_by_extractor_and_reused(weights, tmp_path, capsys) 
     np.savez(tmp_path / "samples.npz", arr_0=samples)
     np.savez(tmp_path / "ref.npz", arr_0=reference)
     flags = ["--metrics", "fd_dinov2", "--num_workers", "0", "--device", "cpu"]
-    extractor = DINOv2Extractor(str(weights))
+    extractor = build_feature_extractor("dinov2", weights=str(weights))
     code, out, err = run_cli(capsys, tmp_path / "samples.npz", tmp_path / "ref.npz", "--dinov2", weights, *flags)
     assert code == 0 and "(cached features)" not in out, err
     cache = tmp_path / f"samples.features-{extractor.id}.npz"
@@ -160,7 +160,7 @@ def test_feature_cache_keyed_by_extractor_and_reused(weights, tmp_path, capsys) 
     assert code == 0 and "(cached features)" in out2 and "cached statistics" in out2, err
     assert out2.split()[1] == out.split()[1]  # the same score
     other = save_hub_file(tmp_path / "other" / "dinov2_vitl14_pretrain.pth", seed=1)
-    other_id = DINOv2Extractor(str(other)).id
+    other_id = build_feature_extractor("dinov2", weights=str(other)).id
     assert other_id != extractor.id and other_id.startswith("dinov2-")
     code, out3, err = run_cli(capsys, tmp_path / "samples.npz", tmp_path / "ref.npz", "--dinov2", other, *flags)
     assert code == 0 and "(cached features)" not in out3, err
@@ -192,6 +192,7 @@ def test_transformers_folder_gives_the_same_features(tmp_path) -> None:
     spread_(Dinov2Model(config), seed=1).save_pretrained(tmp_path / "hf")
     torch.save(hf_to_hub(load_file(tmp_path / "hf" / "model.safetensors")), tmp_path / "hub.pth")
     images = smooth_images(2, 32, seed=5)
-    via_hf, via_timm = DINOv2Extractor(str(tmp_path / "hf")), DINOv2Extractor(str(tmp_path / "hub.pth"))
-    assert via_hf.encoder.backend == "transformers" and via_hf.id.startswith("dinov2-") and via_hf.id != via_timm.id
+    via_hf, via_timm = (build_feature_extractor("dinov2", weights=str(tmp_path / name)) for name in ("hf", "hub.pth"))
+    assert via_hf.network.encoder.backend == "transformers"
+    assert via_hf.id.startswith("dinov2-") and via_hf.id != via_timm.id
     torch.testing.assert_close(via_hf(images)["pool"], via_timm(images)["pool"], rtol=1e-5, atol=2e-5)

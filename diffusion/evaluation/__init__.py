@@ -4,11 +4,11 @@ project's own modules import from the modules themselves.
 
     metrics      statistics, RunningStatistics, frechet_distance, inception_score, precision_recall
     protocols    PROTOCOLS, Protocol, get_protocol: pytorch-fid's and ADM's evaluation rules by name
-    extractor    FeatureExtractor, the interface of the two extractors: inception.py (pytorch-fid's FID Inception,
-                 with pytorch-fid's or ADM's front end)
-                 and digits.py (the quickstart's stand-ins: digit features, and the end-of-run digits accuracy);
-                 fd_dinov2.py: EDM2's FD-DINOv2 features (DINOv2 ViT-L/14 class token)
-    extractors   EXTRACTORS, build_feature_extractor: the extractors by name
+    extractors   EXTRACTORS, build_feature_extractor, FeatureExtractor: the extractors by name, behind one interface
+                 (uint8 images in, named features out), over the feature networks of inception.py (pytorch-fid's FID
+                 Inception, with pytorch-fid's or ADM's front end), digits.py (the quickstart's stand-ins: digit
+                 features, and the end-of-run digits accuracy) and fd_dinov2.py (EDM2's FD-DINOv2 features, DINOv2
+                 ViT-L/14 class token)
     sources      .npz files, image folders, dataset configs, MS-COCO as uint8 image datasets
     features     batched multi-process extraction, per-source feature caches, running statistics of a source or
                  of images generated on the fly (FID during training)
@@ -18,8 +18,7 @@ project's own modules import from the modules themselves.
 ``eval_fid.py`` at the repository root is the command line over these.
 """
 
-from diffusion.evaluation.extractor import FeatureExtractor
-from diffusion.evaluation.extractors import EXTRACTORS, build_feature_extractor
+from diffusion.evaluation.extractors import EXTRACTORS, FeatureExtractor, build_feature_extractor
 from diffusion.evaluation.features import (
     accumulate_statistics,
     cached_features,

@@ -23,7 +23,6 @@ from sklearn.svm import SVC
 from torch import nn
 
 from diffusion.errors import InputError
-from diffusion.evaluation.extractor import FeatureExtractor
 
 SEED, STEPS, LR = 0, 120, 1e-2
 SIDE = 8
@@ -58,9 +57,9 @@ def _network() -> nn.Sequential:
     return nn.Sequential(nn.Linear(SIDE * SIDE, 128), nn.Tanh(), nn.Linear(128, 64), nn.Tanh(), nn.Linear(64, 10))
 
 
-class DigitsExtractor(FeatureExtractor):
-    """Features of uint8 (N, 8, 8, 1 or 3) digit images (RGB ones are averaged to grey); ``id`` =
-    ``digits-mlp-<sha256[:12]>`` of the fitted weights."""
+class DigitsFeatures:
+    """The feature network (see ``diffusion.evaluation.extractors``) of uint8 (N, 8, 8, 1 or 3) digit images (RGB ones
+    are averaged to grey); ``id`` = ``digits-mlp-<sha256[:12]>`` of the fitted weights."""
 
     dims = {"pool": 64, "logits": 10}
 

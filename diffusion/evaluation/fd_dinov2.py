@@ -25,7 +25,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from diffusion.evaluation.extractor import FeatureExtractor
 from diffusion.evaluation.inception import weights_digest
 from diffusion.pretrained.vision_encoders import IMAGENET_MEAN, IMAGENET_STD, WEIGHT_SUFFIXES, load_vision_encoder
 
@@ -88,10 +87,11 @@ def weights_identity(source: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
-class DINOv2Extractor(FeatureExtractor):
-    """EDM2's FD-DINOv2 features: ``{"pool": (N, 1024)}`` (the width of the weights). ``weights``: what
-    ``load_vision_encoder`` takes (a torch.hub ``dinov2_vitl14_pretrain.pth``, a timm file, a transformers folder
-    or a cached hub id; "" = the local caches). ``id`` = ``dinov2-<sha256[:12]>`` of the weights."""
+class DINOv2Features:
+    """EDM2's FD-DINOv2 features as a feature network (see ``diffusion.evaluation.extractors``): ``{"pool": (N,
+    1024)}`` (the width of the weights). ``weights``: what ``load_vision_encoder`` takes (a torch.hub
+    ``dinov2_vitl14_pretrain.pth``, a timm file, a transformers folder or a cached hub id; "" = the local caches).
+    ``id`` = ``dinov2-<sha256[:12]>`` of the weights."""
 
     def __init__(self, weights: str = "", device: torch.device | str = "cpu") -> None:
         self.device = torch.device(device)

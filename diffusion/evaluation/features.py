@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from diffusion.errors import InputError
-from diffusion.evaluation.extractor import FeatureExtractor
+from diffusion.evaluation.extractors import FeatureExtractor
 from diffusion.evaluation.metrics import RunningStatistics, statistics
 from diffusion.evaluation.sources import ImageSource
 from diffusion.files import write_atomic

@@ -39,7 +39,6 @@ from pytorch_fid.inception import (
 from torch import nn
 
 from diffusion.errors import CheckpointError, InceptionWeightsNotFoundError
-from diffusion.evaluation.extractor import FeatureExtractor
 
 WEIGHTS_FILE = FID_WEIGHTS_URL.rsplit("/", 1)[1]  # pt_inception-2015-12-05-6726825d.pth
 INPUT_SIZE = 299
@@ -169,9 +168,10 @@ class FIDInception(nn.Module):
                 "spatial": spatial.permute(0, 2, 3, 1).flatten(1)}
 
 
-class InceptionExtractor(FeatureExtractor):
-    """:class:`FIDInception` behind the :class:`FeatureExtractor` interface; ``id`` = ``inception-<sha256[:12]>`` of
-    the weights file, with ``-adm`` appended under ADM's front end (its features differ, so do its caches)."""
+class InceptionFeatures:
+    """:class:`FIDInception` as a feature network (see ``diffusion.evaluation.extractors``); ``id`` =
+    ``inception-<sha256[:12]>`` of the weights file, with ``-adm`` appended under ADM's front end (its features
+    differ, so do its caches)."""
 
     dims = {"pool": 2048, "logits": 1008, "spatial": 17 * 17 * SPATIAL_CHANNELS}
 

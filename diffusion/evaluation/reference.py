@@ -25,7 +25,7 @@ import ml_collections
 import numpy as np
 
 from diffusion.errors import InputError, InputNotFoundError
-from diffusion.evaluation.extractor import FeatureExtractor
+from diffusion.evaluation.extractors import FeatureExtractor
 from diffusion.evaluation.features import (
     STATISTICS_KEYS,
     accumulate_statistics,
