@@ -1,7 +1,7 @@
 """FID (and sFID, Inception Score, precision/recall, FD-DINOv2) of samples against a reference; statistics files.
 
     python eval_fid.py samples.npz fid_stats_imagenet256_guided_diffusion.npz            # FID (U-ViT's stats)
-    python eval_fid.py samples.npz VIRTUAL_imagenet256_labeled.npz --protocol adm --metrics fid,sfid,is,pr   # DiT's
+    python eval_fid.py samples.npz VIRTUAL_imagenet256_labeled.npz --metrics fid,sfid,is,pr   # DiT's (protocol adm)
     python eval_fid.py samples/ configs/cifar10_uvit_s2.py --config.data.root=data     # reference: CIFAR-10 train
     accelerate launch --num_processes=8 eval_fid.py samples.npz VIRTUAL_imagenet256_labeled.npz --metrics fid,pr
     python eval_fid.py --save_stats fid_stats_cifar10_train.npz configs/cifar10_uvit_s2.py --config.data.root=data
@@ -19,7 +19,8 @@ is (Inception Score), pr (precision/recall, k = 3; needs reference images, not a
 (EDM2's FD-DINOv2: the Frechet distance of DINOv2 ViT-L/14 class tokens; against images, or a statistics file made
 with --save_stats --extractor dinov2; an ADM batch's stored statistics are Inception ones, so never used for it).
 
---protocol (default: a config REFERENCE's eval.protocol, else pytorch_fid) says how they are measured:
+--protocol (default: a config REFERENCE's eval.protocol; adm for an ADM reference batch, an .npz holding mu, sigma,
+mu_s and sigma_s beside arr_0, said in the first line of output; else pytorch_fid) says how they are measured:
   pytorch_fid  pytorch-fid's Inception front end (uint8 / 255, bilinear resize with half-pixel centres, 2x - 1); an
                ADM batch's statistics recomputed from its images (its stored ones with --adm_stats); IS over 10 equal
                splits; precision/recall distances in float32. U-ViT's numbers.
@@ -50,6 +51,7 @@ import torch
 from accelerate import PartialState
 
 from diffusion.config.cli import Arguments, Command, Flag, run_main
+from diffusion.config.loading import load_config
 from diffusion.errors import ConfigError, InputError, user_files
 from diffusion.evaluation import (
     EXTRACTORS,
@@ -65,12 +67,13 @@ from diffusion.evaluation import (
     save_statistics,
 )
 from diffusion.evaluation.features import accumulate_statistics, statistics_of_features
-from diffusion.evaluation.sources import load_config_with_overrides
+from diffusion.evaluation.reference import npz_arrays
 
 METRICS = ("fid", "sfid", "is", "pr", "fd_dinov2")
 NEEDS = {"sfid": "spatial", "is": "logits"}  # metric -> extractor output it needs besides pool
 STATISTICS_OF = {"fid": "pool", "sfid": "spatial", "fd_dinov2": "pool"}  # metric -> features it compares
 OWN_EXTRACTOR = {"fd_dinov2": "dinov2"}  # metrics measured with their own extractor, not --extractor's
+ADM_BATCH = ("arr_0", "mu", "sigma", "mu_s", "sigma_s")  # what ADM's reference batches (VIRTUAL_*.npz) hold
 COMMAND = Command(__doc__, config="none", positional="PATH ...",
                   positional_help="SAMPLES REFERENCE, or SOURCE with --save_stats", flags=(
     Flag("save_stats", metavar="OUT.npz", help="write the statistics (mu, sigma[, mu_s, sigma_s]) of SOURCE to "
@@ -87,7 +90,7 @@ COMMAND = Command(__doc__, config="none", positional="PATH ...",
     Flag("coco", choices=("train", "val"),
          help="the reference/source is an MS-COCO 2014 root: its captioned images of that split (U-ViT: val)"),
     Flag("protocol", choices=PROTOCOL_NAMES, help="how to measure: pytorch_fid (U-ViT's) or adm (ADM's evaluator: "
-         "DiT's, SiT's); default: a config's eval.protocol, else pytorch_fid"),
+         "DiT's, SiT's); default: a config's eval.protocol, adm for an ADM reference batch, else pytorch_fid"),
     Flag("adm_stats", False, bool,
          help="use an ADM reference batch's stored statistics (from ADM's TensorFlow evaluator); --protocol adm "
          "uses them whenever the batch has them"),
@@ -111,7 +114,7 @@ def make_extractor(args: Arguments, config_spec: str, device, name: str = "") ->
     dataset config's ``eval`` section supplies the defaults."""
     name, inception, dinov2, protocol = name or args.extractor, args.inception, args.dinov2, args.protocol
     if config_spec.endswith(".py"):
-        config = load_config_with_overrides(config_spec, args.overrides)
+        config = load_config(config_spec, args.overrides)
         name = name or config.eval.feature_extractor
         inception = inception or config.eval.inception_weights
         dinov2 = dinov2 or config.eval.get("dinov2_weights", "")
@@ -179,6 +182,20 @@ def stored_statistics(args: Arguments, protocol: Protocol) -> str:
     return "required" if args.adm_stats else "if_stored" if protocol.stored_statistics else "never"
 
 
+def adm_batch_protocol(args: Arguments, reference_spec: str) -> str:
+    """With no --protocol and an ADM reference batch as REFERENCE: set the protocol to adm (the evaluator whose
+    numbers such a batch stands behind) and return the line that says so; else change nothing and return ""."""
+    path = Path(reference_spec)
+    if args.protocol or args.coco or path.suffix != ".npz" or not path.is_file():
+        return ""  # a config REFERENCE's eval.protocol applies in make_extractor
+    if not set(ADM_BATCH) <= set(npz_arrays(path)):
+        return ""
+    args.values["protocol"] = "adm"
+    return (f"protocol adm (ADM's evaluator, as DiT, SiT and REPA score): {path.name} is an ADM reference batch "
+            f"(mu, sigma, mu_s, sigma_s beside arr_0) and no --protocol was given; --protocol pytorch_fid scores "
+            f"with pytorch-fid's front end")
+
+
 def metric_groups(args: Arguments, metrics: list[str], reference_spec: str, device
                   ) -> tuple[list[tuple[FeatureExtractor, list[str]]], Protocol]:
     """The extractors the metrics need, each with its metrics (fd_dinov2: DINOv2; the rest: --extractor's), all
@@ -210,6 +227,9 @@ def evaluate(args: Arguments, state, device) -> str:
     unknown = [m for m in metrics if m not in METRICS]
     if unknown or not metrics:
         raise ConfigError(f"unknown metrics {unknown or args.metrics!r}; choose from {', '.join(METRICS)}")
+    note = adm_batch_protocol(args, reference_spec)
+    if note and state.is_main_process:
+        print(note, flush=True)  # the first line, before the extraction: the protocol decides the score
     groups, protocol = metric_groups(args, metrics, reference_spec, device)
     samples = open_images(samples_spec)  # a missing or malformed samples file fails before any extraction
     common = dict(cache_dir=args.cache_dir, use_cache=not args.no_cache, batch_size=args.batch_size,

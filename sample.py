@@ -22,8 +22,8 @@ arr_1 the labels (class-conditional models). Sample i depends only on (--seed, i
 number of processes, and for any batch size up to floating-point rounding (bit-identical on CPU).
 
 --likelihood=DATA.npz (transport checkpoints) computes instead the bits/dim of DATA.npz's images through the
-probability-flow ODE (SiT's sample_ode_likelihood) and writes them to --out=*.json (default likelihood.json); see
-diffusion/sampling/likelihood.py.
+probability-flow ODE (SiT's sample_ode_likelihood, run from data to noise) and writes them to --out=*.json (default
+likelihood.json): the flags and the summary line are here, the computation is diffusion/sampling/likelihood.py's.
 """
 
 from __future__ import annotations
@@ -39,16 +39,33 @@ from accelerate import PartialState
 from diffusion.config.cli import Arguments, Command, Flag, run_main
 from diffusion.config.schema import SAMPLE_QUANTIZE
 from diffusion.errors import ConfigError, InputNotFoundError
-from diffusion.sampling.generate import SAMPLER_SETTINGS, SampleSource, num_real_classes
+from diffusion.samplers.transport import DIVERGENCES, ODE_METHODS, PROBES
+from diffusion.sampling import likelihood
+from diffusion.sampling.generate import SampleSource
 from diffusion.sampling.grids import sample_grid
 from diffusion.sampling.jobs import SampleJob, run_job
-from diffusion.sampling.likelihood import FLAGS as LIKELIHOOD_FLAGS
-from diffusion.sampling.likelihood import likelihood_options, run_likelihood
 from diffusion.sampling.loader import ReadyModel, job_settings, load_for_sampling
 from diffusion.sampling.per_sample import LABEL_MODES, LabelPlan, check_labels, training_class_counts
+from diffusion.sampling.settings import SAMPLER_SETTINGS
 
 SAMPLER_GROUP = "sampler (defaults: the config's sample section)"
 FLAG_NAMES = {"guidance_scale": "guidance"}  # sample-section key -> flag name, where they differ
+LIKELIHOOD_GROUP = "likelihood (--likelihood=DATA.npz; transport models)"
+LIKELIHOOD_FLAGS = (
+    Flag("likelihood", metavar="DATA.npz", group=LIKELIHOOD_GROUP,
+         help="bits/dim of DATA.npz's images (ADM's format: arr_0 uint8 (N, H, W, C), arr_1 labels) through the "
+              "probability-flow ODE; writes --out=*.json (default likelihood.json)"),
+    Flag("divergence", choices=DIVERGENCES, group=LIKELIHOOD_GROUP,
+         help="hutchinson (estimator) or exact (one backward pass per dimension: small data) (default: hutchinson)"),
+    Flag("probes", type=int, group=LIKELIHOOD_GROUP, help="Hutchinson probes per sample (default: 1)"),
+    Flag("probe", choices=PROBES, group=LIKELIHOOD_GROUP, help="Hutchinson probe distribution (default: rademacher)"),
+    Flag("resample_probes", type=bool, group=LIKELIHOOD_GROUP,
+         help="fresh Hutchinson probes at every network evaluation, as SiT (default: false, one set per sample for "
+              "its whole trajectory)"),
+)
+LIKELIHOOD_SOLVER_KEYS = ("sampler", "steps", "atol", "rtol")  # the sample-section keys the likelihood uses
+LIKELIHOOD_OUTPUT_FLAGS = ("png_dir", "chunk_size", "quantize", "labels", "label_dist", "prompts", "prompts_file",
+                           "per_class")
 COMMAND = Command(__doc__, config="optional", flags=(
     Flag("ckpt", required=True, metavar="PATH", help="checkpoint dir, run dir, released file or weights file"),
     Flag("out", metavar="PATH", help="*.png: a labelled grid (default grid.png); *.npz: an evaluation job; *.json: "
@@ -109,7 +126,7 @@ def parse_labels(text: str, num_classes: int) -> list[int]:
 
 def check_conditioning(ready: ReadyModel, args: Arguments, prompts) -> str:
     """'text' | 'class' | 'none', refusing flags that do not fit the model."""
-    kind, model = ready.conditioning, ready.model
+    kind = ready.conditioning
     label_flags = [f for f in ("labels", "label_dist") if args.values[f] is not None]
     if kind != "text" and prompts:
         raise ConfigError(f"prompts need a text-to-image model; this one is "
@@ -119,7 +136,7 @@ def check_conditioning(ready: ReadyModel, args: Arguments, prompts) -> str:
                           f"{'text-to-image: use --prompts or --prompts_file' if kind == 'text' else 'unconditional'}")
     if kind == "text" and not prompts:
         raise ConfigError("this is a text-to-image model: give --prompts \"a photo of ...\" or --prompts_file")
-    if kind == "class" and ready.settings["guidance_scale"] != 1.0 and getattr(model, "null_label", None) is None:
+    if kind == "class" and ready.settings["guidance_scale"] != 1.0 and ready.info.null_label is None:
         raise ConfigError("guidance needs a model trained with a null label; this one has none: use --guidance 1")
     return kind
 
@@ -160,7 +177,7 @@ def run_npz_job(ready: ReadyModel, args: Arguments, given, prompts, dist_state, 
     if ready.conditioning == "class":
         mode = "given" if given else args.label_dist or config.sample.labels
         counts = training_class_counts(config, ready.meta) if mode == "train_freq" else None
-        labels = LabelPlan(mode, num_real_classes(ready.model), seed=config.sample.seed, given=given,
+        labels = LabelPlan(mode, ready.info.num_labels, seed=config.sample.seed, given=given,
                            class_counts=counts)
     job = SampleJob.open(out, args.n_samples, job_settings(ready, labels, prompts), chunk_size=args.chunk_size,
                          default_num_samples=config.sample.get("n_samples", 50_000))
@@ -180,6 +197,103 @@ def run_npz_job(ready: ReadyModel, args: Arguments, given, prompts, dist_state, 
             f"{cond}{f'; PNGs in {args.png_dir}' if args.png_dir else ''}")
 
 
+# ----------------------------------------------------------------------------------------------------------
+# --likelihood=DATA.npz: its flags here, the computation in diffusion/sampling/likelihood.py
+# ----------------------------------------------------------------------------------------------------------
+
+
+def likelihood_options(args: Arguments) -> dict:
+    """The divergence keywords of Transport.likelihood from --divergence, --probes, --probe, --resample_probes (the
+    flags given, else their defaults). Refuses them without --likelihood, and the probe flags with exact."""
+    given = {key: args.values.get(key) for key in likelihood.DIVERGENCE_DEFAULTS if args.values.get(key) is not None}
+    if given and not args.likelihood:
+        raise ConfigError(f"--{', --'.join(given)} belong to --likelihood=DATA.npz")
+    options = {**likelihood.DIVERGENCE_DEFAULTS, **given}
+    probe_flags = [key for key in given if key != "divergence"]
+    if options["divergence"] == "exact" and probe_flags:
+        raise ConfigError(f"--{', --'.join(probe_flags)} set Hutchinson's estimator; --divergence=exact draws no "
+                          f"probes")
+    if options["probes"] < 1:
+        raise ConfigError(f"--probes must be >= 1, got {options['probes']}")
+    return likelihood.divergence_options(**options)
+
+
+def check_likelihood_flags(args: Arguments) -> Path:
+    """The .json output path; refuses what does not apply to a likelihood: other outputs, conditioning and sampler
+    flags, guidance other than 1, several processes."""
+    out = Path(args.out or "likelihood.json")
+    if out.suffix != ".json":
+        raise ConfigError(f"--likelihood writes a JSON report: --out must end in .json (default likelihood.json), "
+                          f"got {out}")
+    foreign = [key for key in SAMPLER_SETTINGS if key not in LIKELIHOOD_SOLVER_KEYS and key != "guidance_scale"]
+    given = [name for name in (*LIKELIHOOD_OUTPUT_FLAGS, *foreign) if args.values.get(name) not in (None, [])]
+    if given:
+        raise ConfigError(f"--{given[0]} does not apply to --likelihood (it takes --sampler (an ODE method), "
+                          f"--steps, --atol, --rtol, --divergence, --probes, --probe, --resample_probes, "
+                          f"--n_samples, --batch_size)")
+    guidance = args.values.get(FLAG_NAMES["guidance_scale"])
+    if guidance is not None and guidance != 1.0:
+        raise ConfigError(f"the likelihood is that of the unguided model (SiT asserts cfg_scale == 1): drop "
+                          f"--guidance={guidance:g} or use --guidance=1")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ConfigError("--likelihood runs in one process; launch it without accelerate/torchrun")
+    return out
+
+
+def likelihood_solver(args: Arguments, config) -> dict:
+    """sampler and steps (and an adaptive method's atol, rtol): the flags, else the config's sample section; a
+    sampler that is not an ODE method (an SDE, the config's default elsewhere) falls back to SiT's likelihood solver
+    dopri5 unless given. Tolerances given for a fixed-step method are refused."""
+    sample = config.sample
+    sampler = args.sampler or (sample.sampler if sample.sampler in ODE_METHODS else "dopri5")
+    if sampler not in ODE_METHODS:
+        raise ConfigError(f"--likelihood integrates the probability-flow ODE: --sampler must be one of "
+                          f"{', '.join(ODE_METHODS)}, got {sampler!r}")
+    value = {key: args.values.get(key) if args.values.get(key) is not None else sample[key]
+             for key in LIKELIHOOD_SOLVER_KEYS[1:]}
+    if value["steps"] < 2:
+        raise ConfigError(f"--steps counts grid points (SiT's num_steps) and must be >= 2, got {value['steps']}")
+    if not ODE_METHODS[sampler]:
+        tolerances = [key for key in ("atol", "rtol") if args.values.get(key) is not None]
+        if tolerances:
+            raise ConfigError(f"--{tolerances[0]} is a tolerance of the adaptive ODE methods "
+                              f"({', '.join(m for m, adaptive in ODE_METHODS.items() if adaptive)}); {sampler} "
+                              f"takes the {value['steps']} grid points of --steps")
+        return {"sampler": sampler, "steps": value["steps"]}
+    if not (value["atol"] > 0 and value["rtol"] > 0):
+        raise ConfigError(f"atol and rtol must be > 0, got {value['atol']!r} and {value['rtol']!r}")
+    return {"sampler": sampler, **value}
+
+
+def likelihood_summary(out: Path, result: dict, ready: ReadyModel, args: Arguments) -> str:
+    settings = result["settings"]
+    err = "n/a" if result["stderr"] is None else f"{result['stderr']:.4f}"
+    space = "8-bit pixels" if settings["space"] == likelihood.PIXEL_SPACE else \
+        "autoencoder latents: continuous, not comparable with pixel bits/dim"
+    return (f"wrote {out}: {result['bits_per_dim']:.4f} ± {err} bits/dim (N={result['n']}, {space}) of "
+            f"{Path(args.likelihood).name} under {ready.source.name} ({settings['weights']} weights, unguided), "
+            f"{likelihood.describe_solver(settings, settings)}, seed {settings['seed']}")
+
+
+def run_likelihood(args: Arguments) -> str:
+    """``--likelihood=DATA.npz``: check the flags, load, estimate, write the JSON; returns the summary line."""
+    start = time.perf_counter()
+    out, options = check_likelihood_flags(args), likelihood_options(args)
+    ready = load_for_sampling(args.ckpt, config_path=args.config_path, overrides=args.overrides, ema=args.ema,
+                              codecs=False)
+    likelihood.check_model(ready)
+    solver = likelihood_solver(args, ready.config)
+    images, labels = likelihood.load_data(ready, args.likelihood, args.n_samples)
+    seed = ready.config.sample.seed if args.seed is None else args.seed
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    result = likelihood.likelihood_report(ready.with_codecs(device), images, labels, data=args.likelihood,
+                                          solver=solver, options=options, seed=seed, batch_size=args.batch_size,
+                                          device=device, progress=True)
+    result["settings"]["seconds"] = round(time.perf_counter() - start, 3)
+    likelihood.write_report(out, result)
+    return likelihood_summary(out, result, ready, args)
+
+
 def run(args: Arguments) -> int:
     """Load, check, sample; prints the summary line (on rank 0)."""
     start = time.perf_counter()
@@ -193,7 +307,7 @@ def run(args: Arguments) -> int:
                               sample=sample_flags(args), ema=args.ema, codecs=False)
     prompts = read_prompts(args)
     check_conditioning(ready, args, prompts)
-    given = parse_labels(args.labels, num_real_classes(ready.model)) if args.labels else None
+    given = parse_labels(args.labels, ready.info.num_labels) if args.labels else None
     dist_state = None
     if npz:
         dist_state = PartialState(cpu=args.device == "cpu" or not torch.cuda.is_available())

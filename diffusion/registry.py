@@ -1,29 +1,126 @@
 """From config sections to objects: backbones by ``model.name``, objectives by ``diffusion.kind``. The one place
-the shared package reaches the backbones (uvit/, dit/) and the one table of diffusion kinds."""
+the shared package reaches the backbones (uvit/, dit/ and any registered one), through the contract they declare
+(:class:`Backbone`), and the one table of diffusion kinds.
+
+A new backbone is a package of its own whose network class satisfies :class:`Backbone` and whose module has a
+``PRESETS`` dict, plus one line in ``BACKBONES`` (or a :func:`register_backbone` call, as a test's toy backbone does).
+"""
 
 from __future__ import annotations
 
 import importlib
 import inspect
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
 
 import ml_collections
+import torch
 from torch import nn
 
 from diffusion.errors import ConfigError
 
-BACKBONES = {"uvit": ("uvit", "UViT"), "dit": ("dit", "DiT")}
-# The repeated transformer block of each backbone: the unit train.fsdp shards and gathers one at a time.
-BLOCK_CLASSES = {"uvit": "Block", "dit": "DiTBlock"}
+# model.name -> (module, class name): imported on first use.
+BACKBONES: dict[str, tuple[str, str]] = {"uvit": ("uvit", "UViT"), "dit": ("dit", "DiT")}
+_REGISTERED: dict[str, tuple[type[nn.Module], dict[str, dict]]] = {}  # register_backbone's: name -> (class, presets)
 # diffusion.kind -> (module, builder): the builder's keyword arguments are the settings of that kind.
 OBJECTIVES = {"vp_sde": ("diffusion.objectives.vp", "build_vp_sde"),
               "sd_discrete": ("diffusion.objectives.vp", "build_sd_discrete"),
               "iddpm": ("diffusion.objectives.iddpm", "build_iddpm"),
               "transport": ("diffusion.objectives.transport", "build_transport")}
+CONDITIONINGS = ("none", "class", "text")
+
+
+@runtime_checkable
+class Backbone(Protocol):
+    """What every backbone class declares, and all the package may read of a backbone (besides ``forward(x, t,
+    **cond)``, ``state_dict`` and nn.Module's own API). Class attributes: ``BLOCK_CLASS`` (the repeated transformer
+    block: FSDP's and activation checkpointing's unit), ``ATTENTION_PATHS`` (the values of every attention layer's
+    ``attention_path``; ``auto`` | ``sdpa`` | ``math`` at least). Per instance:"""
+
+    BLOCK_CLASS: type[nn.Module]
+    ATTENTION_PATHS: tuple[str, ...]
+    conditioning: str  # "none" | "class" (forward takes y) | "text" (forward takes context)
+    num_labels: int  # classes a user may ask for (the null label excluded); 0 unless class-conditional
+    null_label: int | None  # the label meaning "no class" (classifier-free guidance), else None
+    label_dropout: float | None  # a label-dropout rate the network was built for (DiT's class_dropout_prob), or None
+    context_shape: tuple[int, int] | None  # (tokens, width) of the text context; None unless text-conditioned
+    input_shape: tuple[int, int, int]  # (C, H, W) of x
+    hidden_size: int  # token width
+    token_grid: int  # patches per side
+
+    def tap_blocks(self) -> tuple[list[nn.Module], int, int | None]:
+        """(the blocks in forward order, where the patch tokens start in a block's output, how many: None = rest)."""
+
+
+_CONTRACT_FIELDS = ("conditioning", "num_labels", "null_label", "label_dropout", "context_shape", "input_shape",
+                    "hidden_size", "token_grid")
+
+
+@dataclass(frozen=True)
+class BackboneInfo:
+    """A backbone's declared contract, read once (:func:`describe`)."""
+
+    conditioning: str
+    num_labels: int
+    null_label: int | None
+    label_dropout: float | None
+    context_shape: tuple[int, int] | None
+    input_shape: tuple[int, int, int]
+    hidden_size: int
+    token_grid: int
+    block_class: type[nn.Module]
+    attention_paths: tuple[str, ...]
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The backbone inside DDP (``module``), ``torch.compile`` (``_orig_mod``) and the sampling wrappers
+    (``model``)."""
+    while not isinstance(model, Backbone):
+        inner = next((m for name in ("module", "_orig_mod", "model")
+                      if isinstance(m := getattr(model, name, None), nn.Module)), None)
+        if inner is None:
+            return model
+        model = inner
+    return model
+
+
+def describe(net: nn.Module) -> BackboneInfo:
+    """The contract of the backbone ``net`` (or of the one it wraps); a TypeError names what it does not declare."""
+    net = unwrap(net)
+    missing = [f for f in (*_CONTRACT_FIELDS, "tap_blocks", "BLOCK_CLASS", "ATTENTION_PATHS") if not hasattr(net, f)]
+    if missing:
+        raise TypeError(f"{type(net).__name__} does not satisfy the backbone contract (diffusion.registry.Backbone): "
+                        f"it lacks {', '.join(missing)}")
+    info = BackboneInfo(**{f: getattr(net, f) for f in _CONTRACT_FIELDS}, block_class=net.BLOCK_CLASS,
+                        attention_paths=tuple(net.ATTENTION_PATHS))
+    if info.conditioning not in CONDITIONINGS:
+        raise TypeError(f"{type(net).__name__}.conditioning is {info.conditioning!r}; one of {CONDITIONINGS}")
+    return info
+
+
+def tap_blocks(net: nn.Module) -> tuple[list[nn.Module], int, int | None]:
+    """The contract's ``tap_blocks`` of the backbone ``net`` wraps (REPA's forward hooks go on these)."""
+    describe(net)
+    return unwrap(net).tap_blocks()
+
+
+def register_backbone(name: str, cls: type[nn.Module], presets: dict[str, dict] | None = None) -> None:
+    """Make ``cls`` buildable as ``model.name = name`` (a backbone outside this repository, or a test's)."""
+    missing = [f for f in ("BLOCK_CLASS", "ATTENTION_PATHS", "tap_blocks") if not hasattr(cls, f)]
+    if missing:
+        raise TypeError(f"{cls.__name__} does not satisfy the backbone contract: it lacks {', '.join(missing)}")
+    _REGISTERED[name] = (cls, dict(presets or {}))
+
+
+def backbone_names() -> tuple[str, ...]:
+    return (*BACKBONES, *(n for n in _REGISTERED if n not in BACKBONES))
 
 
 def _backbone_module(name: str):
+    if name in _REGISTERED:
+        return _REGISTERED[name]
     if name not in BACKBONES:
-        raise ConfigError(f"unknown model.name {name!r}; known: {', '.join(BACKBONES)}")
+        raise ConfigError(f"unknown model.name {name!r}; known: {', '.join(backbone_names())}")
     module_name, class_name = BACKBONES[name]
     module = importlib.import_module(module_name)
     return getattr(module, class_name), module.PRESETS
@@ -31,13 +128,12 @@ def _backbone_module(name: str):
 
 def block_class(name: str) -> str:
     """Class name of backbone ``name``'s transformer block (what FSDP wraps as one unit)."""
-    _backbone_module(name)  # an unknown name is a ConfigError
-    return BLOCK_CLASSES[name]
+    return _backbone_module(name)[0].BLOCK_CLASS.__name__
 
 
 def constructor_keywords(name: str) -> set[str]:
     """Keyword arguments the backbone ``name`` accepts (empty for an unknown name)."""
-    if name not in BACKBONES:
+    if name not in backbone_names():
         return set()
     cls, _ = _backbone_module(name)
     return set(inspect.signature(cls.__init__).parameters) - {"self"}
@@ -74,19 +170,18 @@ def build_model(model_cfg) -> nn.Module:
         raise ConfigError(str(err)) from None
 
 
-def label_dropout(config, model_name: str, model_kwargs: dict) -> float:
-    """The one label-dropout rate: ``cond.p_uncond``, or DiT's ``class_dropout_prob`` (which also sizes its label
-    table); a DiT config that sets both to different values is refused rather than silently using one."""
-    p = config.cond.p_uncond
-    if model_name != "dit":
+def label_dropout(config, net: nn.Module) -> float:
+    """The one label-dropout rate: ``cond.p_uncond``, or the rate the backbone was built for (its contract's
+    ``label_dropout``: DiT's ``class_dropout_prob``, which also sizes its label table); a config that sets both to
+    different values is refused rather than silently using one."""
+    p, built = config.cond.p_uncond, describe(net).label_dropout
+    if built is None:
         return float(p or 0.0)
-    cls, _ = _backbone_module(model_name)
-    model_p = model_kwargs.get("class_dropout_prob", inspect.signature(cls).parameters["class_dropout_prob"].default)
-    if p is not None and float(p) != float(model_p):
-        raise ConfigError(f"cond.p_uncond={p} disagrees with model.class_dropout_prob={model_p}; DiT's rate is "
-                          f"model.class_dropout_prob (it also adds the null row): set that one, leave cond.p_uncond "
-                          f"unset (None)")
-    return float(model_p)
+    if p is not None and float(p) != float(built):
+        raise ConfigError(f"cond.p_uncond={p} disagrees with the backbone's own rate {built} (DiT: "
+                          f"model.class_dropout_prob, which also adds the null row): set that one, leave "
+                          f"cond.p_uncond unset (None)")
+    return float(built)
 
 
 def _objective_builder(kind: str):
@@ -119,18 +214,24 @@ def build_objective(diffusion_cfg):
 
 
 def attention_paths() -> tuple[str, ...]:
-    """The attention paths every backbone offers (each backbone's ``ATTENTION_PATHS``: auto | sdpa | math)."""
-    offered = [importlib.import_module(_backbone_module(name)[0].__module__).ATTENTION_PATHS for name in BACKBONES]
+    """The attention paths every backbone offers (each backbone class's ``ATTENTION_PATHS``: auto | sdpa | math)."""
+    offered = [_backbone_module(name)[0].ATTENTION_PATHS for name in backbone_names()]
     return tuple(path for path in offered[0] if all(path in paths for paths in offered))
 
 
 def set_attention(net: nn.Module, path: str) -> nn.Module:
-    """Route every attention layer of ``net`` through ``path`` (one of :func:`attention_paths`). A speed choice
+    """Route every attention layer of ``net`` through ``path`` (one of its ``ATTENTION_PATHS``). A speed choice
     only: the paths compute the same function, and no weight or checkpoint key depends on it."""
-    layers = [m for m in net.modules() if hasattr(m, "attention_path")]
-    known = importlib.import_module(type(net).__module__).ATTENTION_PATHS
+    known = describe(net).attention_paths
     if path not in known:
         raise ConfigError(f"unknown attention path {path!r}; known: {', '.join(known)}")
-    for layer in layers:
+    for layer in (m for m in net.modules() if hasattr(m, "attention_path")):
         layer.attention_path = path
     return net
+
+
+def input_shape(model_cfg) -> tuple[int, int, int]:
+    """(C, H, W) the backbone of a ``model`` section takes, from its contract (built on the meta device: nothing
+    is allocated)."""
+    with torch.device("meta"):
+        return tuple(describe(build_model(model_cfg)).input_shape)

@@ -282,6 +282,9 @@ class DiT(nn.Module):
     (``config.cond.p_uncond``), so the backbone knows nothing of training.
     """
 
+    BLOCK_CLASS = DiTBlock  # the repeated block: FSDP's unit, activation checkpointing's unit, REPA's tap
+    ATTENTION_PATHS = ATTENTION_PATHS  # the values every attention layer's ``attention_path`` takes
+
     def __init__(self, input_size=32, patch_size=2, in_channels=4, hidden_size=1152, depth=28, num_heads=16,
                  mlp_ratio=4.0, class_dropout_prob=0.1, num_classes=1000, learn_sigma=True,
                  block_type="adaln_zero", use_checkpoint=False):
@@ -291,6 +294,9 @@ class DiT(nn.Module):
         if input_size % patch_size:
             raise ValueError(f"input_size {input_size} is not divisible by patch_size {patch_size}")
         self.in_channels = in_channels
+        self.input_size = input_size
+        self.hidden_size = hidden_size
+        self.label_dropout = class_dropout_prob  # the contract's: the rate this table was sized for
         self.out_channels = in_channels * 2 if learn_sigma else in_channels
         self.learn_sigma = learn_sigma
         self.patch_size = patch_size
@@ -351,6 +357,30 @@ class DiT(nn.Module):
         """Label index meaning "no class" for classifier-free guidance (the extra table row), else None."""
         rows = self.y_embedder.embedding_table.num_embeddings
         return self.num_classes if rows > self.num_classes else None
+
+    # -- the backbone contract (diffusion.registry.Backbone): what the framework may know of this network --------
+
+    conditioning = "class"
+    context_shape = None
+
+    @property
+    def num_labels(self) -> int:
+        """Classes a user may ask for (the null row excluded)."""
+        return self.num_classes
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        return (self.in_channels, self.input_size, self.input_size)
+
+    @property
+    def token_grid(self) -> int:
+        """Patches per side."""
+        return self.input_size // self.patch_size
+
+    def tap_blocks(self) -> tuple[list[nn.Module], int, int | None]:
+        """The blocks in forward order, where the patch tokens start in a block's output (first) and how many
+        there are (the in-context design appends its two conditioning tokens after them)."""
+        return list(self.blocks), 0, self.x_embedder.num_patches
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         if y is None:

@@ -89,12 +89,12 @@ PAPER_SAMPLING = {
 
 @pytest.mark.parametrize("name", sorted(PAPER_SAMPLING))
 def test_paper_configs_default_to_the_paper_sampler(name):
-    from diffusion.registry import label_dropout, resolve_model_kwargs
+    from diffusion.registry import label_dropout
 
     config, _ = parse_command_line([f"--config={REPO / 'configs' / name}.py"])
     s = config.sample
     assert (s.sampler, s.steps, s.t_end, s.skip_type, s.guidance_scale, s.guidance_channels, config.diffusion.kind,
-            label_dropout(config, *resolve_model_kwargs(config.model))) == PAPER_SAMPLING[name]
+            label_dropout(config, meta_model(config))) == PAPER_SAMPLING[name]
     latent = name.startswith(("imagenet256", "imagenet512", "mscoco"))
     assert bool(config.autoencoder.pretrained) == latent
     assert config.autoencoder.scale_factor == (0.23010 if name.startswith("mscoco") else 0.18215)
@@ -261,14 +261,24 @@ def test_documentation_links_resolve():
     assert len(pages) > 5 and set(pages[1:]) <= linked, sorted(p.name for p in set(pages[1:]) - linked)
 
 
+def meta_model(config):
+    """The config's backbone on the meta device (nothing allocated)."""
+    import torch
+
+    from diffusion.registry import build_model
+
+    with torch.device("meta"):
+        return build_model(config.model)
+
+
 def test_dit_label_dropout_has_one_source_of_truth():
-    from diffusion.registry import label_dropout, resolve_model_kwargs
+    from diffusion.registry import label_dropout
 
     config, _ = parse_command_line(["--config=configs/digits_dit.py", "--config.model.class_dropout_prob=0.2"])
-    assert label_dropout(config, *resolve_model_kwargs(config.model)) == 0.2
+    assert label_dropout(config, meta_model(config)) == 0.2
     config, _ = parse_command_line(["--config=configs/digits_dit.py", "--config.cond.p_uncond=0.3"])
-    with pytest.raises(ConfigError, match="disagrees with model.class_dropout_prob"):
-        label_dropout(config, *resolve_model_kwargs(config.model))
+    with pytest.raises(ConfigError, match="disagrees with the backbone's own rate 0.1 .DiT: model.class_dropout_prob"):
+        label_dropout(config, meta_model(config))
 
 
 def test_model_keys_override_presets():
@@ -432,7 +442,12 @@ def test_every_entry_point_declares_its_command_line_in_the_one_layer(path):
 def test_library_code_reads_no_command_line():
     users = [p for p in (REPO / "diffusion").rglob("*.py") if re.search(r"^\s*(import argparse|from argparse)",
                                                                          p.read_text(), flags=re.M)]
-    assert [p.relative_to(REPO).as_posix() for p in users] == ["diffusion/checkpoint.py"]  # DiT's pickled Namespace
+    assert [p.relative_to(REPO).as_posix() for p in users] == ["diffusion/weights.py"]  # DiT's pickled Namespace
+    # flags are the entry points' (train.py, scripts/...): below them only the command-line layer knows of flags
+    cli = r"^\s*(from diffusion\.config\.cli import|from diffusion\.config import cli|import diffusion\.config\.cli)"
+    flag_users = [p.relative_to(REPO).as_posix() for p in (REPO / "diffusion").rglob("*.py")
+                  if p.parent.name != "config" and re.search(cli, p.read_text(), flags=re.M)]
+    assert flag_users == []
 
 
 def test_diffusion_keywords_are_the_builders_signatures():
@@ -469,8 +484,8 @@ def test_uvit_repa_configs(name):
     from diffusion.config.schema import check_values
     from diffusion.evaluation.training import selection_sample_config
     from diffusion.objectives.repa import register_tap
-    from diffusion.registry import build_model, build_objective
-    from diffusion.sampling.generate import check_settings, preview_settings, sample_settings
+    from diffusion.registry import build_model, build_objective, tap_blocks
+    from diffusion.sampling.settings import preview_settings, sampler_settings
 
     parent_name, (n_in, n_mid, n_out), layer, sampler, steps, w, window = UVIT_REPA[name]
     config, _ = parse_command_line([f"--config={REPO / 'configs' / name}.py"])
@@ -492,13 +507,12 @@ def test_uvit_repa_configs(name):
     with torch.device("meta"):
         model = build_model(config.model)
     assert (len(model.in_blocks), 1, len(model.out_blocks)) == (n_in, n_mid, n_out)
-    register_tap(model, r.layer).remove()
+    register_tap(tap_blocks(model), r.layer).remove()
     with pytest.raises(ValueError, match="REPA's layer must lie in"):
-        register_tap(model, n_in + n_mid + n_out + 1)
+        register_tap(tap_blocks(model), n_in + n_mid + n_out + 1)
     objective = build_objective(config.diffusion)
     for settings in (config.sample, preview_settings(config), selection_sample_config(config)):
-        kwargs = sample_settings(settings, objective)
-        check_settings(objective, kwargs)
+        kwargs = sampler_settings(objective, settings).kwargs
         # the objective's own refusals (t_end, skip_type of the parent's DPM-Solver++): a zero network runs them
         out = objective.sample(lambda x, t, **cond: torch.zeros_like(x), torch.randn(2, 4, 2, 2), {}, **kwargs)
         assert out.shape == (2, 4, 2, 2) and torch.isfinite(out).all()

@@ -29,6 +29,7 @@ from diffusion.objectives.repa import (
     split_repa_state_dict,
 )
 from diffusion.objectives.transport import build_transport
+from diffusion.registry import tap_blocks
 from diffusion.training.pieces import drop_labels
 from dit import DiT
 from dit.model import timestep_embedding as dit_timestep_embedding
@@ -72,7 +73,7 @@ def repa_case(i: int, legacy: bool | None = None):
     legacy_kw = dict(legacy_p=inp["cfg_prob"], null_label=NULL, legacy_uniform=draws[0]) if legacy else {}
     objective = build_transport(path=REPA_PATHS[inp["path_type"]], prediction="velocity", time_direction="repa")
     seen = legacy_label_drop(cond, legacy_kw.get("legacy_p", 0.0), NULL, legacy_kw.get("legacy_uniform"))["y"]
-    with register_tap(dit, fx["config"]["encoder_depth"]) as tap, torch.no_grad():
+    with register_tap(tap_blocks(dit), fx["config"]["encoder_depth"]) as tap, torch.no_grad():
         terms = repa_training_losses(objective, dit, inp["images"], cond, inp["zs"], projectors, tap,
                                      inp["proj_coeff"], t=1 - out["time_input"], noise=out["noises"], **legacy_kw)
     return terms, seen, inp, out
@@ -255,7 +256,7 @@ def test_tap_is_the_truncated_dit(block_type):
     x, t, y = torch.randn(3, 4, 8, 8, generator=g), torch.rand(3, generator=g), torch.tensor([0, 4, 5])
     previous = None
     for layer in range(1, 5):
-        with register_tap(m, layer) as tap, torch.no_grad():
+        with register_tap(tap_blocks(m), layer) as tap, torch.no_grad():
             m(x, t, y)
             expected = dit_truncated(m, x, t, y, layer)
         assert tap.features.shape == (3, 16, 32)
@@ -264,9 +265,9 @@ def test_tap_is_the_truncated_dit(block_type):
         previous = tap.features
     assert not m.blocks[3]._forward_hooks  # removed on leaving the with block
     with pytest.raises(ValueError, match=r"\[1, 4\]"):
-        register_tap(m, 5)
+        register_tap(tap_blocks(m), 5)
     with pytest.raises(ValueError, match=r"\[1, 4\]"):
-        register_tap(m, 0)
+        register_tap(tap_blocks(m), 0)
 
 
 def uvit_truncated(m: UViT, x, t, layer: int, extras: int, y=None, context=None) -> torch.Tensor:
@@ -311,23 +312,24 @@ def test_tap_is_the_truncated_uvit(variant):
     elif cond_key == "context":
         cond["context"] = torch.randn(2, 5, 12, generator=g)
     for layer in range(1, 6):  # in, in, mid, out, out
-        with register_tap(m, layer) as tap, torch.no_grad():
+        with register_tap(tap_blocks(m), layer) as tap, torch.no_grad():
             m(x, t, **cond)
             expected = uvit_truncated(m, x, t, layer, extras, **cond)
         assert tap.features.shape == (2, 16, 32)
         torch.testing.assert_close(tap.features, expected, rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match=r"\[1, 5\]"):
-        register_tap(m, 6)
+        register_tap(tap_blocks(m), 6)
 
 
 def test_tap_rejects_other_networks_and_reports_a_silent_tap():
-    with pytest.raises(TypeError, match="no block to tap"):
-        register_tap(torch.nn.Linear(2, 2), 1)
+    with pytest.raises(TypeError, match="does not satisfy the backbone contract"):
+        register_tap(tap_blocks(torch.nn.Linear(2, 2)), 1)
     dit, projectors, fx = repa_model()
     other = DiT(input_size=8, patch_size=2, in_channels=4, hidden_size=64, depth=4, num_heads=4, num_classes=1000,
                 learn_sigma=False).eval()
     inp = fx["inputs"]["cases"][0]
-    with register_tap(other, 2) as tap, pytest.raises(RuntimeError, match="did not fire"), torch.no_grad():
+    with register_tap(tap_blocks(other), 2) as tap, pytest.raises(RuntimeError, match="did not fire"), \
+            torch.no_grad():
         repa_training_losses(build_transport(), dit, inp["images"], {"y": inp["y"]}, inp["zs"], projectors, tap)
 
 
@@ -352,7 +354,7 @@ def tiny_setup(use_checkpoint: bool = False):
 
 def test_only_backbone_and_projectors_get_gradients():
     m, projectors, encoder, targets, batch = tiny_setup()
-    with register_tap(m, 2) as tap:
+    with register_tap(tap_blocks(m), 2) as tap:
         terms = repa_training_losses(build_transport(), m, batch["x1"], batch["cond"], targets, projectors, tap, 0.5,
                                      t=batch["t"], noise=batch["noise"])
         terms["loss"].mean().backward()
@@ -362,7 +364,7 @@ def test_only_backbone_and_projectors_get_gradients():
 
     m.zero_grad(set_to_none=True)
     projectors.zero_grad(set_to_none=True)
-    with register_tap(m, 2) as tap:
+    with register_tap(tap_blocks(m), 2) as tap:
         terms = repa_training_losses(build_transport(), m, batch["x1"], batch["cond"], targets, projectors, tap, 0.5,
                                      t=batch["t"], noise=batch["noise"])
         terms["proj"].mean().backward()  # the alignment term reaches only what lies before the tap
@@ -375,7 +377,7 @@ def test_tap_gradients_survive_activation_checkpointing():
     grads = []
     for use_checkpoint in (False, True):
         m, projectors, _, targets, batch = tiny_setup(use_checkpoint)
-        with register_tap(m, 3) as tap:
+        with register_tap(tap_blocks(m), 3) as tap:
             terms = repa_training_losses(build_transport(), m, batch["x1"], batch["cond"], targets, projectors, tap,
                                          0.5, t=batch["t"], noise=batch["noise"])
             terms["loss"].mean().backward()

@@ -23,7 +23,7 @@ from diffusion.objectives.transport import build_transport
 from diffusion.registry import build_model, build_objective
 from diffusion.released import RELEASED, released_config, sampling_state_dict
 from diffusion.samplers.repa import repa_ode_times, repa_sde_times
-from diffusion.sampling.generate import sample_settings
+from diffusion.sampling.settings import sampler_settings
 from diffusion.weights import load_state_strict, read_weights_file
 from dit import DiT
 from tests.helpers import load_fixture, make_tiny_autoencoder, rel_err
@@ -93,7 +93,8 @@ def test_repa_samplers_match_repa(i):
     _, fx = fixture()
     run, out = fx["inputs"]["runs"][i], fx["output"]["runs"][i]
     sampler = "repa_sde" if run["sampler"] == "euler_maruyama_sampler" else "repa_heun" if run["heun"] else "repa_euler"
-    result, net = sample_run(i, sampler, run["num_steps"], diffusion_form="linear")
+    sde = {"diffusion_form": "linear"} if sampler == "repa_sde" else {}  # the ODE samplers take no diffusion
+    result, net = sample_run(i, sampler, run["num_steps"], **sde)
     assert result.dtype == torch.float32
     assert rel_err(result.double(), out["output"]) < 1e-5
     assert len(net.t) == out["nfe"] and net.batch == out["model_call_batch"].tolist()
@@ -150,8 +151,9 @@ def test_guidance_interval_is_decided_on_repas_grid():
             batches.append(len(x))
             return torch.zeros_like(x)
 
+        sde = {"diffusion_form": "linear"} if sampler == "repa_sde" else {}
         objective.sample(model, noise, {"y": y}, null_cond={"y": y + 1}, guidance_scale=1.8, sampler=sampler,
-                         steps=steps, guidance_t_lo=0.3, diffusion_form="linear", randn=torch.zeros_like)
+                         steps=steps, guidance_t_lo=0.3, randn=torch.zeros_like, **sde)
         expected = [2 if tau <= 0.7 else 1 for tau in taus.tolist()]  # REPA's test on its float64 grid
         if sampler == "repa_heun":
             expected = [b for b in expected for _ in (0, 1)][:-1]  # two calls a step, both decided at the start
@@ -205,7 +207,7 @@ def test_released_name_picks_the_config_and_its_weights_load(tmp_path):
         weights = sampling_state_dict(NAME, read_weights_file(tmp_path / kind / NAME))
         load_state_strict(model, weights, tmp_path / kind / NAME)
         objective = build_objective(cfg.diffusion)
-        settings = {**sample_settings(cfg.sample, objective), "steps": run["num_steps"]}
+        settings = {**sampler_settings(objective, cfg.sample).kwargs, "steps": run["num_steps"]}
         result = objective.sample(model.eval(), fx["inputs"]["latents"], {"y": y},
                                   null_cond={"y": torch.full_like(y, model.null_label)}, randn=replay(out["draws"]),
                                   **settings)
@@ -241,7 +243,7 @@ def test_config_is_repas_recipe_and_sampler():
     objective = build_objective(cfg.diffusion)
     assert objective.time_direction == "repa" and objective.prediction == "velocity"
     assert type(objective.path).__name__ == "LinearPath" and objective.time_sampling == "uniform"
-    assert sample_settings(s, objective)["sampler"] in objective.SAMPLERS
+    assert sampler_settings(objective, s)["sampler"] in objective.SAMPLERS
     # train.py / README: DINOv2-B at depth 8, projector 2048, coefficient 0.5, AdamW 1e-4, batch 256, fp16, clip 1
     r = cfg.repa
     assert (r.encoders, r.layer, r.projector_dim, r.coeff, r.legacy) == ("dinov2-vit-b", 8, 2048, 0.5, False)

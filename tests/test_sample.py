@@ -24,7 +24,8 @@ from diffusion.config.loading import load_config
 from diffusion.errors import ConfigError
 from diffusion.registry import build_model, build_objective, resolve_model_kwargs
 from diffusion.released import RELEASED, markdown_table, released_config
-from diffusion.sampling.generate import generate, preview_settings, sample_settings
+from diffusion.sampling.generate import generate
+from diffusion.sampling.settings import preview_settings, sampler_settings
 from diffusion.sampling.grids import default_grid_classes, sample_grid
 from diffusion.sampling.jobs import SampleJob
 from diffusion.sampling.loader import input_shape, load_for_sampling
@@ -114,15 +115,57 @@ def test_generate_is_independent_of_the_batch(dit_file):
 
 
 def test_sample_and_preview_settings():
+    """Each sampler gets its own options only; a preview with another sampler takes that sampler's defaults, not the
+    sample section's (U-ViT CIFAR-10: Euler-Maruyama to 1e-3, its DPM-Solver previews to DPM-Solver's 1e-4)."""
     cfg = load_config(REPO / "configs/cifar10_uvit_s2.py")
-    settings = sample_settings(cfg.sample)
-    assert settings["sampler"] == "euler_maruyama" and settings["steps"] == 1000 and settings["t_end"] == 1e-3
-    assert set(settings) == {"sampler", "steps", "order", "t_end", "skip_type", "eta", "guidance_scale",
-                             "guidance_channels", "clip_denoised"}
+    objective = build_objective(cfg.diffusion)
+    settings = sampler_settings(objective, cfg.sample).kwargs
+    assert settings == {"sampler": "euler_maruyama", "steps": 1000, "guidance_scale": 1.0, "guidance_channels": "all",
+                        "t_end": 1e-3, "clip_denoised": None}
     preview = preview_settings(cfg)
-    assert (preview.sampler, preview.steps) == ("dpm_solver", 50) and cfg.sample.sampler == "euler_maruyama"
+    assert (preview.sampler, preview.steps, preview.t_end) == ("dpm_solver", 50, None)
+    assert cfg.sample.sampler == "euler_maruyama" and cfg.sample.t_end == 1e-3
+    assert set(sampler_settings(objective, preview).kwargs) == {"sampler", "steps", "guidance_scale",
+                                                                "guidance_channels", "order", "t_end", "skip_type",
+                                                                "clip_denoised"}
+    from diffusion.samplers import default_t_end
+
+    assert default_t_end(preview.sampler, objective.schedule) == 1e-4
     cfg.preview.update(sampler="", steps=0)
-    assert sample_settings(preview_settings(cfg)) == settings
+    assert sampler_settings(objective, preview_settings(cfg)).kwargs == settings
+
+
+def test_the_one_overlay():
+    """Laying a section over ``sample``: empty values are not set; another sampler resets every sampler option the
+    section does not set (the previews, checkpoint selection, sample.py's flags and the benchmark all use it)."""
+    from diffusion.evaluation.training import selection_sample_config
+    from diffusion.sampling.settings import OPTION_KEYS, option_default, overlay
+
+    cfg = load_config(REPO / "configs/cifar10_uvit_s2.py")
+    cfg.sample.eta = 0.5
+    same = overlay(cfg.sample, {"sampler": "euler_maruyama", "steps": 0, "t_end": None})
+    assert (same.sampler, same.steps, same.t_end, same.eta) == ("euler_maruyama", 1000, 1e-3, 0.5)
+    other = overlay(cfg.sample, {"sampler": "ddim", "skip_type": "logSNR"})
+    assert all(other[k] == option_default(k) for k in OPTION_KEYS if k != "skip_type")
+    assert (other.skip_type, other.steps, cfg.sample.eta) == ("logSNR", 1000, 0.5)
+    cfg.eval.update(sampler="dpm_solver", steps=50)
+    selection = selection_sample_config(cfg)
+    assert (selection.sampler, selection.steps, selection.t_end, selection.eta) == ("dpm_solver", 50, None, 0.0)
+    flags = overlay(cfg.sample, {"sampler": "euler_ode", "guidance_scale": 1.0}, skip_empty=False)
+    assert (flags.sampler, flags.t_end, flags.guidance_scale) == ("euler_ode", None, 1.0)
+
+
+def test_sampler_settings_refuse_another_samplers_options():
+    cfg = load_config(REPO / "configs/cifar10_uvit_s2.py")
+    objective = build_objective(cfg.diffusion)
+    cfg.sample.eta = 0.3  # DDIM's, not Euler-Maruyama's
+    with pytest.raises(ConfigError, match="sample.eta=0.3 does not apply to sampler 'euler_maruyama'.*t_end"):
+        sampler_settings(objective, cfg.sample)
+    cfg.sample.update(eta=0.0, atol=1e-4)  # the transport samplers'
+    with pytest.raises(ConfigError, match="sample.atol=0.0001 does not apply"):
+        sampler_settings(objective, cfg.sample)
+    with pytest.raises(ValueError, match="eta does not apply to sampler 'dpm_solver'"):
+        objective.sample(lambda x, t: x, torch.zeros(1, 1, 2, 2), {}, sampler="dpm_solver", steps=3, eta=0.1)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -250,8 +293,7 @@ def test_changed_settings_are_refused_on_resume(tmp_path, dit_file):
     assert run_main(*job)[0] == 0
     record = json.loads((tmp_path / "s.job.json").read_text())
     assert record["num_samples"] == 4 and record["chunk_size"] == 2
-    assert record["settings"]["sampler"] == {"sampler": "ddpm", "steps": 6, "order": 3, "t_end": None,
-                                             "skip_type": None, "eta": 0.0, "guidance_scale": 2.0,
+    assert record["settings"]["sampler"] == {"sampler": "ddpm", "steps": 6, "guidance_scale": 2.0,
                                              "guidance_channels": "all", "clip_denoised": True,
                                              "precision": "fp32", "tf32": False, "quantize": "round"}
     code, out, _ = run_main(*job, "--batch_size=1")  # batch size does not change samples
@@ -266,6 +308,24 @@ def test_changed_settings_are_refused_on_resume(tmp_path, dit_file):
     (tmp_path / "other.npz").write_bytes(b"x")
     code, _, err = run_main(*job[:-1], f"--out={tmp_path / 'other.npz'}")
     assert code == 2 and "has no job record" in err
+
+
+def test_records_from_before_per_sampler_options_resume(tmp_path, dit_file):
+    """Older records held every sampler option (order, t_end, ... for ddpm too): at their defaults they were unused
+    and the job resumes; one away from its default is a different job."""
+    job = ["--ckpt", dit_file, *DIT, *DDPM, "--n_samples=4", "--chunk_size=2", f"--out={tmp_path / 's.npz'}"]
+    assert run_main(*job)[0] == 0
+    record = tmp_path / "s.job.json"
+    saved = json.loads(record.read_text())
+    saved["settings"]["sampler"].update(order=3, t_end=None, skip_type=None, eta=0.0)
+    del saved["settings"]["sampler"]["quantize"]
+    record.write_text(json.dumps(saved))
+    code, out, err = run_main(*job)
+    assert code == 0 and "already complete" in out, err
+    saved["settings"]["sampler"]["t_end"] = 0.01
+    record.write_text(json.dumps(saved))
+    code, _, err = run_main(*job)
+    assert code == 2 and "changed: sampler.t_end" in err
 
 
 def test_label_choices_reach_the_npz(tmp_path, dit_file):
@@ -559,7 +619,9 @@ def test_loader_gives_a_ready_model_from_a_trainer_checkpoint(tmp_path, dit_file
     with pytest.raises(ConfigError, match="unknown sampler 'heun'"):
         load_for_sampling(tmp_path / "run", sample={"sampler": "heun"})
     with pytest.raises(ConfigError, match="eta must be >= 0"):  # the samplers' own checks, before sampling
-        load_for_sampling(tmp_path / "run", sample={"eta": -1.0})
+        load_for_sampling(tmp_path / "run", sample={"sampler": "ddim", "eta": -1.0})
+    with pytest.raises(ConfigError, match="sample.eta=0.5 does not apply to sampler 'ddpm'"):
+        load_for_sampling(tmp_path / "run", sample={"eta": 0.5})
 
 
 def test_flag_words_and_label_syntax(tmp_path, dit_file):
@@ -582,38 +644,41 @@ SIT_DEFAULTS = {"atol": 1e-6, "rtol": 1e-3, "diffusion_form": "sigma", "diffusio
 def test_transport_knobs_are_config_keys_flags_and_sampler_keywords():
     """SiT's sample.py defaults in the schema, the same as Transport.sample's; one flag each; left out of the
     other objectives' calls and records at their defaults."""
-    from diffusion.sampling.generate import OPTIONAL_KEYS, SAMPLER_KEYS
     from diffusion.sampling.precision import PRECISION_KEYS
+    from diffusion.sampling.settings import OPTION_KEYS, SAMPLER_SETTINGS, SHARED_KEYS
 
     cfg = load_config(released_config("SiT-XL-2-256x256.pt"))
-    assert set(OPTIONAL_KEYS) == set(SIT_DEFAULTS) <= set(SAMPLER_KEYS)
-    assert {key: cfg.sample[key] for key in OPTIONAL_KEYS} == SIT_DEFAULTS
+    assert set(SIT_DEFAULTS) <= set(OPTION_KEYS)
+    assert {key: cfg.sample[key] for key in SIT_DEFAULTS} == SIT_DEFAULTS
     transport = build_objective(cfg.diffusion)
-    params = inspect.signature(transport.sample).parameters
-    assert {key: params[key].default for key in OPTIONAL_KEYS} == SIT_DEFAULTS
+    sde = transport.SAMPLER_OPTIONS["sde_euler"]
+    assert {key: sde[key] for key in SIT_DEFAULTS if key in sde} == {k: v for k, v in SIT_DEFAULTS.items()
+                                                                     if k not in ("atol", "rtol")}
+    assert {key: transport.SAMPLER_OPTIONS["dopri5"][key] for key in ("atol", "rtol")} == {"atol": 1e-6, "rtol": 1e-3}
     flags = {flag.name for flag in sample.COMMAND.flags}
-    assert set(OPTIONAL_KEYS) <= flags
+    assert set(OPTION_KEYS) <= flags and set(PRECISION_KEYS) <= flags <= flags | set(SAMPLER_SETTINGS)
     # precision and tf32 are sampler settings (flags, job records) but not keywords of objective.sample
-    assert set(PRECISION_KEYS) <= set(SAMPLER_KEYS) and set(PRECISION_KEYS) <= flags
-    assert sample_settings(cfg.sample, transport) == \
-        {key: cfg.sample[key] for key in SAMPLER_KEYS if key not in PRECISION_KEYS}
+    settings = sampler_settings(transport, cfg.sample)
+    assert set(settings.kwargs) == {*SHARED_KEYS, *sde} - {"reverse"}
+    assert settings.record == {**settings.kwargs, "precision": cfg.sample.precision, "tf32": cfg.sample.tf32}
     dit = load_config(released_config("DiT-XL-2-256x256.pt"))
     iddpm = build_objective(dit.diffusion)
-    assert sample_settings(dit.sample, iddpm) == sample_settings(dit.sample) == \
-        {key: dit.sample[key] for key in SAMPLER_KEYS if key not in (*OPTIONAL_KEYS, *PRECISION_KEYS)}
+    assert sampler_settings(iddpm, dit.sample).kwargs == {**{k: dit.sample[k] for k in SHARED_KEYS},
+                                                          "clip_denoised": None}
 
 
 def test_transport_knobs_are_refused_elsewhere_and_checked(tmp_path, dit_file):
     out = f"--out={tmp_path / 'g.png'}"
     code, _, err = run_main("--ckpt", dit_file, *DIT, "--time_shift=2", "--atol=1e-4", out)
-    assert code == 2 and "atol, time_shift belong to the transport samplers" in err
+    assert code == 2 and "sample.atol=0.0001 does not apply to sampler 'ddpm'" in err
     assert run_main("--ckpt", dit_file, *DIT, "--time_shift=1", "--steps=2", out)[0] == 0  # the default: accepted
     sit = tmp_path / "SiT-XL-2-256x256.pt"
     torch.save(load_fixture("sit_samplers")["state_dict"], sit)
     for flags, message in ((["--last_step=final"], "unknown last_step 'final'"),
                            (["--diffusion_form=cosine"], "unknown diffusion_form 'cosine'"),
                            (["--guidance_t_lo=0.9", "--guidance_t_hi=0.5"], "guidance_t_lo <= guidance_t_hi"),
-                           (["--rtol=0"], "rtol must be")):
+                           (["--sampler=dopri5", "--rtol=0"], "rtol must be"),
+                           (["--rtol=1e-2"], "sample.rtol=0.01 does not apply to sampler 'sde_euler'")):
         code, _, err = run_main("--ckpt", sit, *DIT_LATENT, "--config.autoencoder.pretrained=", "--steps=2", *flags,
                                 out)
         assert code == 2 and message in err and "Traceback" not in err, (flags, err)
@@ -634,7 +699,7 @@ def test_sit_training_checkpoint_by_name_with_every_knob(tmp_path, tiny_ae, monk
     torch.save(ema, tmp_path / "plain" / "SiT-XL-2-256x256.pt")
     knobs = {"sampler": "sde_heun", "steps": 4, "diffusion_form": "linear", "diffusion_norm": 0.5,
              "last_step": "tweedie", "last_step_size": 0.1, "time_shift": 2.0, "guidance_t_lo": 0.25,
-             "guidance_t_hi": 0.75, "atol": 1e-5, "rtol": 1e-2}
+             "guidance_t_hi": 0.75}
     seen = []
     original = Transport.sample
 

@@ -462,11 +462,16 @@ def test_invalid_options_name_the_choices(kind):
     assert isinstance(obj.SAMPLERS, tuple) and len(obj.SAMPLERS) >= 2
     with pytest.raises(ValueError, match="unknown sampler 'heun'.*" + re.escape(obj.SAMPLERS[1])):
         obj.sample(model, noise, {}, sampler="heun")
-    for bad, match in [(dict(steps=0), "steps"), (dict(order=4), r"order must be one of \(1, 2, 3\)"),
-                       (dict(skip_type="quadratic"), "logSNR, time_uniform"), (dict(eta=-1.0), "eta"),
-                       (dict(t_end=1.5), "t_end")]:
-        with pytest.raises(ValueError, match=match):
-            obj.sample(model, noise, {}, sampler=obj.SAMPLERS[0], **bad)
+    for sampler in obj.SAMPLERS:  # each sampler checks its own options and refuses the others
+        own = obj.SAMPLER_OPTIONS[sampler]
+        for bad, match in [(dict(steps=0), "steps"), (dict(order=4), r"order must be one of \(1, 2, 3\)"),
+                           (dict(skip_type="quadratic"), "logSNR, time_uniform"), (dict(eta=-1.0), "eta must be"),
+                           (dict(t_end=1.5), "t_end must lie")]:
+            key = next(iter(bad))
+            if key != "steps" and key not in own:
+                match = f"{key} does not apply to sampler '{re.escape(sampler)}'"
+            with pytest.raises(ValueError, match=match):
+                obj.sample(model, noise, {}, sampler=sampler, **bad)
     if kind == "vp_sde":
         with pytest.raises(ValueError, match="steps >= 2"):
             obj.sample(model, noise, {}, sampler="euler_maruyama", steps=1)
@@ -498,7 +503,8 @@ def test_no_host_device_traffic_inside_the_step_loop(kind):
         counts = []
         for steps in (6, 12, 6, 12):  # first round: also builds and caches tables (iddpm: per respacing)
             with HostTraffic() as traffic:
-                obj.sample(model, noise, {}, sampler=sampler, steps=steps, eta=0.5, randn=torch.randn_like)
+                eta = {"eta": 0.5} if "eta" in obj.SAMPLER_OPTIONS[sampler] else {}
+                obj.sample(model, noise, {}, sampler=sampler, steps=steps, randn=torch.randn_like, **eta)
             counts.append(traffic.count)
         assert counts[2] == counts[3], (sampler, counts)
 

@@ -244,6 +244,9 @@ class UViT(nn.Module):
       ``pos_embed`` key) or ``none`` (much worse: the paper's model fails to generate meaningful images).
     """
 
+    BLOCK_CLASS = Block  # the repeated block: FSDP's unit, activation checkpointing's unit, REPA's tap
+    ATTENTION_PATHS = ATTENTION_PATHS  # the values every attention layer's ``attention_path`` takes
+
     def __init__(self, img_size=224, patch_size=16, in_chans=3, embed_dim=768, depth=12, num_heads=12,
                  mlp_ratio=4.0, qkv_bias=False, qk_scale=None, norm_layer=nn.LayerNorm, mlp_time_embed=False,
                  num_classes=-1, use_checkpoint=False, conv=True, skip=True, clip_dim=None, num_clip_token=77,
@@ -269,10 +272,12 @@ class UViT(nn.Module):
         if img_size % patch_size:
             raise ValueError(f"img_size {img_size} is not divisible by patch_size {patch_size}")
         self.in_chans = in_chans
+        self.img_size = img_size
         self.embed_dim = embed_dim
         self.num_classes = num_classes
         self.null_label = null_label
         self.clip_dim = clip_dim
+        self.num_clip_token = num_clip_token
         self.time_cond = time_cond
 
         self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim, kind=patch_embed)
@@ -317,6 +322,45 @@ class UViT(nn.Module):
         if pos_embed == "learned":
             nn.init.trunc_normal_(self.pos_embed, std=0.02)
         self.apply(self._init_weights)
+
+    # -- the backbone contract (diffusion.registry.Backbone): what the framework may know of this network --------
+
+    @property
+    def conditioning(self) -> str:
+        """'text' (caption tokens), 'class' (a label token) or 'none'."""
+        return "text" if self.clip_dim is not None else "class" if self.num_classes > 0 else "none"
+
+    @property
+    def num_labels(self) -> int:
+        """Classes a user may ask for: the null class excluded (ImageNet 256: 1000 of the 1001 rows)."""
+        if self.num_classes <= 0:
+            return 0
+        return self.null_label if self.null_label is not None else self.num_classes
+
+    @property
+    def context_shape(self) -> tuple[int, int] | None:
+        """(tokens, width) of the text conditioning ``context``; None unless text-conditioned."""
+        return (self.num_clip_token, self.clip_dim) if self.clip_dim is not None else None
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        return (self.in_chans, self.img_size, self.img_size)
+
+    @property
+    def hidden_size(self) -> int:
+        return self.embed_dim
+
+    @property
+    def token_grid(self) -> int:
+        """Patches per side."""
+        return self.grid_size
+
+    label_dropout = None  # U-ViT's label dropout is the trainer's (cond.p_uncond); no constructor keyword sets it
+
+    def tap_blocks(self) -> tuple[list[nn.Module], int, int | None]:
+        """The blocks in forward order (in, mid, out), where the patch tokens start in a block's output (after the
+        ``extras`` tokens: label, time, text) and how many there are (None: the rest)."""
+        return [*self.in_blocks, self.mid_block, *self.out_blocks], self.extras, None
 
     @staticmethod
     def _init_weights(m: nn.Module) -> None:

@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from diffusion.config.loading import BOOLEAN_WORDS, apply_override, describe_config, load_config, parse_value
+from diffusion.config.loading import BOOLEAN_WORDS, describe_config, load_config, parse_value
 from diffusion.errors import ConfigError, UserError
 
 EXIT_USER_ERROR = 2
@@ -97,10 +97,7 @@ class Arguments:
         """The config file with the overrides applied, or None without ``--config``."""
         if self.config_path is None:
             return None
-        config = load_config(self.config_path)
-        for key, value in self.overrides:
-            apply_override(config, key, value)
-        return config
+        return load_config(self.config_path, self.overrides)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -239,9 +236,7 @@ def help_text(command: Command, parsed: Arguments | None = None) -> str:
     parsed = parsed or Arguments({})
     path = parsed.config_path or next((p for p in parsed.positional if p.endswith(".py")), None)
     if path is not None:
-        config = load_config(path)
-        for key, value in parsed.overrides:
-            apply_override(config, key, value)
+        config = load_config(path, parsed.overrides)
         lines += ["", f"Keys of {path} with the overrides given (set any with --config.<key>=<value>):",
                   describe_config(config)]
     elif command.config != "none":

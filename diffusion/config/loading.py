@@ -12,6 +12,7 @@ import importlib.util
 import json
 import shlex
 import traceback
+from collections.abc import Iterable
 from pathlib import Path
 
 import ml_collections
@@ -21,9 +22,10 @@ from diffusion.errors import ConfigError
 from diffusion.registry import OBJECTIVES, constructor_keywords, diffusion_keywords
 
 
-def load_config(path: str | Path) -> ml_collections.ConfigDict:
-    """Run a config file's ``get_config()``. Its mistakes (syntax errors, exceptions) become one ConfigError naming
-    the file and line, not a traceback into the loader."""
+def load_config(path: str | Path, overrides: Iterable[tuple[str, str]] = ()) -> ml_collections.ConfigDict:
+    """Run a config file's ``get_config()``, then apply ``overrides`` (dotted key, value text) in order: the one
+    "load, then override" of every entry point. The file's mistakes (syntax errors, exceptions) become one
+    ConfigError naming the file and line, not a traceback into the loader."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
@@ -47,6 +49,8 @@ def load_config(path: str | Path) -> ml_collections.ConfigDict:
     if not isinstance(config, ml_collections.ConfigDict):
         raise ConfigError(f"{path}: get_config() returned {type(config).__name__}, expected an "
                           f"ml_collections.ConfigDict (start from diffusion.config.base_config())")
+    for key, value in overrides:
+        apply_override(config, key, value)
     return config
 
 

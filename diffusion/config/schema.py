@@ -73,15 +73,17 @@ def base_config() -> ml_collections.ConfigDict:
                 # clamp x0 predictions to [-1, 1] (pixel models; latents are never clipped); None: the objective's
                 # own setting (iddpm: diffusion.clip_denoised; the VP objectives: off)
                 clip_denoised=None,
-                # The transport objective's samplers (diffusion.kind=transport; SiT's sample.py defaults); the other
-                # objectives refuse them unless left here. dopri5's tolerances:
+                # The transport objective's samplers (diffusion.kind=transport; SiT's sample.py defaults); each
+                # sampler takes its own (Transport.SAMPLER_OPTIONS) and refuses the others unless left here.
+                # The adaptive ODE methods' (dopri5's) tolerances:
                 atol=1e-6,
                 rtol=1e-3,
                 diffusion_form="sigma",  # the SDE samplers' diffusion w(t): constant | SBDM | sigma | linear | ...
                 diffusion_norm=1.0,  # ... times this
                 last_step="mean",  # the SDE's last step: mean | tweedie | euler | none, over last_step_size
                 last_step_size=0.04,
-                time_shift=1.0,  # timestep shift of the time grid (1 = the uniform grid)
+                time_shift=1.0,  # timestep shift of the time grid, SD3's convention (1 = the uniform grid)
+                timestep_shift=0.0,  # the same in LightningDiT's convention: its 0.3 = time_shift 1/0.3 (0 = off)
                 guidance_t_lo=0.0,  # guide only while guidance_t_lo <= t <= guidance_t_hi (t: 0 = noise, 1 = data)
                 guidance_t_hi=1.0,
                 labels="uniform",  # evaluation labels: uniform (DiT) | balanced | train_freq (U-ViT ImageNet 64)

@@ -26,7 +26,7 @@ from PIL import Image
 from pytorch_fid.fid_score import IMAGE_EXTENSIONS
 from torch.utils.data import Dataset
 
-from diffusion.config.loading import apply_override, load_config
+from diffusion.config.loading import load_config
 from diffusion.data.cached import CACHED_FEATURE_DATASETS
 from diffusion.data.datasets import CocoCaptions, build_dataset, center_crop_arr
 from diffusion.errors import ConfigError, CorruptImageError, DatasetNotFoundError, InputError, InputNotFoundError
@@ -264,13 +264,6 @@ class CocoImages(ImageSource):
 # From the command line
 
 
-def load_config_with_overrides(path: str | os.PathLike, overrides: list[tuple[str, str]]) -> ml_collections.ConfigDict:
-    config = load_config(path)
-    for key, value in overrides:
-        apply_override(config, key, value)
-    return config
-
-
 def open_images(spec: str | os.PathLike, *, resolution: int | None = None, coco_split: str | None = None,
                 overrides: list[tuple[str, str]] = ()) -> ImageSource:
     """The source a command-line argument names: ``*.py`` a dataset config (with ``--config.key=value``
@@ -281,7 +274,7 @@ def open_images(spec: str | os.PathLike, *, resolution: int | None = None, coco_
         raise InputNotFoundError(f"--coco needs the MS-COCO root folder (holding {coco_split}2014/ and annotations/), "
                                  f"got {path}")
     if path.suffix == ".py":
-        return DatasetImages(load_config_with_overrides(path, overrides), description=str(path))
+        return DatasetImages(load_config(path, overrides), description=str(path))
     if overrides:
         raise ConfigError("--config.key=value overrides apply to a dataset config (configs/<name>.py) only")
     if coco_split:

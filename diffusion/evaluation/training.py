@@ -17,7 +17,6 @@ stored statistics (adm) or those of its images (pytorch_fid) are the reference.
 
 from __future__ import annotations
 
-import copy
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -31,9 +30,11 @@ from diffusion.evaluation.features import broadcast_from_main, generated_statist
 from diffusion.evaluation.metrics import frechet_distance
 from diffusion.evaluation.reference import reference_statistics_for_config
 from diffusion.files import write_atomic
-from diffusion.sampling.generate import SampleSource, generate, num_real_classes
+from diffusion.registry import describe
+from diffusion.sampling.generate import SampleSource, generate
 from diffusion.sampling.grids import class_rows
 from diffusion.sampling.per_sample import LabelPlan
+from diffusion.sampling.settings import overlay
 
 HISTORY = "fid.json"
 
@@ -44,16 +45,9 @@ SELECTION_KEYS = ("sampler", "steps", "guidance_scale")  # eval.<key> overrides 
 def selection_sample_config(config):
     """``config.sample`` with the set values of ``eval.sampler`` / ``eval.steps`` / ``eval.guidance_scale``
     ("" / 0 / None: unset) on top: the sampler of the in-training scores that select the checkpoint. Another sampler
-    than ``sample.sampler`` takes its own defaults of ``t_end`` and ``skip_type`` (they belong to the paper
-    sampler: U-ViT's CIFAR-10 Euler-Maruyama ends at 1e-3, its DPM-Solver selection at its own 1e-4)."""
-    settings = copy.deepcopy(config.sample)
-    for key in SELECTION_KEYS:
-        value = config.eval.get(key)
-        if value not in ("", 0, None):
-            settings[key] = value
-    if settings.sampler != config.sample.sampler:
-        settings.update(t_end=None, skip_type=None)
-    return settings
+    than ``sample.sampler`` takes its own option defaults (``diffusion.sampling.settings.overlay``: U-ViT's CIFAR-10
+    Euler-Maruyama ends at 1e-3, its DPM-Solver selection at its own 1e-4)."""
+    return overlay(config.sample, {key: config.eval.get(key) for key in SELECTION_KEYS})
 
 
 def fid_name(n_samples: int) -> str:
@@ -119,15 +113,14 @@ class TrainingFID:
     def _source(self, model, final: bool) -> SampleSource:
         sample_cfg = self.config.sample if final else self.selection
         seed = self.config.eval.seed
-        source = SampleSource(model, self.objective, sample_cfg, self.shape, seed=seed, decode=self.decode,
-                              device=self.device)
-        if self.captions is not None:  # text-to-image: sample i on caption i (cycled)
-            source.contexts = self.captions
-            source.null_context = self.null_context
-        elif num_real_classes(model):
+        labels, classes = None, describe(model).num_labels
+        if self.captions is None and classes:
             counts = self.class_counts if sample_cfg.labels == "train_freq" else None
-            source.labels = LabelPlan(sample_cfg.labels, num_real_classes(model), seed=seed, class_counts=counts)
-        return source
+            labels = LabelPlan(sample_cfg.labels, classes, seed=seed, class_counts=counts)
+        # text-to-image: sample i on caption i (cycled)
+        return SampleSource(model, self.objective, sample_cfg, self.shape, seed=seed, labels=labels,
+                            contexts=self.captions, null_context=self.null_context, decode=self.decode,
+                            device=self.device)
 
     def __call__(self, model, n_samples: int, progress: bool = False, final: bool = False) -> float:
         """FID of ``n_samples`` samples of ``model``: with the selection sampler (``self.selection``), or with
@@ -147,7 +140,7 @@ def end_of_run_metrics(config, ema, objective, image_shape, device) -> dict:
     if not metric:
         return {}
     if metric == "digits_accuracy":
-        labels = class_rows(num_real_classes(ema), config.eval.per_class)
+        labels = class_rows(describe(ema).num_labels, config.eval.per_class)
         samples = generate(ema, objective, config.sample, image_shape, labels=labels, seed=config.eval.seed,
                            device=device)
         return {"digits_accuracy": digits_classifier_accuracy(samples.cpu(), labels)}

@@ -34,7 +34,7 @@ import torch
 from tqdm.auto import tqdm
 
 from diffusion.objectives.guidance import guided_model
-from diffusion.samplers.common import Randn, check_options, standard_normal
+from diffusion.samplers.common import Randn, check_options, check_steps, own_options, standard_normal
 
 ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -395,13 +395,22 @@ class GaussianDiffusion:
         return x
 
     SAMPLERS = ("ddpm", "ddim")
+    # Each sampler's own keywords of ``sample`` (None: this diffusion's own clip_denoised).
+    SAMPLER_OPTIONS = {"ddpm": {"clip_denoised": None}, "ddim": {"eta": 0.0, "clip_denoised": None}}
+
+    @classmethod
+    def check_sampling(cls, sampler: str, steps: int, options: dict) -> dict:
+        """``sampler``'s own options, defaults filled in; a ValueError for anything it cannot run with."""
+        own = own_options(cls.SAMPLER_OPTIONS, sampler, options)
+        check_steps(steps)
+        check_options(**own)
+        return own
 
     @torch.no_grad()
     def sample(self, model, noise: torch.Tensor, cond: dict, *, null_cond: dict | None = None,
                guidance_scale: float = 1.0, guidance_channels: str | int = "all", sampler: str = "ddpm",
-               steps: int = 250, order: int = 3, t_end: float | None = None, skip_type: str | None = None,
-               eta: float = 0.0, clip_denoised: bool | None = None, randn: Randn | None = None,
-               generator: torch.Generator | None = None, progress: bool = False) -> torch.Tensor:
+               steps: int = 250, randn: Randn | None = None, generator: torch.Generator | None = None,
+               progress: bool = False, **options) -> torch.Tensor:
         """x0 from ``noise`` (B, C, H, W). ``"ddpm"``: ancestral sampling with the learned variance over the
         ``str(steps)`` respacing (DiT's paper setting: 250 steps), one draw per step (the last one unused, as in the
         original). ``"ddim"``: DDIM over ``f"ddim{steps}"``, one draw per step when ``eta > 0``.
@@ -409,19 +418,19 @@ class GaussianDiffusion:
         Guidance: one batched call on [cond; null_cond] per step, ``eps_u + w (eps_c - eps_u)`` on the first
         ``guidance_channels`` eps channels (``3`` reproduces DiT's released FID numbers), the variance channels
         from the conditional half. Draws come from ``randn(x)`` in call order, else from ``generator`` (on its
-        device). ``clip_denoised=None`` keeps this diffusion's own setting. ``order``, ``t_end`` and ``skip_type``
-        belong to the continuous-time samplers: validated, then unused.
+        device). Own options (``SAMPLER_OPTIONS``): ``clip_denoised`` (None keeps this diffusion's own setting),
+        ``eta`` (DDIM).
         """
-        check_options(sampler, self.SAMPLERS, steps=steps, order=order, skip_type=skip_type, eta=eta, t_end=t_end)
+        own = self.check_sampling(sampler, steps, options)
         net = guided_model(model, cond, null_cond, guidance_scale, eps_channels=noise.shape[1],
                            channels=guidance_channels)
         draw, like = standard_normal(randn, generator), self._work(noise)
         draws = (draw(like) for _ in itertools.count())  # endless, drawn lazily: one per request, in order
         if sampler == "ddpm":
-            return self.respaced(str(steps)).p_sample_loop(net, noise, draws=draws, clip_denoised=clip_denoised,
+            return self.respaced(str(steps)).p_sample_loop(net, noise, draws=draws, clip_denoised=own["clip_denoised"],
                                                            progress=progress)
-        return self.respaced(f"ddim{steps}").ddim_sample_loop(net, noise, eta=eta, draws=draws,
-                                                              clip_denoised=clip_denoised, progress=progress)
+        return self.respaced(f"ddim{steps}").ddim_sample_loop(net, noise, eta=own["eta"], draws=draws,
+                                                              clip_denoised=own["clip_denoised"], progress=progress)
 
 
 def build_iddpm(num_steps: int = 1000, beta_schedule: str = "linear", learn_sigma: bool = True,

@@ -144,29 +144,6 @@ def alignment_loss(projected: list[Tensor], targets: list[Tensor]) -> Tensor:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def unwrap(model: nn.Module) -> nn.Module:
-    """The backbone inside DDP / FSDP-style (``.module``) and ``torch.compile`` (``._orig_mod``) wrappers."""
-    while True:
-        inner = next((m for name in ("module", "_orig_mod") if isinstance(m := getattr(model, name, None), nn.Module)),
-                     None)
-        if inner is None:
-            return model
-        model = inner
-
-
-def tap_points(model: nn.Module) -> tuple[list[nn.Module], int, int | None]:
-    """(the backbone's blocks in forward order, where its patch tokens start, how many there are or None for the
-    rest). U-ViT (``in_blocks``, ``mid_block``, ``out_blocks``): its ``extras`` tokens come first; DiT (``blocks``):
-    the patches come first, then the in-context design's conditioning tokens."""
-    net = unwrap(model)
-    if all(hasattr(net, name) for name in ("in_blocks", "mid_block", "out_blocks")):
-        return [*net.in_blocks, net.mid_block, *net.out_blocks], int(net.extras), None
-    if hasattr(net, "blocks") and hasattr(net, "x_embedder"):
-        return list(net.blocks), 0, int(net.x_embedder.num_patches)
-    raise TypeError(f"{type(net).__name__} is neither a U-ViT (in_blocks, mid_block, out_blocks) nor a DiT "
-                    f"(blocks, x_embedder): REPA has no block to tap")
-
-
 class Tap:
     """The hidden states of one block, kept at every forward by a forward hook: ``features`` (B, patch tokens,
     hidden) of the last forward (None before the first), with their autograd graph. ``remove()`` (or leaving a
@@ -191,12 +168,14 @@ class Tap:
         self.remove()
 
 
-def register_tap(model: nn.Module, layer: int) -> Tap:
-    """A ``Tap`` on the output of block ``layer`` (1-based, REPA's ``encoder_depth``): DiT's ``blocks[layer - 1]``;
-    U-ViT's ``layer``-th block of in_blocks, mid_block, out_blocks (so layer <= depth // 2 taps an in-block, depth //
-    2 + 1 the mid block). Register it before ``torch.compile``; with activation checkpointing a DiT block reruns in
-    the backward pass and the hook refreshes ``features`` with equal values."""
-    blocks, start, count = tap_points(model)
+def register_tap(points: tuple[list[nn.Module], int, int | None], layer: int) -> Tap:
+    """A ``Tap`` on the output of block ``layer`` (1-based, REPA's ``encoder_depth``) of ``points``, a backbone's
+    ``tap_blocks()`` (``diffusion.registry.tap_blocks``: the blocks in forward order, where the patch tokens start,
+    how many). DiT: ``blocks[layer - 1]``; U-ViT: the ``layer``-th of in_blocks, mid_block, out_blocks (so layer <=
+    depth // 2 taps an in-block, depth // 2 + 1 the mid block). Register it before ``torch.compile``; with
+    activation checkpointing a block reruns in the backward pass and the hook refreshes ``features`` with equal
+    values."""
+    blocks, start, count = points
     if not 1 <= layer <= len(blocks):
         raise ValueError(f"REPA's layer must lie in [1, {len(blocks)}] (the backbone's blocks), got {layer}")
     return Tap(blocks[layer - 1], layer, start, count)

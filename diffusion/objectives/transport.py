@@ -47,10 +47,11 @@ from torch import Tensor
 from diffusion.objectives.guidance import guided_model
 from diffusion.objectives.paths import DIFFUSION_FORMS, PATHS, PREDICTIONS, Path, _expand, interval, resolve_eps
 from diffusion.objectives.repa_time import TIME_DIRECTIONS, ReversedTime, repa_guidance_bounds
-from diffusion.samplers.common import Randn, check_options, standard_normal
+from diffusion.samplers.common import Randn, check_steps, own_options, standard_normal
 from diffusion.samplers.repa import sample_repa_ode, sample_repa_sde
 from diffusion.samplers.transport import (
     LAST_STEPS,
+    ODE_METHODS,
     Field,
     bits_per_dim,
     likelihood_ode,
@@ -62,6 +63,31 @@ from diffusion.samplers.transport import (
 
 LOSS_WEIGHTS = ("none", "velocity", "likelihood")
 TIME_SAMPLINGS = ("uniform", "logit_normal", "mode")
+
+# Each sampler's own keywords of Transport.sample and their defaults (SiT's sample.py defaults): the ODE methods
+# (fixed-step ones on the grid, adaptive ones with tolerances), SiT's SDEs, REPA's samplers (no shift, no reverse).
+_WINDOW = {"guidance_t_lo": 0.0, "guidance_t_hi": 1.0}
+_ODE = {"time_shift": 1.0, "timestep_shift": 0.0, "reverse": False, **_WINDOW}
+_SDE_END = {"diffusion_form": "sigma", "diffusion_norm": 1.0, "last_step": "mean", "last_step_size": 0.04}
+_ADAPTIVE = dict(ODE_METHODS) if isinstance(ODE_METHODS, dict) else {m: m == "dopri5" for m in ODE_METHODS}
+SAMPLER_OPTIONS: dict[str, dict] = {
+    **{m: ({"atol": 1e-6, "rtol": 1e-3, **_ODE} if adaptive else dict(_ODE)) for m, adaptive in _ADAPTIVE.items()},
+    "sde_euler": {**_SDE_END, "time_shift": 1.0, "timestep_shift": 0.0, **_WINDOW},
+    "sde_heun": {**_SDE_END, "time_shift": 1.0, "timestep_shift": 0.0, **_WINDOW},
+    "repa_euler": dict(_WINDOW), "repa_heun": dict(_WINDOW), "repa_sde": {**_SDE_END, **_WINDOW},
+}
+
+
+def from_lightningdit_shift(timestep_shift: float, time_shift: float = 1.0) -> float:
+    """LightningDiT's ``timestep_shift`` (its sample config; 0.3 in its released ones) as this project's
+    ``time_shift``: LightningDiT maps its grid (SiT's time, t = 1 data) by t' = s t / (1 + (s - 1) t), which is
+    ``shift_time`` with shift = 1 / s; s <= 0 means no shift, as there. Setting both is refused."""
+    if timestep_shift <= 0:
+        return time_shift
+    if time_shift != 1.0:
+        raise ValueError(f"timestep_shift={timestep_shift} (LightningDiT's convention) and time_shift={time_shift} "
+                         f"(this project's, its reciprocal) both set: keep one")
+    return 1.0 / timestep_shift
 
 
 class Transport:
@@ -156,7 +182,8 @@ class Transport:
 
     # -- sampling --------------------------------------------------------------------------------------------
 
-    SAMPLERS = ("dopri5", "euler", "heun2", "sde_euler", "sde_heun", "repa_euler", "repa_heun", "repa_sde")
+    SAMPLER_OPTIONS = SAMPLER_OPTIONS  # each sampler's own keywords of ``sample`` and their defaults
+    SAMPLERS = tuple(SAMPLER_OPTIONS)
     REPA_SAMPLERS = ("repa_euler", "repa_heun", "repa_sde")
 
     def fields(self, net: Callable[[Tensor, Tensor], Tensor]) -> tuple[Field, Field]:
@@ -206,61 +233,55 @@ class Transport:
                                               resample_probes=resample_probes, randn=standard_normal(randn, generator))
         return log_likelihood, bits_per_dim(log_likelihood, x1[0].numel(), levels, data_range)
 
-    @staticmethod
-    def check_sample_options(*, atol: float = 1e-6, rtol: float = 1e-3, diffusion_form: str = "sigma",
-                             diffusion_norm: float = 1.0, last_step: str = "mean", last_step_size: float = 0.04,
-                             time_shift: float = 1.0, guidance_t_lo: float = 0.0, guidance_t_hi: float = 1.0) -> None:
-        """One ValueError for a transport sampling option that cannot run (``sample``'s keywords of the same
-        names), before any network evaluation."""
-        if not (atol > 0 and rtol > 0):
-            raise ValueError(f"atol and rtol must be > 0, got {atol!r} and {rtol!r}")
-        if diffusion_form not in DIFFUSION_FORMS:
-            raise ValueError(f"unknown diffusion_form {diffusion_form!r}; choose one of {', '.join(DIFFUSION_FORMS)}")
-        if diffusion_norm < 0:
-            raise ValueError(f"diffusion_norm must be >= 0, got {diffusion_norm!r}")
-        if str(last_step).lower() not in LAST_STEPS:
-            raise ValueError(f"unknown last_step {last_step!r}; choose one of {', '.join(LAST_STEPS)}")
-        if not 0 <= last_step_size < 1:
-            raise ValueError(f"last_step_size must lie in [0, 1), got {last_step_size!r}")
-        if time_shift <= 0:
-            raise ValueError(f"time_shift must be > 0, got {time_shift!r}")
-        if not 0 <= guidance_t_lo <= guidance_t_hi <= 1:
+    @classmethod
+    def check_sampling(cls, sampler: str, steps: int, options: dict) -> dict:
+        """``sampler``'s own options (``SAMPLER_OPTIONS``), defaults filled in and LightningDiT's
+        ``timestep_shift`` converted to ``time_shift``; one ValueError for anything it cannot run with, before any
+        network evaluation."""
+        own = own_options(cls.SAMPLER_OPTIONS, sampler, options)
+        check_steps(steps)
+        if "timestep_shift" in own:
+            own["time_shift"] = from_lightningdit_shift(own.pop("timestep_shift"), own["time_shift"])
+        if not (own.get("atol", 1) > 0 and own.get("rtol", 1) > 0):
+            raise ValueError(f"atol and rtol must be > 0, got {own['atol']!r} and {own['rtol']!r}")
+        if own.get("diffusion_form", "sigma") not in DIFFUSION_FORMS:
+            raise ValueError(f"unknown diffusion_form {own['diffusion_form']!r}; choose one of "
+                             f"{', '.join(DIFFUSION_FORMS)}")
+        if own.get("diffusion_norm", 1.0) < 0:
+            raise ValueError(f"diffusion_norm must be >= 0, got {own['diffusion_norm']!r}")
+        if str(own.get("last_step", "mean")).lower() not in LAST_STEPS:
+            raise ValueError(f"unknown last_step {own['last_step']!r}; choose one of {', '.join(LAST_STEPS)}")
+        if not 0 <= own.get("last_step_size", 0.0) < 1:
+            raise ValueError(f"last_step_size must lie in [0, 1), got {own['last_step_size']!r}")
+        if own.get("time_shift", 1.0) <= 0:
+            raise ValueError(f"time_shift must be > 0, got {own['time_shift']!r}")
+        lo, hi = own["guidance_t_lo"], own["guidance_t_hi"]
+        if not 0 <= lo <= hi <= 1:
             raise ValueError(f"the guidance interval needs 0 <= guidance_t_lo <= guidance_t_hi <= 1, got "
-                             f"({guidance_t_lo!r}, {guidance_t_hi!r})")
+                             f"({lo!r}, {hi!r})")
+        return own
 
     @torch.no_grad()
     def sample(self, model, noise: Tensor, cond: dict, *, null_cond: dict | None = None,
                guidance_scale: float = 1.0, guidance_channels: str | int = "all", sampler: str = "dopri5",
-               steps: int = 50, atol: float = 1e-6, rtol: float = 1e-3, diffusion_form: str = "sigma",
-               diffusion_norm: float = 1.0, last_step: str = "mean", last_step_size: float = 0.04,
-               time_shift: float = 1.0, guidance_t_lo: float = 0.0, guidance_t_hi: float = 1.0, order: int = 3,
-               reverse: bool = False, t_end: float | None = None, skip_type: str | None = None,
-               eta: float = 0.0, clip_denoised: bool | None = None, randn: Randn | None = None,
-               generator: torch.Generator | None = None, progress: bool = False) -> Tensor:
-        """Data (t = 1) from ``noise`` (t = 0) with SiT's samplers (``diffusion.samplers.transport``):
-        ``dopri5`` / ``euler`` / ``heun2`` integrate the probability-flow ODE on ``linspace(t0, t1, steps)``
-        (SiT's ``num_steps``: grid points, so a fixed-step method takes steps - 1 steps), ``sde_euler`` /
-        ``sde_heun`` the SDE with diffusion w(t) = ``diffusion_form`` x ``diffusion_norm``, ending with
-        ``last_step`` (mean | euler | tweedie | none) over ``last_step_size``. The interval is SiT's
-        ``check_interval`` for ``sample_eps``; ``time_shift`` shifts the grid (``shift_time``). Guidance:
-        ``guided_model`` ([cond; null_cond] in one call, ``uncond + w (cond - uncond)``), only while
-        ``guidance_t_lo <= t <= guidance_t_hi`` (SiT's time; the default (0, 1): everywhere). SDE draws come from
-        ``randn(x)`` (one per step), else ``generator``. ``reverse`` (ODE samplers only, SiT's ``reverse=True``):
-        ``noise`` holds data and the ODE runs from data to noise on SiT's reversed interval (the same shifted times,
-        in the other order): the deterministic encoding whose forward solve returns the data up to the solver's
-        error. ``repa_euler`` / ``repa_heun`` / ``repa_sde``: REPA's ``euler_sampler`` (plain, ``--heun``) and
-        ``euler_maruyama_sampler`` on REPA's grids with ``steps`` = REPA's ``--num-steps`` (``_sample_repa``).
-        ``order`` (DPM-Solver's) is not used; ``t_end``,
-        ``skip_type``, ``eta`` and ``clip_denoised`` have no meaning here and are refused when set."""
-        check_options(sampler, self.SAMPLERS, steps=steps, order=order, skip_type=skip_type, eta=eta, t_end=t_end)
-        self.check_sample_options(atol=atol, rtol=rtol, diffusion_form=diffusion_form, diffusion_norm=diffusion_norm,
-                                  last_step=last_step, last_step_size=last_step_size, time_shift=time_shift,
-                                  guidance_t_lo=guidance_t_lo, guidance_t_hi=guidance_t_hi)
-        for name, value, default in (("t_end", t_end, None), ("skip_type", skip_type, None), ("eta", eta, 0.0),
-                                     ("clip_denoised", clip_denoised, None)):
-            if value != default and not (name == "clip_denoised" and value is False):
-                raise ValueError(f"{name} does not apply to the transport samplers (their interval comes from "
-                                 f"sample_eps and their grid from steps)")
+               steps: int = 50, randn: Randn | None = None, generator: torch.Generator | None = None,
+               progress: bool = False, **options) -> Tensor:
+        """Data (t = 1) from ``noise`` (t = 0) with SiT's samplers (``diffusion.samplers.transport``) and the
+        sampler's own ``options`` (``SAMPLER_OPTIONS``; others are refused): the ODE methods integrate the
+        probability-flow ODE on ``linspace(t0, t1, steps)`` (SiT's ``num_steps``: grid points, so a fixed-step method
+        takes steps - 1 steps; the adaptive ones take ``atol`` / ``rtol``), ``sde_euler`` / ``sde_heun`` the SDE with
+        diffusion w(t) = ``diffusion_form`` x ``diffusion_norm``, ending with ``last_step`` (mean | euler | tweedie |
+        none) over ``last_step_size``. The interval is SiT's ``check_interval`` for ``sample_eps``; ``time_shift``
+        shifts the grid (``shift_time``; ``timestep_shift``: the same in LightningDiT's convention, see
+        ``from_lightningdit_shift``). Guidance: ``guided_model`` ([cond; null_cond] in one call, ``uncond + w (cond -
+        uncond)``), only while ``guidance_t_lo <= t <= guidance_t_hi`` (SiT's time; the default (0, 1):
+        everywhere). SDE draws come from ``randn(x)`` (one per step), else ``generator``. ``reverse`` (ODE samplers
+        only, SiT's ``reverse=True``): ``noise`` holds data and the ODE runs from data to noise on SiT's reversed
+        interval (the same shifted times, in the other order): the deterministic encoding whose forward solve
+        returns the data up to the solver's error. ``repa_euler`` / ``repa_heun`` / ``repa_sde``: REPA's
+        ``euler_sampler`` (plain, ``--heun``) and ``euler_maruyama_sampler`` on REPA's grids with ``steps`` = REPA's
+        ``--num-steps`` (``_sample_repa``)."""
+        own = self.check_sampling(sampler, steps, options)
         if self.sample_eps is None:
             raise ValueError("sample_eps is unset (train_eps was given without it, as SiT would): set sample_eps")
         channels = noise.shape[1]
@@ -268,13 +289,11 @@ class Transport:
             model, scale = ReversedTime(model, self.time_scale, channels), 1.0
         else:
             scale = self.time_scale
+        lo, hi = own.pop("guidance_t_lo"), own.pop("guidance_t_hi")
         if sampler in self.REPA_SAMPLERS:
             return self._sample_repa(model, scale, noise, cond, null_cond, guidance_scale, guidance_channels,
-                                     sampler, steps, diffusion_form, diffusion_norm, last_step, last_step_size,
-                                     time_shift, guidance_t_lo, guidance_t_hi, reverse,
-                                     standard_normal(randn, generator))
-        window = None if (guidance_t_lo, guidance_t_hi) == (0.0, 1.0) else \
-            (guidance_t_lo * scale, guidance_t_hi * scale)  # in the network's time
+                                     sampler, steps, (lo, hi), standard_normal(randn, generator), **own)
+        window = None if (lo, hi) == (0.0, 1.0) else (lo * scale, hi * scale)  # in the network's time
         guided = guided_model(model, cond, null_cond, guidance_scale, channels, guidance_channels, interval=window)
 
         def net(x: Tensor, t: Tensor) -> Tensor:
@@ -282,20 +301,19 @@ class Transport:
             return guided(x, t_net)[:, :channels].to(x.dtype)
 
         drift, score = self.fields(net)
-        if reverse and sampler.startswith("sde_"):
-            raise ValueError(f"reverse runs the probability-flow ODE (dopri5, euler, heun2); {sampler} has no reverse")
         if not sampler.startswith("sde_"):
-            t0, t1 = interval(self.path, self.prediction, self.sample_eps, reverse=reverse)
-            return sample_ode(drift, noise, ode_grid(t0, t1, steps, time_shift), method=sampler, atol=atol,
-                              rtol=rtol)
-        last_step = str(last_step).lower()
-        last_step_size = 0.0 if last_step == "none" else last_step_size
-        t0, t1 = interval(self.path, self.prediction, self.sample_eps, sde=True, diffusion_form=diffusion_form,
+            t0, t1 = interval(self.path, self.prediction, self.sample_eps, reverse=own["reverse"])
+            return sample_ode(drift, noise, ode_grid(t0, t1, steps, own["time_shift"]), method=sampler,
+                              atol=own.get("atol", 1e-6), rtol=own.get("rtol", 1e-3))
+        last_step = str(own["last_step"]).lower()
+        last_step_size = 0.0 if last_step == "none" else own["last_step_size"]
+        form, norm = own["diffusion_form"], own["diffusion_norm"]
+        t0, t1 = interval(self.path, self.prediction, self.sample_eps, sde=True, diffusion_form=form,
                           last_step_size=last_step_size)
-        self._check_diffusion_at(t0, noise, diffusion_form, diffusion_norm)
-        return sample_sde(drift, self.diffusion_field(diffusion_form, diffusion_norm), score, noise,
-                          ode_grid(t0, t1, steps, time_shift), method=sampler[len("sde_"):], last_step=last_step,
-                          last_step_size=last_step_size, randn=standard_normal(randn, generator),
+        self._check_diffusion_at(t0, noise, form, norm)
+        return sample_sde(drift, self.diffusion_field(form, norm), score, noise,
+                          ode_grid(t0, t1, steps, own["time_shift"]), method=sampler[len("sde_"):],
+                          last_step=last_step, last_step_size=last_step_size, randn=standard_normal(randn, generator),
                           alpha_sigma=lambda t: self.path.coefficients(t)[:2])
 
     def _check_diffusion_at(self, t0: float, noise: Tensor, form: str, norm: float) -> None:
@@ -307,21 +325,18 @@ class Transport:
 
     def _sample_repa(self, model, scale: float, noise: Tensor, cond: dict, null_cond: dict | None,
                      guidance_scale: float, guidance_channels: str | int, sampler: str, steps: int,
-                     diffusion_form: str, diffusion_norm: float, last_step: str, last_step_size: float,
-                     time_shift: float, guidance_t_lo: float, guidance_t_hi: float, reverse: bool,
-                     randn: Randn) -> Tensor:
+                     window: tuple[float, float], randn: Randn, diffusion_form: str = "sigma",
+                     diffusion_norm: float = 1.0, last_step: str = "mean", last_step_size: float = 0.04) -> Tensor:
         """REPA's samplers (``diffusion.samplers.repa``) on ``model``, a network in SiT's time (``scale`` x t):
         ``steps`` is REPA's ``--num-steps``; guidance (all ``guidance_channels`` of the velocity, one batched
         [cond; null] call) on the steps whose REPA time tau = 1 - t lies in REPA's inclusive [guidance_low,
-        guidance_high] = [1 - guidance_t_hi, 1 - guidance_t_lo] (``repa_guidance_bounds``); one network evaluation
-        per step (Heun: two but on the last step); float64 state, the network called in the noise's dtype."""
+        guidance_high] = [1 - guidance_t_hi, 1 - guidance_t_lo] (``window`` in SiT's time, ``repa_guidance_bounds``);
+        one network evaluation per step (Heun: two but on the last step); float64 state, the network called in the
+        noise's dtype. REPA's grids are uniform and run one way: no ``time_shift``, no ``reverse``."""
         if self.prediction != "velocity":
             raise ValueError(f"{sampler} is REPA's sampler of a velocity network (REPA trains velocity only); this "
                              f"objective predicts the {self.prediction}: use dopri5, euler, heun2 or sde_*")
-        if reverse:
-            raise ValueError(f"reverse runs the probability-flow ODE (dopri5, euler, heun2); {sampler} has no reverse")
-        if time_shift != 1.0:
-            raise ValueError(f"time_shift does not apply to {sampler} (REPA's grids are uniform): leave it at 1")
+        guidance_t_lo, guidance_t_hi = window
         channels, dtype = noise.shape[1], noise.dtype
         guided = guided_model(model, cond, null_cond, guidance_scale, channels, guidance_channels)
         guiding = null_cond is not None and guidance_scale != 1.0

@@ -22,7 +22,7 @@ import math
 import torch
 
 from diffusion.objectives.guidance import guided_model
-from diffusion.samplers import VP_SAMPLERS, sample_vp, standard_normal
+from diffusion.samplers import VP_OPTIONS, VP_SAMPLERS, check_vp_options, sample_vp, standard_normal
 from diffusion.samplers.common import Randn
 
 # ----------------------------------------------------------------------------------------------------------
@@ -153,26 +153,31 @@ class NoisePredictionObjective:
     # -- sampling ------------------------------------------------------------------------------------------
 
     SAMPLERS = VP_SAMPLERS
+    SAMPLER_OPTIONS = VP_OPTIONS  # each sampler's own keywords of ``sample`` and their defaults
+
+    @staticmethod
+    def check_sampling(sampler: str, steps: int, options: dict) -> dict:
+        """``sampler``'s own options, defaults filled in; a ValueError for anything it cannot run with."""
+        return check_vp_options(sampler, steps, options)
 
     @torch.no_grad()
     def sample(self, model, noise: torch.Tensor, cond: dict, *, null_cond: dict | None = None,
                guidance_scale: float = 1.0, guidance_channels: str | int = "all", sampler: str = "dpm_solver++2m",
-               steps: int = 50, order: int = 3, t_end: float | None = None, skip_type: str | None = None,
-               eta: float = 0.0, clip_denoised: bool = False, randn: Randn | None = None,
-               generator: torch.Generator | None = None, progress: bool = False) -> torch.Tensor:
-        """x0 from ``noise`` = x_1 with one of ``SAMPLERS`` (see ``diffusion.samplers`` for each one's grid and
-        defaults); ``steps`` network evaluations, each one batched call on [cond; null_cond] when guided
-        (``eps_u + w (eps_c - eps_u)``). Stochastic draws (``euler_maruyama``, ``ddim`` with eta > 0) come from
-        ``randn(x)`` in call order, else from ``generator``. ``clip_denoised`` clamps x0 predictions to [-1, 1]."""
+               steps: int = 50, randn: Randn | None = None, generator: torch.Generator | None = None,
+               progress: bool = False, **options) -> torch.Tensor:
+        """x0 from ``noise`` = x_1 with one of ``SAMPLERS`` and its own ``options`` (``SAMPLER_OPTIONS``; see
+        ``diffusion.samplers`` for each one's grid and defaults); ``steps`` network evaluations, each one batched
+        call on [cond; null_cond] when guided (``eps_u + w (eps_c - eps_u)``). Stochastic draws (``euler_maruyama``,
+        ``ddim`` with eta > 0) come from ``randn(x)`` in call order, else from ``generator``. ``clip_denoised``
+        clamps x0 predictions to [-1, 1]."""
         channels = noise.shape[1]
         net = guided_model(model, cond, null_cond, guidance_scale, channels, guidance_channels)
 
         def eps_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             return net(x, (self.time_input_scale * t).expand(x.shape[0]))[:, :channels].to(x.dtype)
 
-        return sample_vp(eps_fn, self.schedule, noise, sampler=sampler, steps=steps, order=order, t_end=t_end,
-                         skip_type=skip_type, eta=eta, clip_denoised=clip_denoised,
-                         randn=standard_normal(randn, generator), progress=progress)
+        return sample_vp(eps_fn, self.schedule, noise, sampler=sampler, steps=steps,
+                         randn=standard_normal(randn, generator), progress=progress, **options)
 
 
 def build_vp_sde(beta_min: float = 0.1, beta_max: float = 20.0) -> NoisePredictionObjective:

@@ -14,11 +14,13 @@ evaluations (twice the batch with guidance, in one call). Defaults (``None``) ar
 
 (U-ViT: ``dpm_solver`` with 50 steps for the continuous-time models, ``dpm_solver++`` with 50 steps for the discrete
 ones, ``euler_maruyama`` with 1000 steps for CIFAR-10 and CelebA.) On a discrete schedule no sampler goes below the
-first trained step, t = 1/N, unless asked. ``order`` (1-3) sets the highest order of the singlestep solvers,
-``skip_type`` ("logSNR" | "time_uniform") the grid of every DPM-Solver/DDIM sampler.
+first trained step, t = 1/N, unless asked. Each sampler takes its own options (``VP_OPTIONS``) and refuses others:
+``order`` (1-3, the singlestep solvers' highest order), ``skip_type`` ("logSNR" | "time_uniform", the grid of every
+DPM-Solver/DDIM sampler), ``t_end``, ``eta`` (DDIM) and ``clip_denoised``.
 
-The improved-DDPM objective (DiT; ``diffusion.objectives.iddpm``) keeps its discrete ancestral and DDIM loops
-and shares ``check_options`` and ``standard_normal`` from here.
+The other families live beside their objectives' samplers: iDDPM's discrete ancestral and DDIM loops
+(``diffusion.objectives.iddpm``), SiT's ODE/SDE integrators (``diffusion.samplers.transport``) and REPA's
+(``diffusion.samplers.repa``); ``diffusion.samplers.common`` holds what they share (draws, option tables).
 """
 
 from __future__ import annotations
@@ -28,13 +30,14 @@ from functools import partial
 
 import torch
 
-from diffusion.samplers.common import SKIP_TYPES, Randn, check_options, standard_normal
+from diffusion.samplers.common import SKIP_TYPES, Randn, check_options, check_steps, own_options, standard_normal
 from diffusion.samplers.dpm_solver import ddim, dpm_solver_2m, dpm_solver_singlestep, fast_orders, singlestep_times
 from diffusion.samplers.sde import euler_maruyama
 from diffusion.samplers.vp import EpsFn, Marginals, clip_x0, time_grid
 
-__all__ = ["SKIP_TYPES", "VP_SAMPLERS", "Marginals", "check_options", "default_skip_type", "default_t_end",
-           "fast_orders", "sample_vp", "singlestep_times", "standard_normal", "time_grid"]
+__all__ = ["SKIP_TYPES", "VP_OPTIONS", "VP_SAMPLERS", "Marginals", "check_options", "check_vp_options",
+           "default_skip_type", "default_t_end", "fast_orders", "sample_vp", "singlestep_times", "standard_normal",
+           "time_grid"]
 
 
 def default_t_end(sampler: str, schedule) -> float:
@@ -46,28 +49,28 @@ def default_skip_type(sampler: str) -> str:
     return "logSNR" if sampler == "dpm_solver" else "time_uniform"
 
 
-# Each sampler as a function of (eps_fn, schedule, x) and every option of sample_vp, taking the ones it uses.
+# Each sampler as a function of (eps_fn, schedule, x), its steps, draws and its own options (VP_OPTIONS).
 
 
 def _singlestep(eps_fn: EpsFn, schedule, x: torch.Tensor, *, data_prediction: bool, steps: int, order: int,
-                t_end: float, skip_type: str, progress: bool, **_) -> torch.Tensor:
+                t_end: float, skip_type: str, progress: bool, randn: Randn) -> torch.Tensor:
     return dpm_solver_singlestep(eps_fn, schedule, x, steps=steps, order=order, t_end=t_end, skip_type=skip_type,
                                  data_prediction=data_prediction, progress=progress)
 
 
 def _multistep(eps_fn: EpsFn, schedule, x: torch.Tensor, *, steps: int, t_end: float, skip_type: str,
-               progress: bool, **_) -> torch.Tensor:
+               progress: bool, randn: Randn) -> torch.Tensor:
     return dpm_solver_2m(eps_fn, schedule, x, steps=steps, t_end=t_end, skip_type=skip_type, progress=progress)
 
 
 def _ddim(eps_fn: EpsFn, schedule, x: torch.Tensor, *, steps: int, t_end: float, skip_type: str, eta: float,
-          randn: Randn, progress: bool, **_) -> torch.Tensor:
+          randn: Randn, progress: bool) -> torch.Tensor:
     return ddim(eps_fn, schedule, x, steps=steps, t_end=t_end, skip_type=skip_type, eta=eta, randn=randn,
                 progress=progress)
 
 
 def _euler(eps_fn: EpsFn, schedule, x: torch.Tensor, *, stochastic: bool, steps: int, t_end: float, randn: Randn,
-           progress: bool, **_) -> torch.Tensor:
+           progress: bool) -> torch.Tensor:
     if steps < 2:
         raise ValueError(f"{'euler_maruyama' if stochastic else 'euler_ode'} needs steps >= 2 (its grid is [0] + "
                          f"linspace(t_end, 1, steps))")
@@ -84,21 +87,36 @@ _SAMPLERS: dict[str, Callable[..., torch.Tensor]] = {
     "euler_ode": partial(_euler, stochastic=False),
 }
 VP_SAMPLERS = tuple(_SAMPLERS)
+# Each sampler's own options and their defaults (None: the sampler's paper default, see the table above).
+_GRID = {"t_end": None, "skip_type": None, "clip_denoised": None}
+VP_OPTIONS: dict[str, dict] = {
+    "dpm_solver": {"order": 3, **_GRID}, "dpm_solver++": {"order": 3, **_GRID}, "dpm_solver++2m": dict(_GRID),
+    "ddim": {**_GRID, "eta": 0.0},
+    "euler_maruyama": {"t_end": None, "clip_denoised": None}, "euler_ode": {"t_end": None, "clip_denoised": None},
+}
 
 
-def sample_vp(eps_fn: EpsFn, schedule, noise: torch.Tensor, *, sampler: str, steps: int, order: int = 3,
-              t_end: float | None = None, skip_type: str | None = None, eta: float = 0.0,
-              clip_denoised: bool = False, randn: Randn = torch.randn_like, progress: bool = False) -> torch.Tensor:
-    """Integrate from x_1 = ``noise`` to t_end (t = 0 for the Euler samplers) with ``sampler``; returns x0.
+def check_vp_options(sampler: str, steps: int, options: dict) -> dict:
+    """``sampler``'s options with its defaults filled in; one ValueError for anything it cannot run with."""
+    own = own_options(VP_OPTIONS, sampler, options)
+    check_steps(steps)
+    check_options(**own)
+    return own
+
+
+def sample_vp(eps_fn: EpsFn, schedule, noise: torch.Tensor, *, sampler: str, steps: int,
+              randn: Randn = torch.randn_like, progress: bool = False, **options) -> torch.Tensor:
+    """Integrate from x_1 = ``noise`` to t_end (t = 0 for the Euler samplers) with ``sampler`` and its own
+    ``options`` (``VP_OPTIONS``); returns x0.
 
     ``eps_fn(x, t)``: the (guided) noise prediction at continuous time t (a 0-dim device tensor). The arithmetic runs
     in float32 (float64 for float64 noise); every table is a device tensor built before the loop.
     """
-    check_options(sampler, VP_SAMPLERS, steps=steps, order=order, skip_type=skip_type, eta=eta, t_end=t_end)
+    own = check_vp_options(sampler, steps, options)
     x = noise if noise.dtype == torch.float64 else noise.float()
-    t_end = default_t_end(sampler, schedule) if t_end is None else t_end
-    skip_type = default_skip_type(sampler) if skip_type is None else skip_type
-    if clip_denoised:
+    own["t_end"] = default_t_end(sampler, schedule) if own["t_end"] is None else own["t_end"]
+    if "skip_type" in own and own["skip_type"] is None:
+        own["skip_type"] = default_skip_type(sampler)
+    if own.pop("clip_denoised"):
         eps_fn = clip_x0(eps_fn, schedule)
-    return _SAMPLERS[sampler](eps_fn, schedule, x, steps=steps, order=order, t_end=t_end, skip_type=skip_type,
-                              eta=eta, randn=randn, progress=progress)
+    return _SAMPLERS[sampler](eps_fn, schedule, x, steps=steps, randn=randn, progress=progress, **own)

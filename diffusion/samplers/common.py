@@ -1,4 +1,5 @@
-"""What every sampler shares: the source of its random draws, and the validation of its options."""
+"""What every sampler shares: the source of its random draws, each sampler's own options (a table per objective:
+sampler -> {option: default}) and the validation of their values."""
 
 from __future__ import annotations
 
@@ -26,13 +27,27 @@ def standard_normal(randn: Randn | None = None, generator: torch.Generator | Non
     return lambda x: torch.randn(x.shape, generator=generator, device=generator.device, dtype=x.dtype).to(x.device)
 
 
-def check_options(sampler: str, valid: tuple[str, ...], *, steps: int, order: int, skip_type: str | None,
-                  eta: float, t_end: float | None) -> None:
-    """One ValueError naming the valid choices for anything a sampler cannot run with."""
-    if sampler not in valid:
-        raise ValueError(f"unknown sampler {sampler!r} for this objective; choose one of {', '.join(valid)}")
+def own_options(table: dict[str, dict], sampler: str, options: dict) -> dict:
+    """``sampler``'s own options: its ``table`` entry's defaults with ``options`` on top. One ValueError for an
+    unknown sampler or a keyword the sampler does not take (naming the ones it does)."""
+    if sampler not in table:
+        raise ValueError(f"unknown sampler {sampler!r} for this objective; choose one of {', '.join(table)}")
+    foreign = sorted(set(options) - set(table[sampler]))
+    if foreign:
+        own = ", ".join(table[sampler]) or "none besides sampler, steps and guidance"
+        raise ValueError(f"{', '.join(foreign)} {'does' if len(foreign) == 1 else 'do'} not apply to sampler "
+                         f"{sampler!r} (its own options: {own})")
+    return {**table[sampler], **options}
+
+
+def check_steps(steps: int) -> None:
     if isinstance(steps, bool) or not isinstance(steps, int) or steps <= 0:
         raise ValueError(f"steps must be a positive integer (network evaluations), got {steps!r}")
+
+
+def check_options(*, order: int = 3, skip_type: str | None = None, eta: float = 0.0, t_end: float | None = None,
+                  clip_denoised: bool | None = None) -> None:
+    """One ValueError naming the valid choices for a value the VP and iDDPM samplers cannot run with."""
     if order not in ORDERS:
         raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
     if skip_type is not None and skip_type not in SKIP_TYPES:

@@ -9,7 +9,8 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 from tqdm.auto import tqdm
 
-from diffusion.sampling.generate import SampleSource, num_real_classes, to_uint8
+from diffusion.registry import describe
+from diffusion.sampling.generate import SampleSource, to_uint8
 from diffusion.sampling.per_sample import LabelPlan, check_labels
 
 MAX_GRID_ROWS = 16  # grids of models with more classes show this many evenly spaced classes unless told which
@@ -73,24 +74,26 @@ def sample_grid(model, objective, sample_cfg, image_shape, path, *, class_names:
     square-ish grid of ``num`` (default ``sample_cfg.num_unconditional``) unconditional samples. Drawn
     ``batch_size`` at a time; cell ``i`` (row-major) is sample ``i`` of ``seed``."""
     seed = sample_cfg.seed if seed is None else seed
-    n_cls = num_real_classes(model)
-    source = SampleSource(model, objective, sample_cfg, tuple(image_shape), seed=seed, decode=decode, device=device)
+    n_cls, labels, row_labels = describe(model).num_labels, None, None
     if prompts is not None:
-        source.prompts, source.text_encoder = [p for p in prompts for _ in range(sample_cfg.per_class)], text_encoder
-        total, ncol, row_labels = len(source.prompts), sample_cfg.per_class, [_short(p) for p in prompts]
+        prompts, ncol, row_labels = [p for p in prompts for _ in range(sample_cfg.per_class)], sample_cfg.per_class, \
+            [_short(p) for p in prompts]
+        total = len(prompts)
     elif contexts is not None:
-        source.contexts = contexts.repeat_interleave(sample_cfg.per_class, dim=0)
-        source.null_context = null_context
-        total, ncol, row_labels = len(source.contexts), sample_cfg.per_class, None
+        contexts, ncol = contexts.repeat_interleave(sample_cfg.per_class, dim=0), sample_cfg.per_class
+        total = len(contexts)
     elif n_cls:
         classes = default_grid_classes(n_cls) if classes is None else classes
         check_labels(classes, n_cls)
-        source.labels = LabelPlan("given", n_cls, given=class_rows(n_cls, sample_cfg.per_class, classes).tolist())
-        total, ncol = len(source.labels.given), sample_cfg.per_class
+        labels = LabelPlan("given", n_cls, given=class_rows(n_cls, sample_cfg.per_class, classes).tolist())
+        total, ncol = len(labels.given), sample_cfg.per_class
         row_labels = [class_names[c] if class_names and c < len(class_names) else str(c) for c in classes]
     else:
         total = sample_cfg.num_unconditional if num is None else num
-        ncol, row_labels = max(1, int(total**0.5)), None
+        ncol = max(1, int(total**0.5))
+    source = SampleSource(model, objective, sample_cfg, tuple(image_shape), seed=seed, labels=labels, prompts=prompts,
+                          text_encoder=text_encoder, contexts=contexts, null_context=null_context, decode=decode,
+                          device=device)
     batches = [range(s, min(s + batch_size, total)) for s in range(0, total, batch_size)]
     images = torch.cat([source.images(b)[0].cpu() for b in tqdm(batches, desc="grid", disable=not progress)])
     return save_grid(images, path, ncol, row_labels)

@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 
 from diffusion.errors import ConfigError, InputError, JobMismatchError
 from diffusion.files import write_atomic
+from diffusion.sampling.settings import OPTION_KEYS, option_default
 
 # Settings that job records gained after the first records were written: (path in ``settings``, the value every
 # older job was drawn with). A record without one reads as that value, so an older half-finished job resumes; new
@@ -32,6 +33,15 @@ def _with_added_settings(settings: dict) -> dict:
         if isinstance(node, dict):
             node.setdefault(path[-1], value)
     return settings
+
+
+def _without_unused_options(saved: dict, settings: dict) -> None:
+    """Records written before each sampler took only its own options held every sampler option, used or not: one
+    the new settings leave out that holds its default was unused then too, and is dropped from ``saved``."""
+    old, new = saved.get("sampler"), settings.get("sampler")
+    if isinstance(old, dict) and isinstance(new, dict):
+        for key in [k for k in old if k not in new and k in OPTION_KEYS and old[k] == option_default(k)]:
+            del old[key]
 
 
 def _differences(old, new, prefix: str = "") -> list[str]:
@@ -86,6 +96,7 @@ class SampleJob:
         if record.is_file():
             saved = json.loads(record.read_text())
             _with_added_settings(saved.get("settings", {}))
+            _without_unused_options(saved.get("settings", {}), settings)
             job = cls(out, num_samples or saved["num_samples"], chunk_size or saved["chunk_size"], settings)
             changed = [d.removeprefix("settings.") for d in _differences(saved, job._description())]
             if changed:

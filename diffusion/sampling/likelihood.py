@@ -1,128 +1,73 @@
-"""Bits per dimension of data under a transport checkpoint: ``sample.py --likelihood=DATA.npz``.
+"""Bits per dimension of a file of images under a transport checkpoint (the library behind ``sample.py --likelihood``).
 
-SiT's ``sample_ode_likelihood`` from the command line: the images of an ADM-format ``.npz`` (``arr_0`` uint8
-(N, H, W, C), ``arr_1`` the labels of a class-conditional model) are run from data to noise through the unguided
-probability-flow ODE of the checkpoint's network (:meth:`diffusion.objectives.transport.Transport.likelihood`,
-``dopri5`` | ``euler`` | ``heun2``, divergence ``hutchinson`` or ``exact``), and the result is written as JSON.
+The images of an ADM-format ``.npz`` (``arr_0`` uint8 (N, H, W, C), ``arr_1`` the labels of a class-conditional
+model) are run from data to noise through the unguided probability-flow ODE of the checkpoint's network
+(:meth:`diffusion.objectives.transport.Transport.likelihood`, any of ``diffusion.samplers.transport.ODE_METHODS``,
+divergence ``hutchinson`` or ``exact``), and :func:`likelihood_report` returns the JSON record. Every function takes
+plain values; the command line (its flags, their defaults from the config, the summary it prints) is sample.py's.
 
 * **Pixel models**: image x (uint8) -> ``(x + u) / 256 * 2 - 1`` with uniform dequantisation noise u ~ U[0, 1),
-  and bits/dim on the 8-bit grid (``levels=256, data_range=2``: the negative log-likelihood of the discrete
-  image, an upper bound through the dequantisation, as SiT and the flow literature report it). Grey models read
-  3-channel files whose channels are equal (what ``sample.py --out=*.npz`` writes for them).
+  and bits/dim on the 8-bit grid (``levels=256, data_range=2``: the continuous density's bits/dim plus
+  log2(256 / 2) = 7, an upper bound on the negative log-likelihood of the discrete image through the
+  dequantisation). This is score-SDE's convention (Song et al. 2021; score_sde_pytorch ``likelihood.py`` adds the
+  same offset 7 and evaluates on uniformly dequantised data), not SiT's: SiT's ``sample_ode_likelihood`` returns
+  the log-likelihood in nats per sample of its input as given (``prior_logp(z) - delta_logp``, z the ODE's endpoint
+  at the noise end), with no dequantisation (its README lists it as a possible improvement), no bits/dim and no
+  8-bit offset, and its sample.py / sample_ddp.py ``--likelihood`` keep only that endpoint (``[-1]``), printing no
+  likelihood. Grey models read 3-channel files whose channels are equal (what ``sample.py --out=*.npz`` writes
+  for them).
 * **Latent models** (``config.autoencoder`` set): images -> a posterior sample of the config's autoencoder
   (``scale_factor * z``, the network's training input), and bits/dim of those continuous latents (no ``levels``):
-  not comparable with pixel bits/dim, and the output says so.
+  not comparable with pixel bits/dim, and the report says so.
 
 Sample i's randomness depends only on (seed, i): its dequantisation noise or posterior draw from stream
 ``DATA_STREAM`` of ``per_sample.index_seed``, its Hutchinson probes from ``PerSampleNoise`` (stream 0). With the
-fixed-step solvers (and exact divergences) a sample's result is therefore the same in any batch, up to
-floating-point rounding; ``dopri5`` chooses one step sequence for the whole batch, so there it agrees across batch
-sizes only to within the solver's tolerances. One process: several are refused.
+probes drawn once per sample (the default) or, with ``resample_probes``, afresh at every network evaluation as
+SiT does, a fixed-step solver (or the exact divergence) gives a sample the same result in any batch, up to
+floating-point rounding; an adaptive solver chooses one step sequence for the whole batch, so there it agrees across
+batch sizes only to within its tolerances (and, resampling, the draws themselves follow that sequence).
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from diffusion.config.cli import Arguments, Flag
 from diffusion.errors import ConfigError, InputError, InputNotFoundError
 from diffusion.files import write_atomic
-from diffusion.samplers.transport import DIVERGENCES, ODE_METHODS, PROBES
-from diffusion.sampling.generate import SAMPLER_SETTINGS, num_real_classes
-from diffusion.sampling.loader import ReadyModel, load_for_sampling
+from diffusion.sampling.loader import ReadyModel
 from diffusion.sampling.per_sample import PerSampleNoise, check_labels, index_seed
 
-GROUP = "likelihood (--likelihood=DATA.npz; transport models)"
-DEFAULTS = {"divergence": "hutchinson", "probes": 1, "probe": "rademacher"}
-FLAGS = (
-    Flag("likelihood", metavar="DATA.npz", group=GROUP,
-         help="bits/dim of DATA.npz's images (ADM's format: arr_0 uint8 (N, H, W, C), arr_1 labels) through the "
-              "probability-flow ODE; writes --out=*.json (default likelihood.json)"),
-    Flag("divergence", choices=DIVERGENCES, group=GROUP,
-         help="hutchinson (estimator) or exact (one backward pass per dimension: small data) (default: hutchinson)"),
-    Flag("probes", type=int, group=GROUP, help="Hutchinson probes per sample (default: 1)"),
-    Flag("probe", choices=PROBES, group=GROUP, help="Hutchinson probe distribution (default: rademacher)"),
-)
 DATA_STREAM = 3  # per-sample stream of the dequantisation noise / posterior draw (0: probes, 1 and 2: labels)
-SOLVER_KEYS = ("sampler", "steps", "atol", "rtol")  # the sample-section keys the likelihood uses
-GUIDANCE_FLAG = "guidance"  # sample.py's flag of guidance_scale
+DIVERGENCE_DEFAULTS = {"divergence": "hutchinson", "probes": 1, "probe": "rademacher", "resample_probes": False}
 PIXEL_SPACE = "pixels: bits/dim on the 8-bit grid, uniformly dequantised"
 LATENT_SPACE = ("latents: a posterior sample of the autoencoder, bits/dim of continuous latents (no 8-bit grid; "
                 "not comparable with pixel bits/dim)")
-OUTPUT_FLAGS = ("png_dir", "chunk_size", "labels", "label_dist", "prompts", "prompts_file", "per_class")
-
-
-# ----------------------------------------------------------------------------------------------------------
-# The command line
-# ----------------------------------------------------------------------------------------------------------
-
-
-def likelihood_options(args: Arguments) -> dict:
-    """divergence, probes and probe: the flags given, else their defaults. Refuses them without --likelihood."""
-    given = {key: args.values.get(key) for key in DEFAULTS if args.values.get(key) is not None}
-    if given and not args.likelihood:
-        raise ConfigError(f"--{', --'.join(given)} belong to --likelihood=DATA.npz")
-    options = {**DEFAULTS, **given}
-    if options["probes"] < 1:
-        raise ConfigError(f"--probes must be >= 1, got {options['probes']}")
-    return options
-
-
-def check_flags(args: Arguments) -> Path:
-    """The .json output path; refuses what does not apply to a likelihood: other outputs, conditioning and sampler
-    flags, guidance other than 1, several processes."""
-    out = Path(args.out or "likelihood.json")
-    if out.suffix != ".json":
-        raise ConfigError(f"--likelihood writes a JSON report: --out must end in .json (default likelihood.json), "
-                          f"got {out}")
-    foreign = [key for key in SAMPLER_SETTINGS if key not in SOLVER_KEYS and key != "guidance_scale"]
-    given = [name for name in (*OUTPUT_FLAGS, *foreign) if args.values.get(name) not in (None, [])]
-    if given:
-        raise ConfigError(f"--{given[0]} does not apply to --likelihood (it takes --sampler dopri5|euler|heun2, "
-                          f"--steps, --atol, --rtol, --divergence, --probes, --probe, --n_samples, --batch_size)")
-    guidance = args.values.get(GUIDANCE_FLAG)
-    if guidance is not None and guidance != 1.0:
-        raise ConfigError(f"the likelihood is that of the unguided model (SiT asserts cfg_scale == 1): drop "
-                          f"--guidance={guidance:g} or use --guidance=1")
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise ConfigError("--likelihood runs in one process; launch it without accelerate/torchrun")
-    return out
-
-
-def solver_settings(args: Arguments, config) -> dict:
-    """sampler, steps, atol, rtol: the flags, else the config's sample section; a sampler that is not an ODE
-    method (an SDE, the config's default elsewhere) falls back to SiT's likelihood solver dopri5 unless given."""
-    sample = config.sample
-    sampler = args.sampler or (sample.sampler if sample.sampler in ODE_METHODS else "dopri5")
-    if sampler not in ODE_METHODS:
-        raise ConfigError(f"--likelihood integrates the probability-flow ODE: --sampler must be one of "
-                          f"{', '.join(ODE_METHODS)}, got {sampler!r}")
-    settings = {"sampler": sampler, **{key: args.values.get(key) if args.values.get(key) is not None
-                                       else sample[key] for key in SOLVER_KEYS[1:]}}
-    if settings["steps"] < 2:
-        raise ConfigError(f"--steps counts grid points (SiT's num_steps) and must be >= 2, got {settings['steps']}")
-    if not (settings["atol"] > 0 and settings["rtol"] > 0):
-        raise ConfigError(f"atol and rtol must be > 0, got {settings['atol']!r} and {settings['rtol']!r}")
-    return settings
 
 
 def check_model(ready: ReadyModel) -> None:
     """Only the transport objective has a likelihood here, and not for text-to-image models."""
     kind = ready.config.diffusion.kind
     if kind != "transport" or not hasattr(ready.objective, "likelihood"):
-        raise ConfigError(f"--likelihood needs a flow-matching checkpoint (diffusion.kind=transport); this one is "
+        raise ConfigError(f"a likelihood needs a flow-matching checkpoint (diffusion.kind=transport); this one is "
                           f"diffusion.kind={kind} ({type(ready.objective).__name__}), which has no probability-flow "
                           f"likelihood here")
     if ready.conditioning == "text":
         raise ConfigError("likelihood of text-to-image models is not supported")
+
+
+def divergence_options(divergence: str = "hutchinson", probes: int = 1, probe: str = "rademacher",
+                       resample_probes: bool = False) -> dict:
+    """The keywords of ``Transport.likelihood`` that choose the divergence: all four for ``hutchinson``, only
+    ``divergence`` for ``exact`` (which draws no probes)."""
+    if divergence == "exact":
+        return {"divergence": "exact"}
+    return {"divergence": divergence, "probes": probes, "probe": probe, "resample_probes": bool(resample_probes)}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -134,7 +79,7 @@ def read_data(path: str | Path, n: int | None, labels_needed: bool) -> tuple[np.
     """(uint8 images (N, H, W, C), int64 labels or None) of an ADM-format .npz, its first ``n`` if given."""
     path = Path(path)
     if not path.is_file():
-        raise InputNotFoundError(f"--likelihood data not found: {path}")
+        raise InputNotFoundError(f"likelihood data not found: {path}")
     with np.load(path) as data:
         if "arr_0" not in data:
             raise InputError(f"{path} holds no arr_0 (ADM's format: arr_0 uint8 (N, H, W, C), arr_1 labels)")
@@ -147,9 +92,18 @@ def read_data(path: str | Path, n: int | None, labels_needed: bool) -> tuple[np.
                           f"format, what sample.py --out=*.npz writes)")
     n = len(images) if n is None else n
     if not 1 <= n <= len(images) or (labels is not None and len(labels) < n):
-        raise ConfigError(f"--n_samples={n}: {path} holds {len(images)} images"
+        raise ConfigError(f"{n} images asked for: {path} holds {len(images)} images"
                           f"{'' if labels is None else f' and {len(labels)} labels'}")
     return images[:n], None if labels is None else labels[:n].astype(np.int64)
+
+
+def load_data(ready: ReadyModel, path: str | Path, n: int | None) -> tuple[np.ndarray, np.ndarray | None]:
+    """The file's images and, for a class-conditional model, their labels (checked against its classes)."""
+    classes = ready.info.num_labels if ready.conditioning == "class" else 0
+    images, labels = read_data(path, n, labels_needed=bool(classes))
+    if labels is not None:
+        check_labels(sorted(set(labels.tolist())), classes)
+    return images, labels
 
 
 def per_sample_draws(seed: int, indices, shape, uniform: bool) -> torch.Tensor:
@@ -190,13 +144,15 @@ def model_input(ready: ReadyModel, images: np.ndarray, seed: int, indices) -> to
 
 
 # ----------------------------------------------------------------------------------------------------------
-# The estimate
+# The estimate and its record
 # ----------------------------------------------------------------------------------------------------------
 
 
 def bits_per_dim(ready: ReadyModel, images: np.ndarray, labels: np.ndarray | None, *, solver: dict, options: dict,
                  seed: int, batch_size: int, device, progress: bool = False) -> np.ndarray:
-    """Bits/dim of every image (float64 (N,)): pixels on the 8-bit grid, latents without one."""
+    """Bits/dim of every image (float64 (N,)): pixels on the 8-bit grid, latents without one. ``solver``: the
+    ``sampler`` and ``steps`` keywords of ``Transport.likelihood`` (an adaptive solver's also ``atol``, ``rtol``);
+    ``options``: its divergence keywords (:func:`divergence_options`)."""
     levels = None if ready.autoencoder is not None else 256
     model = ready.model.requires_grad_(False)
     out = []
@@ -213,59 +169,35 @@ def bits_per_dim(ready: ReadyModel, images: np.ndarray, labels: np.ndarray | Non
 
 
 def describe_solver(solver: dict, options: dict) -> str:
+    """One phrase for the solver and the divergence, e.g. "heun2 (3 grid points), exact divergence" (an adaptive
+    solver's ``solver`` holds its tolerances, a fixed-step one's none)."""
     method = solver["sampler"]
-    ode = f"dopri5 (atol {solver['atol']:g}, rtol {solver['rtol']:g})" if method == "dopri5" else \
+    ode = f"{method} (atol {solver['atol']:g}, rtol {solver['rtol']:g})" if "atol" in solver else \
         f"{method} ({solver['steps']} grid points)"
-    div = "exact divergence" if options["divergence"] == "exact" else \
-        f"Hutchinson divergence ({options['probes']} {options['probe']} probe{'s' * (options['probes'] > 1)})"
-    return f"{ode}, {div}"
+    if options["divergence"] == "exact":
+        return f"{ode}, exact divergence"
+    probes = f"{options['probes']} {options['probe']} probe{'s' * (options['probes'] > 1)}"
+    return f"{ode}, Hutchinson divergence ({probes}){' resampled at every evaluation' * options['resample_probes']}"
 
 
-def report(ready: ReadyModel, bpd: np.ndarray, settings: dict) -> dict:
-    """The JSON record: mean, standard error (None for one sample), n, every sample's value, settings, checkpoint."""
-    n = len(bpd)
-    stderr = float(bpd.std(ddof=1) / math.sqrt(n)) if n > 1 else None
-    return {"bits_per_dim": float(bpd.mean()), "stderr": stderr, "n": n, "per_sample": bpd.tolist(),
+def likelihood_report(ready: ReadyModel, images: np.ndarray, labels: np.ndarray | None, *, data: str | Path,
+                      solver: dict, options: dict, seed: int, batch_size: int, device, progress: bool = False) -> dict:
+    """The JSON record of the bits/dim of ``images`` (``load_data`` of the file ``data``): mean, standard error (None
+    for one sample), n, every sample's value, the settings (``solver``, ``options``, space, data, seed, weights) and
+    the checkpoint."""
+    bpd = bits_per_dim(ready, images, labels, solver=solver, options=options, seed=seed, batch_size=batch_size,
+                       device=device, progress=progress)
+    settings = {**solver, **options, "space": PIXEL_SPACE if ready.autoencoder is None else LATENT_SPACE,
+                "data": str(Path(data).resolve()), "seed": seed, "guidance": "none (unguided)",
+                "weights": "EMA" if ready.weights == "ema" else "raw"}
+    count = len(bpd)
+    stderr = float(bpd.std(ddof=1) / math.sqrt(count)) if count > 1 else None
+    return {"bits_per_dim": float(bpd.mean()), "stderr": stderr, "n": count, "per_sample": bpd.tolist(),
             "settings": settings, "ckpt": str(ready.source)}
 
 
-def load_data(ready: ReadyModel, args: Arguments) -> tuple[np.ndarray, np.ndarray | None]:
-    """The file's images and, for a class-conditional model, their labels (checked against its classes)."""
-    classes = num_real_classes(ready.model) if ready.conditioning == "class" else 0
-    images, labels = read_data(args.likelihood, args.n_samples, labels_needed=bool(classes))
-    if labels is not None:
-        check_labels(sorted(set(labels.tolist())), classes)
-    return images, labels
-
-
-def summary_line(out: Path, result: dict, ready: ReadyModel, args: Arguments) -> str:
-    settings = result["settings"]
-    err = "n/a" if result["stderr"] is None else f"{result['stderr']:.4f}"
-    space = "8-bit pixels" if settings["space"] == PIXEL_SPACE else \
-        "autoencoder latents: continuous, not comparable with pixel bits/dim"
-    return (f"wrote {out}: {result['bits_per_dim']:.4f} ± {err} bits/dim (N={result['n']}, {space}) of "
-            f"{Path(args.likelihood).name} under {ready.source.name} ({settings['weights']} weights, unguided), "
-            f"{describe_solver(settings, {**DEFAULTS, **settings})}, seed {settings['seed']}")
-
-
-def run_likelihood(args: Arguments) -> str:
-    """``sample.py --likelihood=DATA.npz``: load, check, estimate, write the JSON; returns the summary line."""
-    start = time.perf_counter()
-    out, options = check_flags(args), likelihood_options(args)
-    ready = load_for_sampling(args.ckpt, config_path=args.config_path, overrides=args.overrides, ema=args.ema,
-                              codecs=False)
-    check_model(ready)
-    solver = solver_settings(args, ready.config)
-    images, labels = load_data(ready, args)
-    seed = ready.config.sample.seed if args.seed is None else args.seed
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    bpd = bits_per_dim(ready.with_codecs(device), images, labels, solver=solver, options=options, seed=seed,
-                       batch_size=args.batch_size, device=device, progress=True)
-    used = options if options["divergence"] == "hutchinson" else {"divergence": "exact"}
-    settings = {**solver, **used, "space": PIXEL_SPACE if ready.autoencoder is None else LATENT_SPACE,
-                "data": str(Path(args.likelihood).resolve()), "seed": seed, "guidance": "none (unguided)",
-                "weights": "EMA" if ready.weights == "ema" else "raw", "seconds": round(time.perf_counter() - start, 3)}
-    result = report(ready, bpd, settings)
+def write_report(out: str | Path, result: dict) -> None:
+    """``result`` as indented JSON at ``out``, atomically (parent folders made)."""
+    out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(out, lambda f: f.write(json.dumps(result, indent=2).encode()))
-    return summary_line(out, result, ready, args)

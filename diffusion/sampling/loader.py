@@ -24,11 +24,12 @@ from diffusion.config.loading import apply_override, load_config
 from diffusion.errors import ConfigError, InputNotFoundError
 from diffusion.pretrained.autoencoder import Autoencoder
 from diffusion.pretrained.text_encoder import TextEncoder
-from diffusion.registry import build_model, build_objective, constructor_defaults, resolve_model_kwargs
+from diffusion.registry import BackboneInfo, build_model, build_objective, describe, resolve_model_kwargs
+from diffusion.registry import input_shape as backbone_input_shape
 from diffusion.released import RELEASED, released_config, sampling_state_dict
-from diffusion.sampling.generate import check_settings, num_real_classes, sample_settings
 from diffusion.sampling.pixels import quantize_setting
-from diffusion.sampling.precision import check_device, precision_settings
+from diffusion.sampling.precision import check_device
+from diffusion.sampling.settings import SamplerSettings, overlay, sampler_settings
 from diffusion.weights import load_state_strict, read_weights_file
 
 
@@ -48,11 +49,14 @@ class ReadyModel:
     text_encoder: TextEncoder | None = None
 
     @property
+    def info(self) -> BackboneInfo:
+        """The backbone's declared contract (conditioning, labels, shapes)."""
+        return describe(self.model)
+
+    @property
     def conditioning(self) -> str:
         """'text' | 'class' | 'none'."""
-        if getattr(self.model, "clip_dim", None) is not None:
-            return "text"
-        return "class" if num_real_classes(self.model) else "none"
+        return self.info.conditioning
 
     @property
     def decode(self):
@@ -60,14 +64,14 @@ class ReadyModel:
         return self.autoencoder.decode if self.autoencoder is not None else None
 
     @property
-    def settings(self) -> dict:
-        """The sampler's keyword arguments (the config's ``sample`` section)."""
-        return sample_settings(self.config.sample, self.objective)
+    def settings(self) -> SamplerSettings:
+        """The sampler's validated settings (the config's ``sample`` section)."""
+        return sampler_settings(self.objective, self.config.sample)
 
     @property
     def arithmetic(self) -> dict:
         """``{"precision", "tf32"}``: how the network and the decoder compute while sampling."""
-        return precision_settings(self.config.sample)
+        return {"precision": self.settings.precision, "tf32": self.settings.tf32}
 
     def with_codecs(self, device) -> ReadyModel:
         """Move the network to ``device`` and load the autoencoder and text encoder it needs there (refusing a
@@ -106,15 +110,11 @@ def read_checkpoint(ckpt: str | Path, config_path: str | Path | None = None, wei
 
 
 def input_shape(config, meta: dict | None = None) -> tuple[int, int, int]:
-    """(C, H, W) the network of ``config`` takes: the trainer's record in ``meta``, else the backbone's own input
-    (its constructor keywords: in_chans/in_channels and img_size/input_size, with the constructor's defaults)."""
+    """(C, H, W) the network of ``config`` takes: the trainer's record in ``meta``, else the backbone's declared
+    ``input_shape``."""
     if meta and meta.get("image_shape"):
         return tuple(meta["image_shape"])
-    name, kwargs = resolve_model_kwargs(config.model)
-    kw = {**constructor_defaults(name), **kwargs}
-    channels = kw.get("in_chans", kw.get("in_channels"))
-    size = kw.get("img_size", kw.get("input_size"))
-    return int(channels), int(size), int(size)
+    return backbone_input_shape(config.model)
 
 
 def load_codecs(config, model, device) -> tuple[Autoencoder | None, TextEncoder | None]:
@@ -122,13 +122,15 @@ def load_codecs(config, model, device) -> tuple[Autoencoder | None, TextEncoder 
     autoencoder = text_encoder = None
     if config.autoencoder.pretrained:
         autoencoder = Autoencoder.from_config(config.autoencoder, device)
-    if getattr(model, "clip_dim", None) is not None:
+    context_shape = describe(model).context_shape
+    if context_shape is not None:
         if not config.text_encoder.pretrained:
             raise ConfigError("a text-to-image model needs --config.text_encoder.pretrained (a CLIP folder or hub id)")
         text_encoder = TextEncoder.from_config(config.text_encoder, device)
         width = text_encoder.null_context().shape[-1]
-        if width != model.clip_dim:
-            raise ConfigError(f"the text encoder gives {width}-d tokens; the model expects clip_dim={model.clip_dim}")
+        if width != context_shape[1]:
+            raise ConfigError(f"the text encoder gives {width}-d tokens; the model expects {context_shape[1]}-d "
+                              f"(model.clip_dim)")
     return autoencoder, text_encoder
 
 
@@ -146,17 +148,15 @@ def load_for_sampling(ckpt: str | Path, *, config_path: str | Path | None = None
     encoder (call :meth:`ReadyModel.with_codecs` later). EMA weights unless ``ema=False``."""
     weights = "ema" if ema else "model"
     state, config, meta, source = read_checkpoint(ckpt, config_path, weights)
-    for key, value in overrides:
+    for key, value in overrides:  # a checkpoint's own config (read_checkpoint), then the overrides
         apply_override(config, key, value)
     model = build_model(config.model)
     what = f"{type(model).__name__} ({config.model.get('preset') or 'no preset'})"
     load_state_strict(model, state, source, what, hint=" (check --config and the --config.model.* overrides)")
     model.eval()
     objective = build_objective(config.diffusion)
-    for key, value in (sample or {}).items():
-        config.sample[key] = value
-    check_settings(objective, sample_settings(config.sample))
-    precision_settings(config.sample)
+    config.sample = overlay(config.sample, sample or {}, skip_empty=False)
+    sampler_settings(objective, config.sample)  # refused here, before any codec loads
     ready = ReadyModel(model, objective, config, meta, source, weights, input_shape(config, meta))
     return ready.with_codecs(device) if codecs else ready
 
@@ -169,7 +169,7 @@ def job_settings(ready: ReadyModel, labels, prompts: list[str] | None) -> dict:
         "checkpoint": str(ready.source), "weights": "EMA" if ready.weights == "ema" else "raw",
         "model": resolve_model_kwargs(config.model)[1], "diffusion": config.diffusion.to_dict(),
         "image_shape": list(ready.image_shape),
-        "sampler": {**ready.settings, **ready.arithmetic, "quantize": quantize_setting(config.sample)},
+        "sampler": {**ready.settings.record, "quantize": quantize_setting(config.sample)},
         "seed": config.sample.seed,
         "labels": labels.describe() if labels else None,
         "prompts": {"count": len(prompts), "sha256": digest} if prompts else None,

@@ -40,9 +40,16 @@ import torch
 from diffusion.config.loading import apply_override, load_config, parse_value
 from diffusion.config.schema import base_config
 from diffusion.errors import ConfigError
-from diffusion.registry import attention_paths, build_model, build_objective, resolve_model_kwargs, set_attention
-from diffusion.sampling.generate import sample_settings
+from diffusion.registry import (
+    attention_paths,
+    build_model,
+    build_objective,
+    describe,
+    resolve_model_kwargs,
+    set_attention,
+)
 from diffusion.sampling.loader import input_shape
+from diffusion.sampling.settings import overlay, sampler_settings
 from diffusion.tools.flops import forward_flops, synthetic_conditioning
 from diffusion.training.data import batch_conditioning, prepare_data, stream_batches
 from diffusion.training.pieces import update_ema
@@ -324,19 +331,18 @@ class Workload:
         self.losses.append(loss.item())
 
     def _sample_settings(self) -> dict:
-        """The keywords of ``objective.sample``: the config's ``sample`` section with the setup's sampler, steps
-        and guidance on top."""
-        settings = sample_settings(self.config.sample, self.objective)
-        settings.update(steps=self.setup.nfe or settings["steps"], sampler=self.setup.sampler or settings["sampler"],
-                        guidance_scale=self.setup.guidance or self.config.sample.guidance_scale)
-        return settings
+        """The keywords of ``objective.sample``: the setup's sampler, steps and guidance laid over the config's
+        ``sample`` section (the one overlay), validated."""
+        section = overlay(self.config.sample, {"sampler": self.setup.sampler, "steps": self.setup.nfe,
+                                               "guidance_scale": self.setup.guidance})
+        return dict(sampler_settings(self.objective, section).kwargs)
 
     def sample_batch(self) -> None:
         settings = self.sampling
         scale = settings["guidance_scale"]
         null_cond = None
         if scale != 1.0 and "y" in self.cond:
-            null_cond = {"y": torch.full_like(self.cond["y"], self.net.null_label)}
+            null_cond = {"y": torch.full_like(self.cond["y"], describe(self.net).null_label)}
         elif scale != 1.0 and "context" in self.cond:
             null_cond = {"context": torch.zeros_like(self.cond["context"])}
         generator = torch.Generator(self.device).manual_seed(self.setup.seed)

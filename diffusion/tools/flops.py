@@ -8,16 +8,16 @@ import time
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from diffusion.registry import build_model, set_attention
-from diffusion.sampling.generate import num_real_classes
+from diffusion.registry import build_model, describe, set_attention
 from diffusion.sampling.loader import input_shape
 
 
 def synthetic_conditioning(net, batch: int, device, generator: torch.Generator) -> dict:
     """Random conditioning of the kind ``net`` takes: caption contexts, class labels, or none."""
-    if getattr(net, "clip_dim", None) is not None:
-        return {"context": torch.randn(batch, net.num_clip_token, net.clip_dim, generator=generator).to(device)}
-    classes = num_real_classes(net)
+    info = describe(net)
+    if info.conditioning == "text":
+        return {"context": torch.randn(batch, *info.context_shape, generator=generator).to(device)}
+    classes = info.num_labels
     return {"y": torch.randint(0, classes, (batch,), generator=generator).to(device)} if classes > 0 else {}
 
 

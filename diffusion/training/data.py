@@ -16,7 +16,7 @@ from diffusion.data.datasets import build_dataset
 from diffusion.data.stream import InfiniteSampler, StreamItems
 from diffusion.errors import ConfigError, UnreadableDataError
 from diffusion.pretrained.autoencoder import Autoencoder
-from diffusion.sampling.generate import num_real_classes
+from diffusion.registry import describe
 from diffusion.seeds import derive_seed
 from diffusion.training.pieces import drop_contexts, drop_labels
 from diffusion.training.stopping import ignore_stop_signals
@@ -114,17 +114,17 @@ def prepare_data(config, device) -> TrainData:
 
 def check_conditioning(net, data: TrainData, p_uncond: float) -> None:
     """The model's conditioning must be one the data can feed, and guidance training needs a null input."""
-    sample = data.example
-    if getattr(net, "clip_dim", None) is not None:
+    sample, info = data.example, describe(net)
+    if info.conditioning == "text":
         if "context" not in sample:
-            raise ConfigError(f"the model is text-conditioned (clip_dim set) but dataset {type(data.dataset).__name__} "
+            raise ConfigError(f"the model is text-conditioned but dataset {type(data.dataset).__name__} "
                               f"yields no caption contexts; use data.name=coco_latents")
         if p_uncond > 0 and data.null_context is None:
             raise ConfigError("cond.p_uncond > 0 needs the dataset's null_context (the empty caption's encoding)")
         return
-    if num_real_classes(net) > 0 and "y" not in sample:
+    if info.conditioning == "class" and "y" not in sample:
         raise ConfigError(f"the model is class-conditional but dataset {type(data.dataset).__name__} has no labels")
-    if num_real_classes(net) > 0 and p_uncond > 0 and getattr(net, "null_label", None) is None:
+    if info.conditioning == "class" and p_uncond > 0 and info.null_label is None:
         raise ConfigError("cond.p_uncond > 0 needs a model with a null label (U-ViT: num_classes = classes + 1 "
                           "and null_label = classes; DiT: class_dropout_prob > 0)")
 
@@ -133,11 +133,12 @@ def batch_conditioning(net, batch: dict, data: TrainData, p_uncond: float, devic
                        uniform: torch.Tensor | None = None) -> dict:
     """The network's conditioning inputs for one batch, with classifier-free guidance dropout applied (decided by
     ``uniform``, one draw per row, when given)."""
-    if getattr(net, "clip_dim", None) is not None:
+    info = describe(net)
+    if info.conditioning == "text":
         context = batch["context"].to(device, non_blocking=True)
         return {"context": drop_contexts(context, p_uncond, data.null_context, uniform)}
-    if num_real_classes(net) > 0:
-        return {"y": drop_labels(batch["y"].to(device, non_blocking=True), p_uncond, net.null_label, uniform)}
+    if info.conditioning == "class":
+        return {"y": drop_labels(batch["y"].to(device, non_blocking=True), p_uncond, info.null_label, uniform)}
     return {}
 
 

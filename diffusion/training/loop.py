@@ -38,9 +38,9 @@ from diffusion.config.schema import check_values
 from diffusion.errors import NonFiniteLossError
 from diffusion.evaluation.training import end_of_run_metrics, fid_name
 from diffusion.registry import set_attention
-from diffusion.sampling.generate import preview_settings
 from diffusion.sampling.grids import sample_grid
 from diffusion.sampling.loader import load_for_sampling
+from diffusion.sampling.settings import preview_settings
 from diffusion.training.data import (
     batch_conditioning,
     count_skipped,

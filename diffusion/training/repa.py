@@ -27,7 +27,6 @@ by (seed, "repa legacy", step), so a resumed run draws the same ones.
 from __future__ import annotations
 
 import logging
-import math
 
 import torch
 from torch import nn
@@ -36,6 +35,7 @@ from diffusion.data.cached import CACHED_FEATURE_DATASETS, REPA_SETTINGS, read_m
 from diffusion.errors import ConfigError, DatasetNotFoundError
 from diffusion.objectives.repa import Projectors, register_tap, repa_training_losses
 from diffusion.pretrained.vision_encoders import load_vision_encoders, parse_name, split_names
+from diffusion.registry import describe, tap_blocks
 from diffusion.sampling.pixels import to_uint8
 from diffusion.seeds import derive_seed
 
@@ -164,23 +164,14 @@ def images_to_uint8(images: torch.Tensor) -> torch.Tensor:
     return pixels
 
 
-def backbone_geometry(net: nn.Module) -> tuple[int, int]:
-    """(hidden width, patches per side) of a U-ViT (``embed_dim``, ``grid_size``) or DiT (``x_embedder``)."""
-    if hasattr(net, "embed_dim") and hasattr(net, "grid_size"):
-        return int(net.embed_dim), int(net.grid_size)
-    embedder = getattr(net, "x_embedder", None)
-    if embedder is not None:
-        return int(embedder.proj.out_channels), math.isqrt(int(embedder.num_patches))
-    raise ConfigError(f"{type(net).__name__} is neither a U-ViT nor a DiT: REPA cannot size its projectors")
-
-
 def build_repa(config, net: nn.Module, image_size: int, p_uncond: float, device) -> RepaTraining | None:
     """The encoders (frozen, on ``device``), fresh projectors on ``device`` (seeded by the run's seed) and the tap on
     block ``repa.layer`` of the bare ``net``; None when ``repa.encoders`` is empty."""
     if not repa_enabled(config):
         return None
     rc = config.repa
-    hidden, grid = backbone_geometry(net)
+    info = describe(net)
+    hidden, grid = info.hidden_size, info.token_grid
     resolution = encoder_resolution(image_size, grid)
     entries = cached_repa_entries(config) if config.data.name in CACHED_FEATURE_DATASETS else None
     encoders = load_vision_encoders(rc.encoders, weights=rc.encoder_weights, resolution=resolution,
@@ -191,7 +182,7 @@ def build_repa(config, net: nn.Module, image_size: int, p_uncond: float, device)
         torch.manual_seed(derive_seed(config.seed, "repa projectors"))
         projectors = Projectors(int(hidden), [e.embed_dim for e in encoders], rc.projector_dim).to(device)
     try:
-        tap = register_tap(net, rc.layer)
+        tap = register_tap(tap_blocks(net), rc.layer)
     except ValueError as err:
         raise ConfigError(f"repa.layer: {err}") from None
     legacy_p = p_uncond if rc.legacy else 0.0
@@ -204,7 +195,7 @@ def build_repa(config, net: nn.Module, image_size: int, p_uncond: float, device)
              f", stops at step {rc.stop_at_step}" if rc.stop_at_step else "",
              ", targets cached in data.root" if entries is not None else "")
     return RepaTraining(encoders, projectors, tap, rc.coeff, rc.stop_at_step, legacy_p,
-                        getattr(net, "null_label", None), cached=entries is not None)
+                        info.null_label, cached=entries is not None)
 
 
 def legacy_uniform(seed: int, step: int, batch_size: int, rows: slice, device) -> torch.Tensor:

@@ -22,12 +22,12 @@ from diffusion.registry import (
     block_class,
     build_model,
     build_objective,
+    describe,
     label_dropout,
     resolve_model_kwargs,
     set_attention,
 )
-from diffusion.sampling.generate import check_settings, num_real_classes, preview_settings, sample_settings
-from diffusion.sampling.precision import precision_settings
+from diffusion.sampling.settings import preview_settings, sampler_settings
 from diffusion.training.data import TrainData, check_conditioning, fid_captions, prepare_data
 from diffusion.training.distributed import ShardedEMA, autocast_forward, enable_on_cpu, fsdp_plugin, is_sharded
 from diffusion.training.logs import WandbLogger, report, setup_logging
@@ -157,7 +157,7 @@ def build_network(config, data: TrainData) -> tuple[torch.nn.Module, object, flo
     net = set_attention(build_model(config.model), config.train.attention)
     model_name, model_kwargs = resolve_model_kwargs(config.model)
     objective = build_objective(config.diffusion)
-    p_uncond = label_dropout(config, model_name, model_kwargs)
+    p_uncond = label_dropout(config, net)
     check_conditioning(net, data, p_uncond)
     check_sampling(config, objective, net, data)
     meta = {"model_name": model_name, "model_kwargs": json.loads(json.dumps(model_kwargs)),
@@ -171,13 +171,11 @@ def check_sampling(config, objective, net, data: TrainData) -> None:
     objective or the data cannot run now (config.schema.check_values has checked the rest), not at the first
     preview."""
     try:
-        check_settings(objective, sample_settings(config.sample))
-        check_settings(objective, sample_settings(preview_settings(config)))
-        check_settings(objective, sample_settings(selection_sample_config(config)))
-        precision_settings(config.sample)
+        for section in (config.sample, preview_settings(config), selection_sample_config(config)):
+            sampler_settings(objective, section)
     except ValueError as err:
         raise ConfigError(f"sample / preview / eval section: {err} (e.g. --config.preview.sampler=...)") from None
-    if (config.eval.every > 0 and num_real_classes(net) and config.sample.labels == "train_freq"
+    if (config.eval.every > 0 and describe(net).num_labels and config.sample.labels == "train_freq"
             and data.class_counts is None):
         raise ConfigError("sample.labels=train_freq needs the training set's class counts, which this dataset does "
                           "not provide: --config.sample.labels=uniform")
