@@ -2,7 +2,6 @@
 
 import argparse
 import functools
-import inspect
 import json
 import os
 import signal
@@ -25,11 +24,11 @@ from diffusion.errors import ConfigError
 from diffusion.registry import build_model, build_objective, resolve_model_kwargs
 from diffusion.released import RELEASED, markdown_table, released_config
 from diffusion.sampling.generate import generate
-from diffusion.sampling.settings import preview_settings, sampler_settings
 from diffusion.sampling.grids import default_grid_classes, sample_grid
 from diffusion.sampling.jobs import SampleJob
 from diffusion.sampling.loader import input_shape, load_for_sampling
 from diffusion.sampling.per_sample import LabelPlan, PerSampleNoise, training_class_counts
+from diffusion.sampling.settings import preview_settings, sampler_settings
 from tests.helpers import REPO, TINY_MODEL, load_fixture, make_tiny_autoencoder, make_tiny_clip, run_sample
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
