@@ -482,7 +482,8 @@ def test_eval_fid_inception_end_to_end(inception_file, tmp_path, capsys) -> None
     np.savez(tmp_path / "samples.npz", arr_0=samples, arr_1=np.arange(12))
     np.savez(tmp_path / "VIRTUAL_batch.npz", arr_0=reference, mu=np.zeros(2048), sigma=np.eye(2048),
              mu_s=np.zeros(2023), sigma_s=np.eye(2023))
-    weights = ["--inception", inception_file, "--num_workers", "0", "--batch_size", "5"]
+    # pytorch-fid's rules throughout (an ADM batch with no --protocol is scored under adm)
+    weights = ["--inception", inception_file, "--num_workers", "0", "--batch_size", "5", "--protocol", "pytorch_fid"]
     code, out, err = _run_cli(capsys, tmp_path / "samples.npz", tmp_path / "VIRTUAL_batch.npz", "--metrics",
                               "fid,sfid,is,pr", "--json", tmp_path / "scores.json", *weights)
     assert code == 0, err
