@@ -169,8 +169,70 @@ def test_transport_likelihood_and_per_sample_probes():
 def test_likelihood_errors():
     data = correlated()
     x = data.draw(2, seed=9)
-    for kwargs in [dict(divergence="trace"), dict(probe="uniform"), dict(probes=0), dict(method="rk4")]:
+    for kwargs in [dict(divergence="trace"), dict(probe="uniform"), dict(probes=0), dict(method="rk45")]:
         with pytest.raises(ValueError):
             likelihood_ode(data.velocity, x, REVERSE, **kwargs)
     with pytest.raises(ValueError):
         build_transport("linear", "velocity").likelihood(lambda x, t: x, x, {}, steps=1)
+
+
+@pytest.mark.parametrize("method, steps, tol", [("midpoint", 101, 1e-3), ("heun3", 41, 1e-3), ("rk4", 21, 1e-3),
+                                                ("bosh3", 2, 1e-3), ("dopri8", 2, 1e-3)])
+def test_other_ode_methods_recover_the_gaussian_log_density(method, steps, tol):
+    """torchdiffeq's other methods (diffusion.samplers.transport.ODE_METHODS) on the augmented (x, delta) state,
+    fixed-step ones on the grid, adaptive ones with tolerances: the exact log density."""
+    data = correlated()
+    x = data.draw(8, seed=12)
+    logp, _, _ = likelihood_ode(data.velocity, x, ode_grid(1.0, 0.0, steps).double(), method=method,
+                                divergence="exact", atol=1e-8, rtol=1e-6)
+    assert (logp - data.log_density(x)).abs().max().item() < tol
+
+
+def test_resampled_per_sample_probes_do_not_depend_on_the_batch():
+    """resample_probes with PerSampleNoise and a fixed-step solver: sample i's fresh probe at every evaluation still
+    comes from its own stream, so its estimate is the same in any batch, and differs from the fixed-probe one."""
+    data = correlated()
+    x = data.draw(4, seed=13)
+    transport = build_transport("linear", "velocity")
+
+    def model(x, t):
+        return data.velocity(x, t)
+
+    kwargs = dict(sampler="heun2", steps=11, resample_probes=True)
+    full, _ = transport.likelihood(model, x, {}, randn=PerSampleNoise(9, [0, 1, 2, 3]), **kwargs)
+    part, _ = transport.likelihood(model, x[[2, 0]], {}, randn=PerSampleNoise(9, [2, 0]), **kwargs)
+    assert torch.allclose(part, full[[2, 0]], rtol=0, atol=1e-10)
+    fixed, _ = transport.likelihood(model, x, {}, randn=PerSampleNoise(9, [0, 1, 2, 3]), sampler="heun2", steps=11)
+    assert (fixed - full).abs().min().item() > 1e-6
+
+
+def test_sample_py_resample_probes_flag_is_used_and_recorded(tmp_path):
+    """sample.py --likelihood --resample_probes: what Transport.likelihood gives with resample_probes, recorded in
+    the JSON report (false without the flag) and said in the summary; refused without --likelihood and with the
+    exact divergence; a fixed-step solver refuses tolerances and records none."""
+    from tests.helpers import TINY_DIT
+    from tests.test_likelihood import LABELS, SEED, direct, report, run_main, save_run, write_npz
+
+    save_run(tmp_path / "run", "configs/digits_sit.py", *TINY_DIT)
+    pixels = write_npz(tmp_path / "data.npz", rgb=True)
+    base = ["--ckpt", tmp_path / "run", f"--likelihood={tmp_path / 'data.npz'}", "--sampler=heun2", "--steps=3",
+            f"--seed={SEED}"]
+    results = {}
+    for name, flags in (("fresh", ["--resample_probes"]), ("fixed", [])):
+        code, summary, err = run_main(*base, *flags, f"--out={tmp_path / name}.json")
+        assert code == 0, err
+        results[name] = report(tmp_path / f"{name}.json")
+        if name == "fresh":
+            assert "Hutchinson divergence (1 rademacher probe) resampled at every evaluation" in summary
+    assert results["fresh"]["settings"]["resample_probes"] is True
+    assert results["fixed"]["settings"]["resample_probes"] is False
+    assert "atol" not in results["fresh"]["settings"]  # heun2 takes the grid, not tolerances
+    want = direct(tmp_path / "run", pixels, LABELS, SEED, sampler="heun2", steps=3, resample_probes=True)
+    fresh = torch.tensor(results["fresh"]["per_sample"], dtype=torch.float64)
+    torch.testing.assert_close(fresh, want, rtol=1e-5, atol=0)
+    assert (fresh - torch.tensor(results["fixed"]["per_sample"], dtype=torch.float64)).abs().max() > 1e-4
+    for argv, message in [(["--ckpt", tmp_path / "run", "--resample_probes"], "belong to --likelihood"),
+                          ([*base, "--resample_probes", "--divergence=exact"], "--divergence=exact draws no probes"),
+                          ([*base, "--atol=1e-5"], "--atol is a tolerance of the adaptive ODE methods")]:
+        code, _, err = run_main(*argv)
+        assert code == 2 and message in err and "Traceback" not in err, (argv, err)

@@ -10,9 +10,13 @@ path and a (guided) network:
 
 The SDE drift is ``F = drift + w * score``, two separate network evaluations per call, as in SiT.
 
-Fixed-step methods (``euler``, ``heun2``) step on the output grid itself: ``num_steps = N`` grid points mean N - 1
-steps. ``dopri5`` is torchdiffeq's adaptive Dormand-Prince solver with SiT's arguments (its step sequence ignores
-the grid and may evaluate the network beyond t1).
+The ODE methods are SiT's, which hands ``sampling_method`` to ``torchdiffeq.odeint`` as it is, so any torchdiffeq
+method; ``ODE_METHODS`` lists the ones offered here and whether each is adaptive. Fixed-step methods step on the
+output grid itself: ``num_steps = N`` grid points mean N - 1 steps (``euler`` and ``heun2`` are written out here,
+``midpoint``, ``heun3`` and ``rk4`` (torchdiffeq's, the 3/8 rule) run through torchdiffeq on that grid); adaptive
+ones (``dopri5``, SiT's default, ``dopri8``, ``bosh3``, ``fehlberg2``, ``adaptive_heun``) are torchdiffeq's with
+SiT's ``atol=[atol]``, ``rtol=[rtol]``: their step sequence ignores the grid (which only fixes the times returned)
+and may evaluate the network beyond t1.
 
 ``likelihood_ode`` runs the probability-flow ODE the other way, data to noise, jointly with the log-density change
 (the divergence of the drift, exact or by Hutchinson's estimator), SiT's ``sample_ode_likelihood``; ``bits_per_dim``
@@ -32,7 +36,12 @@ from diffusion.samplers.common import Randn
 Field = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x, t of shape (B,)) -> tensor like x
 AlphaSigma = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]  # t -> (alpha_t, sigma_t)
 
-ODE_METHODS = ("euler", "heun2", "dopri5")
+# name -> adaptive? (the others take the grid's steps and no tolerances; sample, likelihood and their option tables
+# read it). Orders: euler 1, heun2 2, midpoint 2, heun3 3, rk4 4; adaptive: adaptive_heun 2(1), fehlberg2 2(1),
+# bosh3 3(2), dopri5 5(4), dopri8 8(7).
+ODE_METHODS = {"euler": False, "heun2": False, "dopri5": True, "midpoint": False, "heun3": False, "rk4": False,
+               "adaptive_heun": True, "fehlberg2": True, "bosh3": True, "dopri8": True}
+OWN_STEPPERS = ("euler", "heun2")  # written out here (SiT's torchdiffeq results, sit_samplers.pt); the rest: odeint
 SDE_METHODS = ("euler", "heun")
 LAST_STEPS = ("none", "mean", "tweedie", "euler")
 
@@ -72,6 +81,11 @@ def _batch_time(t: torch.Tensor | float, x: torch.Tensor) -> torch.Tensor:
     return torch.ones(x.shape[0], dtype=x.dtype, device=x.device) * torch.as_tensor(t).to(x)
 
 
+def _tolerances(method: str, atol: float, rtol: float, parts: int) -> dict:
+    """odeint's tolerance keywords: one per state tensor for an adaptive method (SiT's lists), none otherwise."""
+    return {"atol": [atol] * parts, "rtol": [rtol] * parts} if ODE_METHODS[method] else {}
+
+
 def _check_grid(grid: torch.Tensor) -> None:
     if grid.ndim != 1 or grid.numel() < 2:
         raise ValueError(f"grid must be a 1-D tensor of at least 2 times, got shape {tuple(grid.shape)}")
@@ -83,15 +97,16 @@ def sample_ode(drift: Field, x: torch.Tensor, grid: torch.Tensor, method: str = 
     ``(final, states)`` where ``states`` holds the state at every grid time (``states[0] = x``).
 
     ``euler``: x + dt * f(t, x) per grid interval. ``heun2``: k1 = f(t, x), k2 = f(t + dt, x + dt * k1),
-    x + dt * (k1 + k2) / 2. ``dopri5``: ``torchdiffeq.odeint(..., method="dopri5", atol=[atol], rtol=[rtol])``,
-    whose error norm spans the whole batch tensor (all samples share one step size).
+    x + dt * (k1 + k2) / 2. Every other method of ``ODE_METHODS``: ``torchdiffeq.odeint(..., method=method)`` on the
+    grid: an adaptive one with ``atol=[atol], rtol=[rtol]`` (SiT's call), whose error norm spans the whole batch
+    tensor (all samples share one step size); a fixed-step one on the grid's steps, without tolerances.
     """
     if method not in ODE_METHODS:
         raise ValueError(f"unknown ODE method {method!r}; choose one of {', '.join(ODE_METHODS)}")
     _check_grid(grid)
-    if method == "dopri5":
-        states = odeint(lambda t, y: drift(y, _batch_time(t, y)), x, grid.to(x.device), method="dopri5",
-                        atol=[atol], rtol=[rtol])
+    if method not in OWN_STEPPERS:
+        states = odeint(lambda t, y: drift(y, _batch_time(t, y)), x, grid.to(x.device), method=method,
+                        **_tolerances(method, atol, rtol, 1))
         return (states[-1], states) if trajectory else states[-1]
 
     times = grid.to(device=x.device, dtype=x.dtype)
@@ -252,8 +267,9 @@ def likelihood_ode(drift: Field, x: torch.Tensor, grid: torch.Tensor, method: st
     ``resample_probes``: fresh probes at every network evaluation instead, SiT's way (one Rademacher probe per
     evaluation): a smaller variance, but with ``dopri5`` the draws, and so each sample's result, depend on the
     step sequence the whole batch shares) or ``exact`` (small dimensions).
-    ``dopri5`` is torchdiffeq's on the state (x, delta) with ``atol=[atol] * 2``, ``rtol=[rtol] * 2``, as SiT;
-    ``euler`` / ``heun2`` step on the grid as ``sample_ode``."""
+    Any method of ``ODE_METHODS``, as ``sample_ode``: an adaptive one is torchdiffeq's on the state (x, delta) with
+    ``atol=[atol] * 2``, ``rtol=[rtol] * 2``, as SiT; ``euler`` / ``heun2`` step on the grid here, the other
+    fixed-step methods through torchdiffeq on the grid."""
     if method not in ODE_METHODS:
         raise ValueError(f"unknown ODE method {method!r}; choose one of {', '.join(ODE_METHODS)}")
     if divergence not in DIVERGENCES:
@@ -268,9 +284,9 @@ def likelihood_ode(drift: Field, x: torch.Tensor, grid: torch.Tensor, method: st
         return v, -div.to(state[1])
 
     state = (x, torch.zeros(x.shape[0], dtype=x.dtype, device=x.device))
-    if method == "dopri5":
-        z, delta = (s[-1] for s in odeint(f, state, grid.to(x.device), method="dopri5", atol=[atol] * 2,
-                                          rtol=[rtol] * 2))
+    if method not in OWN_STEPPERS:
+        z, delta = (s[-1] for s in odeint(f, state, grid.to(x.device), method=method,
+                                          **_tolerances(method, atol, rtol, 2)))
     else:
         times = grid.to(device=x.device, dtype=x.dtype)
         for i in range(len(times) - 1):
