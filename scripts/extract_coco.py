@@ -16,7 +16,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a file fr
 
 from diffusion.config.cli import Arguments, Command, Flag, run_main  # noqa: E402
 from diffusion.data.datasets import COCO_SPLITS  # noqa: E402
-from diffusion.data.extraction import extract_coco, extraction_flags  # noqa: E402
+from diffusion.data.extraction import extract_coco  # noqa: E402
+from scripts._extraction_flags import extraction_flags  # noqa: E402
 
 COMMAND = Command(__doc__, config="none", overrides=False, flags=(
     Flag("root", required=True, metavar="DIR", help="MS-COCO folder with {train,val}2014/ and annotations/"),

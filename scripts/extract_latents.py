@@ -18,7 +18,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a file from any working directory
 
 from diffusion.config.cli import Arguments, Command, Flag, run_main  # noqa: E402
-from diffusion.data.extraction import extract_imagefolder, extraction_flags  # noqa: E402
+from diffusion.data.extraction import extract_imagefolder  # noqa: E402
+from scripts._extraction_flags import extraction_flags  # noqa: E402
 
 COMMAND = Command(__doc__, config="none", overrides=False, flags=(
     Flag("data", required=True, metavar="DIR", help="ImageFolder root: DATA/<class>/<image>"),
