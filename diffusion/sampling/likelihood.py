@@ -13,9 +13,9 @@ plain values; the command line (its flags, their defaults from the config, the s
   same offset 7 and evaluates on uniformly dequantised data), not SiT's: SiT's ``sample_ode_likelihood`` returns
   the log-likelihood in nats per sample of its input as given (``prior_logp(z) - delta_logp``, z the ODE's endpoint
   at the noise end), with no dequantisation (its README lists it as a possible improvement), no bits/dim and no
-  8-bit offset, and its sample.py / sample_ddp.py ``--likelihood`` keep only that endpoint (``[-1]``), printing no
-  likelihood. Grey models read 3-channel files whose channels are equal (what ``sample.py --out=*.npz`` writes
-  for them).
+  8-bit offset; its sample.py / sample_ddp.py ``--likelihood`` call it on fresh Gaussian latents and keep only the
+  endpoint (``[-1]``), decoded and saved as images: no likelihood is printed or stored. Grey models read
+  3-channel files whose channels are equal (what ``sample.py --out=*.npz`` writes for them).
 * **Latent models** (``config.autoencoder`` set): images -> a posterior sample of the config's autoencoder
   (``scale_factor * z``, the network's training input), and bits/dim of those continuous latents (no ``levels``):
   not comparable with pixel bits/dim, and the report says so.
