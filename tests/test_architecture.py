@@ -1,5 +1,6 @@
 """The house rules, checked on the source: dependencies run one way through the layers, no import cycles (lazy
-imports included), backbones never import the shared package, nothing imports a tool, modules stay readable."""
+imports included), backbones never import the shared package, nothing imports a tool, modules stay readable, and
+nothing outside the registry reads a backbone attribute the backbone contract does not declare."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import ast
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.helpers import REPO
 
@@ -140,3 +142,59 @@ def test_public_api_builds_and_samples_a_model_from_a_config():
     again = diffusion.generate(model, objective, config.sample, (1, 8, 8), labels=labels, seed=0)
     assert images.shape == (2, 1, 8, 8) and torch.isfinite(images).all() and torch.equal(images, again)
     assert issubclass(diffusion.errors.ConfigError, diffusion.UserError)
+
+
+# The backbone contract (diffusion.registry.Backbone): what the package may read of a backbone.
+CONTRACT = ("conditioning", "num_labels", "null_label", "label_dropout", "context_shape", "input_shape",
+            "hidden_size", "token_grid", "tap_blocks", "BLOCK_CLASS", "ATTENTION_PATHS")
+# the names a backbone goes by (bare, or inside DDP / torch.compile)
+BACKBONE_RECEIVERS = {"net", "model", "backbone", "raw", "ema", "unwrapped", "inner", "module", "_orig_mod"}
+
+
+def backbone_private_names() -> set[str]:
+    """Every attribute, submodule, parameter and class member of the backbones that the contract does not declare
+    (nn.Module's own API aside)."""
+    from torch import nn
+
+    from diffusion.registry import BACKBONES, build_model
+
+    names = set()
+    for name in BACKBONES:
+        with torch.device("meta"):
+            net = build_model({"name": name, "depth": 2})
+        names |= set(vars(net)) | set(net._modules) | set(net._parameters) | set(net._buffers)
+        names |= {k for cls in type(net).__mro__ if cls.__module__.split(".")[0] in BACKBONES for k in vars(cls)}
+    return {n for n in names if not n.startswith("_")} - set(CONTRACT) - set(dir(nn.Module()))
+
+
+def _receiver(node: ast.AST) -> str | None:
+    """The name a value goes by (``net``, ``self.model``'s ``model``); None for a config section (``config.model``)."""
+    if isinstance(node, ast.Name):
+        return node.id
+    if not isinstance(node, ast.Attribute):
+        return None
+    section = isinstance(node.value, ast.Name) and node.value.id in {"config", "cfg"}
+    return None if section else node.attr
+
+
+def _undeclared_reads(tree: ast.AST, private: set[str]) -> list[tuple[int, str]]:
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in ("getattr", "hasattr"):
+            name = node.args[1] if len(node.args) >= 2 else None
+            if isinstance(name, ast.Constant) and name.value in private:
+                found.append((node.lineno, f"{node.func.id}(.., {name.value!r})"))
+        elif isinstance(node, ast.Attribute) and node.attr in private and _receiver(node.value) in BACKBONE_RECEIVERS:
+            found.append((node.lineno, f".{node.attr}"))
+    return found
+
+
+def test_nothing_outside_the_registry_reads_an_undeclared_backbone_attribute():
+    private = backbone_private_names()
+    assert {"clip_dim", "x_embedder", "in_blocks", "embed_dim", "grid_size", "extras", "y_embedder"} <= private
+    assert _undeclared_reads(ast.parse("getattr(net, 'clip_dim')\nmodel.module.x_embedder\nconfig.model.depth"),
+                             private) == [(1, "getattr(.., 'clip_dim')"), (2, ".x_embedder")]
+    found = [f"{path.relative_to(REPO)}:{line}: {what}" for module, path in project_modules().items()
+             if module != "diffusion.registry" and module.split(".")[0] not in BACKBONES
+             for line, what in _undeclared_reads(ast.parse(path.read_text()), private)]
+    assert found == []

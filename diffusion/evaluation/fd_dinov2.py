@@ -62,18 +62,18 @@ def hub_interpolate_pos_embed(table: torch.Tensor, grid: int, num_prefix: int) -
 
 def _set_up_for_224(encoder: nn.Module) -> None:
     """The encoder's model with its position table resampled the hub's way for 224 px inputs, in place."""
-    model, grid = encoder.model, INPUT_SIZE // encoder.patch_size
+    vit, grid = encoder.model, INPUT_SIZE // encoder.patch_size
     if encoder.backend == "timm":
-        prefix = 0 if model.no_embed_class else model.num_prefix_tokens
-        model.pos_embed = nn.Parameter(hub_interpolate_pos_embed(model.pos_embed.data, grid, prefix),
-                                       requires_grad=False)
-        model.patch_embed.img_size, model.patch_embed.grid_size = (INPUT_SIZE,) * 2, (grid, grid)
-        model.patch_embed.num_patches = grid * grid
+        prefix = 0 if vit.no_embed_class else vit.num_prefix_tokens
+        vit.pos_embed = nn.Parameter(hub_interpolate_pos_embed(vit.pos_embed.data, grid, prefix),
+                                     requires_grad=False)
+        vit.patch_embed.img_size, vit.patch_embed.grid_size = (INPUT_SIZE,) * 2, (grid, grid)
+        vit.patch_embed.num_patches = grid * grid
     else:  # transformers Dinov2Model: the table then matches the token count, so its forward uses it as it is
-        embeddings = model.embeddings
+        embeddings = vit.embeddings
         table = hub_interpolate_pos_embed(embeddings.position_embeddings.data, grid, 1)
         embeddings.position_embeddings = nn.Parameter(table, requires_grad=False)
-        model.config.image_size = INPUT_SIZE
+        vit.config.image_size = INPUT_SIZE
 
 
 def weights_identity(source: str | os.PathLike) -> str:

@@ -322,9 +322,9 @@ def _load_timm(spec: EncoderSpec, file: Path, resolution: int) -> VisionEncoder:
     _check_registers(spec, state["reg_token"].shape[1] if "reg_token" in state else 0, file)
     width = state["patch_embed.proj.weight"].shape[0]
     _check_width(spec, width, file)
-    model = dinov2.build_timm_dinov2(spec.timm_arch, state, encoder_input_size(resolution), file)
-    return VisionEncoder(model, spec=spec, embed_dim=width, patch_size=model.patch_embed.patch_size[0],
-                         resolution=resolution, backend="timm", prefix_tokens=model.num_prefix_tokens,
+    vit = dinov2.build_timm_dinov2(spec.timm_arch, state, encoder_input_size(resolution), file)
+    return VisionEncoder(vit, spec=spec, embed_dim=width, patch_size=vit.patch_embed.patch_size[0],
+                         resolution=resolution, backend="timm", prefix_tokens=vit.num_prefix_tokens,
                          source=str(file))
 
 
