@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from diffusion.config.loading import config_from_json, config_to_json
 from diffusion.config.schema import base_config, check_values
 from diffusion.errors import ConfigError
+from diffusion.objectives.guidance import drop_labels
 from diffusion.objectives.paths import PATHS
 from diffusion.objectives.repa import (
     Projectors,
@@ -30,7 +31,6 @@ from diffusion.objectives.repa import (
 )
 from diffusion.objectives.transport import build_transport
 from diffusion.registry import tap_blocks
-from diffusion.training.pieces import drop_labels
 from dit import DiT
 from dit.model import timestep_embedding as dit_timestep_embedding
 from tests.helpers import load_fixture, rel_err

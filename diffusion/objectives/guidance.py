@@ -1,4 +1,5 @@
-"""Classifier-free guidance (Ho & Salimans, 2021) as one batched network call.
+"""Classifier-free guidance (Ho & Salimans, 2021) as one batched network call, and the label drop that trains a
+model for it (:func:`drop_labels`).
 
 Convention used everywhere in this project: ``eps = eps_u + w * (eps_c - eps_u)``, so ``w = 1`` is plain
 conditional sampling. U-ViT's papers and configs write ``eps_c + s * (eps_c - eps_u)``, which is ``w = 1 + s``
@@ -43,3 +44,13 @@ def guided_model(model: Callable, cond: dict, null_cond: dict | None, scale: flo
         return torch.cat([eps_u + scale * (eps_c - eps_u), out_c[:, guided:]], dim=1)
 
     return forward
+
+
+def drop_labels(y: torch.Tensor, p_uncond: float, null_label: int | None,
+                uniform: torch.Tensor | None = None) -> torch.Tensor:
+    """Classifier-free guidance training: replace each label by the null label with probability p_uncond
+    (where the row's ``uniform`` draw, fresh ones if not given, is below it)."""
+    if p_uncond <= 0:
+        return y
+    u = torch.rand(y.shape, device=y.device) if uniform is None else uniform.to(y.device)
+    return torch.where(u < p_uncond, torch.full_like(y, null_label), y)

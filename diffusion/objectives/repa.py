@@ -46,6 +46,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from diffusion.objectives.guidance import drop_labels
+
 # ----------------------------------------------------------------------------------------------------------------
 # The projector
 # ----------------------------------------------------------------------------------------------------------------
@@ -187,17 +189,16 @@ def register_tap(points: tuple[list[nn.Module], int, int | None], layer: int) ->
 
 
 def legacy_label_drop(cond: dict, p: float, null_label: int | None, uniform: Tensor | None = None) -> dict:
-    """REPA's ``--legacy`` second label drop: ``y`` replaced by ``null_label`` where the row's ``uniform`` draw
-    (fresh ``torch.rand`` when not given) is below ``p``; on top of the trainer's own drop. Class labels only."""
+    """REPA's ``--legacy`` second label drop: :func:`~diffusion.objectives.guidance.drop_labels` of ``y`` on top of
+    the trainer's own drop (the row's ``uniform`` draw, fresh ``torch.rand`` when not given, below ``p``). Class
+    labels only."""
     if p <= 0:
         return cond
     if "y" not in cond:
         raise ValueError("REPA's legacy label dropout applies to class labels: the conditioning has no 'y'")
     if null_label is None:
         raise ValueError("REPA's legacy label dropout needs the model's null label")
-    y = cond["y"]
-    u = torch.rand(y.shape, device=y.device) if uniform is None else uniform.to(y.device)
-    return {**cond, "y": torch.where(u < p, torch.full_like(y, null_label), y)}
+    return {**cond, "y": drop_labels(cond["y"], p, null_label, uniform)}
 
 
 def repa_training_losses(objective, model: nn.Module, x1: Tensor, cond: dict, targets: list[Tensor],

@@ -15,10 +15,11 @@ from diffusion.data.cached import CACHED_FEATURE_DATASETS
 from diffusion.data.datasets import build_dataset
 from diffusion.data.stream import InfiniteSampler, StreamItems
 from diffusion.errors import ConfigError, UnreadableDataError
+from diffusion.objectives.guidance import drop_labels
 from diffusion.pretrained.autoencoder import Autoencoder
 from diffusion.registry import describe
 from diffusion.seeds import derive_seed
-from diffusion.training.pieces import drop_contexts, drop_labels
+from diffusion.training.pieces import drop_contexts
 from diffusion.training.stopping import ignore_stop_signals
 
 log = logging.getLogger("diffusion.train")

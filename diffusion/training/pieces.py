@@ -1,5 +1,5 @@
-"""Small pieces of a training step: parameter groups, learning rate, EMA, label and caption dropout, the step's
-global RNG."""
+"""Small pieces of a training step: parameter groups, learning rate, EMA, caption dropout, the step's global RNG
+(label dropout: :func:`diffusion.objectives.guidance.drop_labels`)."""
 
 from __future__ import annotations
 
@@ -40,16 +40,6 @@ def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> No
 def ema_decay_at(step: int, decay: float, warmup: bool) -> float:
     """Plain decay as both originals; with warm-up the average forgets the random init within a short run."""
     return min(decay, (1 + step) / (10 + step)) if warmup else decay
-
-
-def drop_labels(y: torch.Tensor, p_uncond: float, null_label: int | None,
-                uniform: torch.Tensor | None = None) -> torch.Tensor:
-    """Classifier-free guidance training: replace each label by the null label with probability p_uncond
-    (where the row's ``uniform`` draw, fresh ones if not given, is below it)."""
-    if p_uncond <= 0:
-        return y
-    u = torch.rand(y.shape, device=y.device) if uniform is None else uniform
-    return torch.where(u < p_uncond, torch.full_like(y, null_label), y)
 
 
 def drop_contexts(context: torch.Tensor, p_uncond: float, null_context: torch.Tensor,
