@@ -1,7 +1,8 @@
 """The numbers: Gaussian statistics, Frechet distance (FID, sFID), Inception Score, precision and recall.
 
 Every function takes features as numpy arrays or tensors (N, D) and follows the evaluators the papers' numbers come
-from: pytorch-fid / TTUR for the Frechet distance (float64, ``scipy.linalg.sqrtm``), openai/improved-gan and ADM's
+from: pytorch-fid / TTUR for the Frechet distance (float64, ``scipy.linalg.sqrtm``; where that root fails, as under
+broken BLAS builds, the trace term from symmetric eigendecompositions), openai/improved-gan and ADM's
 ``evaluations/evaluator.py`` for the Inception Score (10 equal splits, or ADM's splits of 5,000 samples) and ADM's
 ``ManifoldEstimator`` (after Kynkaanniemi et al. 2019, k = 3) for precision and recall (distances in float32, or as
 ADM's ``DistanceBlock``: float16, float32 for a block where they are not finite). Which variant a score uses is the
@@ -10,6 +11,7 @@ evaluation protocol's choice (``diffusion.evaluation.protocols``).
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -96,28 +98,93 @@ def frechet_distance(mu1: ArrayLike, sigma1: ArrayLike, mu2: ArrayLike, sigma2: 
                      ) -> float:
     """||mu1 - mu2||^2 + Tr(sigma1 + sigma2 - 2 (sigma1 sigma2)^(1/2)), in float64 (Heusel et al. 2017).
 
-    As pytorch-fid and ADM: ``scipy.linalg.sqrtm`` of the product; if that is not finite (a singular product, e.g.
-    fewer samples than dimensions), ``eps * I`` is added to both covariances; an imaginary part of the root is
-    rounding noise and dropped when its diagonal is below 1e-3, otherwise the statistics are broken and it is an
-    error.
+    Wherever pytorch-fid and ADM's evaluator give a number, this is theirs bit for bit: ``scipy.linalg.sqrtm`` of the
+    product; if that is not finite (a singular product, e.g. fewer samples than dimensions), ``eps * I`` added to both
+    covariances; an imaginary part of the root below 1e-3 on its diagonal dropped as rounding noise. Where they fail --
+    a root still not finite, or with a larger imaginary part, as scipy returns under some BLAS builds (an OpenBLAS
+    ILP64 numpy/scipy: LightningDiT issue #97, FID 20.65 for 1.4) -- the trace of the root comes from symmetric
+    eigendecompositions instead (:func:`trace_sqrt_product`), with a RuntimeWarning. Statistics holding NaN or inf,
+    or a "covariance" with a clearly negative eigenvalue, are an InputError.
     """
     mu1, mu2 = (np.atleast_1d(np.asarray(m, dtype=np.float64)) for m in (_numpy(mu1), _numpy(mu2)))
     sigma1, sigma2 = (np.atleast_2d(np.asarray(s, dtype=np.float64)) for s in (_numpy(sigma1), _numpy(sigma2)))
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape or sigma1.shape != (len(mu1), len(mu1)):
         raise InputError(f"statistics of different feature spaces: mu {mu1.shape} vs {mu2.shape}, sigma "
                          f"{sigma1.shape} vs {sigma2.shape} (were both made with the same feature extractor?)")
-    covmean = linalg.sqrtm(sigma1 @ sigma2)
+    if not all(np.isfinite(x).all() for x in (mu1, mu2, sigma1, sigma2)):
+        raise InputError("the statistics hold NaN or inf values (NaN features, or a damaged statistics file?)")
+    covmean, failure = _scipy_root(sigma1, sigma2, eps)
+    if covmean is not None:
+        tr_covmean = np.trace(covmean)
+    else:
+        tr_covmean = trace_sqrt_product(sigma1, sigma2, because=failure)  # refuses what is no covariance
+        warnings.warn(f"scipy.linalg.sqrtm failed ({failure}; a broken BLAS build?): the Frechet distance's trace "
+                      f"term comes from symmetric eigendecompositions instead", RuntimeWarning, stacklevel=2)
+    diff = mu1 - mu2
+    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * tr_covmean)
+
+
+def _scipy_root(sigma1: np.ndarray, sigma2: np.ndarray, eps: float) -> tuple[np.ndarray | None, str]:
+    """(pytorch-fid's and ADM's real root of sigma1 sigma2, "") or, where theirs fails, (None, how it failed)."""
+    try:
+        covmean = linalg.sqrtm(sigma1 @ sigma2)
+        if not np.isfinite(covmean).all():
+            offset = np.eye(len(sigma1)) * eps
+            covmean = linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
+    except (ValueError, np.linalg.LinAlgError) as err:
+        return None, f"{type(err).__name__}: {err}"
     if not np.isfinite(covmean).all():
-        offset = np.eye(len(mu1)) * eps
-        covmean = linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
+        return None, "a root that is not finite, with eps * I added too"
     if np.iscomplexobj(covmean):
         if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
-            raise InputError(f"the square root of sigma1 sigma2 has an imaginary part of up to "
-                             f"{np.abs(covmean.imag).max():.3g}: the covariances are not valid (NaN features or "
-                             f"statistics from different extractors?)")
+            return None, f"a root with an imaginary part of up to {np.abs(covmean.imag).max():.3g}"
         covmean = covmean.real
-    diff = mu1 - mu2
-    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
+    return covmean, ""
+
+
+def _torch_eigh(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    w, v = torch.linalg.eigh(torch.from_numpy(a))
+    return w.numpy(), v.numpy()
+
+
+def _zero_below_rounding(w: np.ndarray) -> np.ndarray:
+    tolerance = len(w) * np.finfo(np.float64).eps * max(abs(w).max(), np.finfo(np.float64).tiny)
+    return np.where(w > tolerance, w, 0.0)
+
+
+def trace_sqrt_product(sigma1: ArrayLike, sigma2: ArrayLike, because: str = "") -> float:
+    """tr((sigma1 sigma2)^(1/2)) of two covariances as the sum of sqrt(lambda_i), lambda the eigenvalues of the
+    symmetric sqrt(sigma1) sigma2 sqrt(sigma1) (similar to sigma1 sigma2): symmetric eigendecompositions only, no
+    general matrix root. Eigenvalues (of sigma1 and of that product) up to rounding of 0, D * machine epsilon times
+    the largest, slightly negative ones included, count as 0: a rank-deficient covariance's zero directions add
+    nothing, where the square root of their rounding noise would add about 1e-8 each.
+
+    torch's LAPACK first (it is not the BLAS that numpy and scipy were built with), numpy's where that gives
+    anything not finite. A matrix with an eigenvalue below -1e-6 times its largest is no covariance: InputError
+    (``because``: why scipy's root was not used, for the message)."""
+    s1, s2 = (np.asarray(_numpy(s), dtype=np.float64) for s in (sigma1, sigma2))
+    s1, s2 = (s1 + s1.T) / 2, (s2 + s2.T) / 2  # the symmetric part: what eigh reads
+    for eigh in (_torch_eigh, np.linalg.eigh):
+        try:
+            w1, v1 = eigh(s1)
+            w2 = eigh(s2)[0]
+            if not (np.isfinite(w1).all() and np.isfinite(v1).all() and np.isfinite(w2).all()):
+                continue
+            for name, w in (("sigma1", w1), ("sigma2", w2)):
+                if w.min() < -1e-6 * max(abs(w).max(), np.finfo(np.float64).tiny):
+                    scipy = f" (scipy.linalg.sqrtm gave {because})" if because else ""
+                    raise InputError(f"{name} is not a covariance matrix: it has the eigenvalue {w.min():.3g} "
+                                     f"(largest {abs(w).max():.3g}){scipy}; NaN features or statistics from "
+                                     f"different extractors?")
+            root1 = (v1 * np.sqrt(_zero_below_rounding(w1))) @ v1.T
+            product = root1 @ s2 @ root1
+            lam = eigh((product + product.T) / 2)[0]
+        except (RuntimeError, np.linalg.LinAlgError):  # torch's / numpy's "did not converge"
+            continue
+        if np.isfinite(lam).all():
+            return float(np.sqrt(_zero_below_rounding(lam)).sum())
+    raise InputError("the eigendecompositions of the covariances failed in torch's and numpy's LAPACK alike: the "
+                     "linear-algebra libraries of this installation are broken")
 
 
 def _numpy(x: ArrayLike) -> np.ndarray:
