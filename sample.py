@@ -280,7 +280,7 @@ def run_likelihood(args: Arguments) -> str:
     start = time.perf_counter()
     out, options = check_likelihood_flags(args), likelihood_options(args)
     ready = load_for_sampling(args.ckpt, config_path=args.config_path, overrides=args.overrides, ema=args.ema,
-                              codecs=False)
+                              codecs=False, check_sampler=False)  # the likelihood takes its own solver settings
     likelihood.check_model(ready)
     solver = likelihood_solver(args, ready.config)
     images, labels = likelihood.load_data(ready, args.likelihood, args.n_samples)

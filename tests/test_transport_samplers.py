@@ -366,3 +366,31 @@ def test_reverse_ode_encodes_data_to_its_noise(sampler, tol):
     assert (decoded - data).abs().max().item() < tol
     with pytest.raises(ValueError, match="reverse does not apply to sampler 'sde_euler'"):
         objective.sample(exact_model, data, {}, sampler="sde_euler", steps=10, reverse=True)
+
+
+def test_lightningdit_timestep_shift_reproduces_its_grid():
+    """LightningDiT's timestep_shift 0.3 (its released sample configs) under its own name gives its grid exactly:
+    transport/integrators.py (ode.__init__) maps linspace(0, 1, N) by t' = s t / (1 + (s - 1) t); here that is
+    time_shift 1 / s. The Euler sampler evaluates the network on exactly those times; both names at once is refused."""
+    from diffusion.objectives.transport import build_transport, from_lightningdit_shift
+
+    s, n = 0.3, 250
+    t = torch.linspace(0, 1, n)
+    lightningdit = torch.tensor([float(s * t_n / (1 + (s - 1) * t_n)) for t_n in t])  # its float32 arithmetic
+    objective = build_transport()
+    own = objective.check_sampling("euler", n, {"timestep_shift": s})
+    assert own["time_shift"] == pytest.approx(1 / 0.3) and "timestep_shift" not in own
+    torch.testing.assert_close(ode_grid(0.0, 1.0, n, own["time_shift"]), lightningdit, rtol=0, atol=2e-7)
+    seen = []
+
+    def model(x, t):
+        seen.append(t[0].item())
+        return torch.zeros_like(x)
+
+    objective.sample(model, torch.zeros(1, 1, 2, 2), {}, sampler="euler", steps=n, timestep_shift=s)
+    torch.testing.assert_close(torch.tensor(seen), lightningdit[:-1], rtol=0, atol=2e-7)
+    assert from_lightningdit_shift(0.0) == 1.0 and from_lightningdit_shift(0.0, 2.0) == 2.0  # 0: off, as there
+    with pytest.raises(ValueError, match="both set"):
+        objective.check_sampling("euler", n, {"timestep_shift": s, "time_shift": 2.0})
+    mid = lightningdit[n // 2].item()
+    assert mid < 0.5  # 0.3 puts the grid's middle on the noise side (t = 0 noise), the shift direction SD3's > 1 has

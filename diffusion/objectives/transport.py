@@ -69,9 +69,8 @@ TIME_SAMPLINGS = ("uniform", "logit_normal", "mode")
 _WINDOW = {"guidance_t_lo": 0.0, "guidance_t_hi": 1.0}
 _ODE = {"time_shift": 1.0, "timestep_shift": 0.0, "reverse": False, **_WINDOW}
 _SDE_END = {"diffusion_form": "sigma", "diffusion_norm": 1.0, "last_step": "mean", "last_step_size": 0.04}
-_ADAPTIVE = dict(ODE_METHODS) if isinstance(ODE_METHODS, dict) else {m: m == "dopri5" for m in ODE_METHODS}
 SAMPLER_OPTIONS: dict[str, dict] = {
-    **{m: ({"atol": 1e-6, "rtol": 1e-3, **_ODE} if adaptive else dict(_ODE)) for m, adaptive in _ADAPTIVE.items()},
+    **{m: ({"atol": 1e-6, "rtol": 1e-3, **_ODE} if adaptive else dict(_ODE)) for m, adaptive in ODE_METHODS.items()},
     "sde_euler": {**_SDE_END, "time_shift": 1.0, "timestep_shift": 0.0, **_WINDOW},
     "sde_heun": {**_SDE_END, "time_shift": 1.0, "timestep_shift": 0.0, **_WINDOW},
     "repa_euler": dict(_WINDOW), "repa_heun": dict(_WINDOW), "repa_sde": {**_SDE_END, **_WINDOW},
@@ -217,7 +216,7 @@ class Transport:
                    data_range: float = 2.0, randn: Randn | None = None,
                    generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
         """(log-likelihood per sample in nats, bits per dimension) of data ``x1`` (SiT's ``sample_ode_likelihood``):
-        the probability-flow ODE of the unguided network, ``sampler`` dopri5 | euler | heun2, run from data to
+        the probability-flow ODE of the unguided network, ``sampler`` one of ``ODE_METHODS``, run from data to
         noise on the reverse of SiT's sampling interval (``linspace(1 - t0, 1 - t1, steps)``) jointly with the
         log-density change, then the N(0, I) prior of the endpoint (``diffusion.samplers.transport.likelihood_ode``).
         ``divergence``: ``hutchinson`` (``probes`` probes of ``probe``, drawn once per call from ``randn(x)``, else
@@ -335,7 +334,7 @@ class Transport:
         noise's dtype. REPA's grids are uniform and run one way: no ``time_shift``, no ``reverse``."""
         if self.prediction != "velocity":
             raise ValueError(f"{sampler} is REPA's sampler of a velocity network (REPA trains velocity only); this "
-                             f"objective predicts the {self.prediction}: use dopri5, euler, heun2 or sde_*")
+                             f"objective predicts the {self.prediction}: use an ODE method or sde_*")
         guidance_t_lo, guidance_t_hi = window
         channels, dtype = noise.shape[1], noise.dtype
         guided = guided_model(model, cond, null_cond, guidance_scale, channels, guidance_channels)

@@ -141,11 +141,12 @@ def load_codecs(config, model, device) -> tuple[Autoencoder | None, TextEncoder 
 
 def load_for_sampling(ckpt: str | Path, *, config_path: str | Path | None = None,
                       overrides: Sequence[tuple[str, str]] = (), sample: dict | None = None, ema: bool = True,
-                      device="cpu", codecs: bool = True) -> ReadyModel:
+                      device="cpu", codecs: bool = True, check_sampler: bool = True) -> ReadyModel:
     """A checkpoint, ready to sample: ``overrides`` (dotted key, value text) apply to its config, then ``sample``
     (sample-section key -> value, e.g. from command-line flags) to ``config.sample``; the sampler settings are
     checked against the objective. ``codecs=False`` leaves the network on the CPU without autoencoder and text
-    encoder (call :meth:`ReadyModel.with_codecs` later). EMA weights unless ``ema=False``."""
+    encoder (call :meth:`ReadyModel.with_codecs` later). EMA weights unless ``ema=False``. ``check_sampler=False``
+    leaves the ``sample`` section unchecked, for uses that do not sample (the likelihood)."""
     weights = "ema" if ema else "model"
     state, config, meta, source = read_checkpoint(ckpt, config_path, weights)
     for key, value in overrides:  # a checkpoint's own config (read_checkpoint), then the overrides
@@ -156,7 +157,8 @@ def load_for_sampling(ckpt: str | Path, *, config_path: str | Path | None = None
     model.eval()
     objective = build_objective(config.diffusion)
     config.sample = overlay(config.sample, sample or {}, skip_empty=False)
-    sampler_settings(objective, config.sample)  # refused here, before any codec loads
+    if check_sampler:
+        sampler_settings(objective, config.sample)  # refused here, before any codec loads
     ready = ReadyModel(model, objective, config, meta, source, weights, input_shape(config, meta))
     return ready.with_codecs(device) if codecs else ready
 
