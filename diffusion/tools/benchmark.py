@@ -15,9 +15,10 @@ twice per drift, dopri5 adapts), so every repeat also counts the forward calls i
 the results is that count per sampled batch. FLOPs are the forward's (:func:`diffusion.tools.flops.forward_flops`);
 MFU = FLOPs actually needed per second / the measured matmul peak, with a training step costing 3x the forward.
 
-Presets (``Setup.preset``, without a config file) build their family's recipe (:data:`PRESET_FAMILIES`): U-ViT-*
-the base config (vp_sde), DiT-* DiT's (configs/imagenet256_dit_xl2.py), SiT-* SiT's flow matching
-(configs/imagenet256_sit_xl2.py) on the same DiT network.
+Presets (``Setup.preset``, without a config file) load their family's recipe (:data:`PRESET_FAMILIES`): U-ViT-*
+the base config (vp_sde), DiT-* configs/imagenet256_dit_xl2.py, SiT-* configs/imagenet256_sit_xl2.py (flow
+matching on the same DiT network), with the preset's size. A training repeat runs the trainer's own loss
+(``diffusion.training.loop.loss_terms``), EMA update and optimizer.
 """
 
 from __future__ import annotations
@@ -48,12 +49,14 @@ from diffusion.registry import (
     resolve_model_kwargs,
     set_attention,
 )
+from diffusion.released import REPO
 from diffusion.sampling.loader import input_shape
 from diffusion.sampling.settings import overlay, sampler_settings
 from diffusion.tools.flops import forward_flops, synthetic_conditioning
 from diffusion.training.data import batch_conditioning, prepare_data, stream_batches
+from diffusion.training.loop import loss_terms
 from diffusion.training.pieces import update_ema
-from diffusion.training.repa import build_repa, repa_losses
+from diffusion.training.repa import build_repa
 from diffusion.training.speed import OPTIMIZER_IMPLS, adamw, reuse_freed_memory
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -151,31 +154,10 @@ class Setup:
     seed: int = 0
 
 
-def _dit_recipe(config) -> None:
-    """DiT's recipe, as configs/imagenet256_dit_xl2.py writes it out."""
-    config.model.update(class_dropout_prob=0.1, learn_sigma=True)
-    config.diffusion.update(kind="iddpm", num_steps=1000, beta_schedule="linear", learn_sigma=True)
-    config.optim.update(lr=1e-4, betas=(0.9, 0.999), weight_decay=0.0, warmup_steps=0)
-    config.train.update(batch_size=256, ema_decay=0.9999, grad_clip=0.0, mixed_precision="no", tf32=True)
-    config.sample.update(sampler="ddpm", steps=250, guidance_scale=1.5, guidance_channels="all")
-
-
-def _sit_recipe(config) -> None:
-    """SiT's recipe, as configs/imagenet256_sit_xl2.py writes it out: the DiT network (learned sigma kept, ignored by
-    the objective) on the linear path with velocity prediction, fed t in [0, 1]; its FID-50K sampler (SDE
-    Euler-Maruyama, 250 steps, w_t = sigma_t, last step mean over 0.04, guidance 1.5 on 3 channels)."""
-    config.model.update(class_dropout_prob=0.1, learn_sigma=True)
-    config.diffusion.update(kind="transport", path="linear", prediction="velocity", loss_weight="none",
-                            time_scale=1.0)
-    config.optim.update(lr=1e-4, betas=(0.9, 0.999), weight_decay=0.0, warmup_steps=0)
-    config.train.update(batch_size=256, ema_decay=0.9999, grad_clip=0.0, mixed_precision="no", tf32=True)
-    config.sample.update(sampler="sde_euler", steps=250, guidance_scale=1.5, guidance_channels="3",
-                         diffusion_form="sigma", diffusion_norm=1.0, last_step="mean", last_step_size=0.04)
-
-
-# preset family (the name before the size, "SiT" of "SiT-S/2") -> (model.name, the recipe on top of base_config();
-# None: base_config()'s own, U-ViT's vp_sde)
-PRESET_FAMILIES = {"U-ViT": ("uvit", None), "DiT": ("dit", _dit_recipe), "SiT": ("dit", _sit_recipe)}
+# preset family (the name before the size, "SiT" of "SiT-S/2") -> (model.name, the paper config whose recipe it runs;
+# None: base_config()'s own, U-ViT's vp_sde). The recipes are the configs' own, never copied here.
+PRESET_FAMILIES = {"U-ViT": ("uvit", None), "DiT": ("dit", "imagenet256_dit_xl2.py"),
+                   "SiT": ("dit", "imagenet256_sit_xl2.py")}
 
 
 def preset_family(preset: str) -> str:
@@ -188,17 +170,16 @@ def preset_family(preset: str) -> str:
 
 
 def build_config(setup: Setup, variant: Variant):
+    overrides = [(key, str(text)) for key, text in {**setup.overrides, **variant.config}.items()]
     if setup.config_path:
-        config = load_config(setup.config_path)
+        config = load_config(setup.config_path, overrides)
     else:
-        config = base_config()
         name, recipe = PRESET_FAMILIES[preset_family(setup.preset)]
-        if recipe is not None:
-            recipe(config)
+        config = base_config() if recipe is None else load_config(REPO / "configs" / recipe)
         config.model.update(name=name, preset=setup.preset)
         resolve_model_kwargs(config.model)  # an unknown size (DiT-Q/2) fails here, before any worker starts
-    for key, text in {**setup.overrides, **variant.config}.items():
-        apply_override(config, key, str(text))
+        for key, value in overrides:
+            apply_override(config, key, value)
     if variant.checkpointing is not None:
         config.model.use_checkpoint = variant.checkpointing
     return config
@@ -228,6 +209,7 @@ class Workload:
         self.net = set_attention(build_model(config.model), variant.attention).to(self.device)
         if variant.channels_last:
             self.net.to(memory_format=torch.channels_last)
+        self.images = self.features = None  # REPA's targets' images / cached features (_repa)
         self.repa = self._repa() if setup.task == "train" else None  # its tap: before compiling
         self.model = torch.compile(self.net) if variant.compile else self.net
         self.objective = build_objective(config.diffusion)
@@ -313,12 +295,9 @@ class Workload:
         x, cond = self._next_batch()
         if self.variant.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        with self.autocast:
-            if self.repa is None:
-                loss = self.objective.training_losses(self.model, x, cond)["loss"].mean()
-            else:
-                loss = repa_losses(self.repa, self.objective, self.model, self.images, x, cond, {}, 0, None,
-                                   features=self.features)["loss"].mean()
+        with self.autocast:  # the training step's own loss (diffusion.training.loop.loss_terms)
+            loss = loss_terms(self.objective, self.model, x, cond, repa=self.repa, images=self.images,
+                              features=self.features)["loss"].mean()
         if self.scaler is not None:
             self.scaler.scale(loss).backward()
             self.scaler.step(self.optimizer)

@@ -52,7 +52,7 @@ from diffusion.training.data import (
 from diffusion.training.distributed import full_state
 from diffusion.training.logs import report
 from diffusion.training.pieces import ema_decay_at, learning_rate, reseed, update_ema
-from diffusion.training.repa import legacy_uniform, repa_losses
+from diffusion.training.repa import RepaTraining, legacy_uniform, repa_losses
 from diffusion.training.resume import Progress
 from diffusion.training.run import Run, start_run
 from diffusion.training.stopping import StoppedBySignal, StopRequest, workdir_lock
@@ -97,6 +97,17 @@ class Window:
     start: float = field(default_factory=time.perf_counter)
 
 
+def loss_terms(objective, model, x: torch.Tensor, cond: dict, *, repa: RepaTraining | None = None,
+               images: torch.Tensor | None = None, given: dict | None = None, step: int = 0,
+               legacy: torch.Tensor | None = None, features=None) -> dict[str, torch.Tensor]:
+    """One micro-batch's loss terms (per sample): the objective's with the step's draws ``given``, or REPA's
+    (denoising + alignment, targets from ``images`` or cached ``features``, legacy draws ``legacy``). The training
+    step and the benchmark both call this."""
+    if repa is None:
+        return objective.training_losses(model, x, cond, **(given or {}))
+    return repa_losses(repa, objective, model, images, x, cond, given or {}, step, legacy, features)
+
+
 def train_step(run: Run, batches, progress: Progress, window: Window) -> None:
     """One optimizer step over grad_accum_steps micro-batches, then the EMA update."""
     tc, oc, seed = run.config.train, run.config.optim, run.config.seed
@@ -116,15 +127,15 @@ def train_step(run: Run, batches, progress: Progress, window: Window) -> None:
         cond = batch_conditioning(run.net, batch, run.data, run.p_uncond, run.device, uniform)
         sync = micro == tc.grad_accum_steps - 1
         with nullcontext() if sync else run.accelerator.no_sync(run.model):
+            legacy = None
             if run.repa is not None:
                 rows = micro_batch_rows(micro, run.micro_batch, run.rank, run.world)
                 legacy = legacy_uniform(seed, progress.step, tc.batch_size, rows, run.device)
-                terms = repa_losses(run.repa, run.objective, run.model, images, x, cond, given, progress.step, legacy,
-                                    batch.get("repa_features"))
+            terms = loss_terms(run.objective, run.model, x, cond, repa=run.repa, images=images, given=given,
+                               step=progress.step, legacy=legacy, features=batch.get("repa_features"))
+            if run.repa is not None:
                 window.terms_sum += torch.stack([terms["denoise"].mean(), terms["proj"].mean()]).detach() / \
                     tc.grad_accum_steps
-            else:
-                terms = run.objective.training_losses(run.model, x, cond, **given)
             loss = terms["loss"].mean()
             run.accelerator.backward(loss / tc.grad_accum_steps)
         window.loss_sum += loss.detach() / tc.grad_accum_steps
