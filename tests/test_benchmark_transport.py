@@ -40,6 +40,10 @@ def test_sit_preset_builds_sits_recipe_as_its_config_file_writes_it():
     assert {k: config.sample[k] for k in SIT_SAMPLE_KEYS} == {k: sit.sample[k] for k in SIT_SAMPLE_KEYS}
     for key in ("lr", "betas", "weight_decay", "warmup_steps"):
         assert config.optim[key] == sit.optim[key], key
+    for section in ("diffusion", "optim", "train", "sample", "data", "autoencoder"):  # loaded, not copied
+        assert config[section].to_dict() == sit[section].to_dict(), section
+    dit = load_config(str(REPO / "configs" / "imagenet256_dit_xl2.py"))
+    assert all(_preset("DiT-B/4")[k].to_dict() == dit[k].to_dict() for k in ("diffusion", "optim", "train", "sample"))
     # SiT-S/2 is DiT-S/2's network, with DiT-S/2's data shape (32x32x4 latents)
     assert resolve_model_kwargs(config.model)[1] == resolve_model_kwargs(_preset("DiT-S/2").model)[1]
 
