@@ -3,13 +3,17 @@ is a hash of (seed, *path), so that nearby seeds, steps, ranks or indices give u
 
 The streams, by path (names are turned into integers by :func:`stream_key`):
 
-* ``(index, stream)`` -- sample ``index``'s noise (stream 0) and label (stream 1) draws, and the balanced labels'
-  permutation (``(0, 2)``): :func:`diffusion.sampling.per_sample.index_seed`.
+* ``(index, stream)`` -- sample ``index``'s noise (stream 0; the likelihood's Hutchinson probes too) and label
+  (stream 1) draws, the balanced labels' permutation (``(0, 2)``) and the likelihood's dequantisation noise (stream
+  3, ``likelihood.DATA_STREAM``): :func:`diffusion.sampling.per_sample.index_seed`.
 * ``("global draws", step)`` -- the times, noise and dropout draws of the whole global batch of training step
   ``step`` (``train.global_noise``).
 * ``("torch", rank, step)`` -- torch's global RNG of process ``rank`` during training step ``step``.
 * ``("epoch", epoch)`` -- the order of the training set in epoch ``epoch`` of the training stream.
 * ``("item", position)`` -- the augmentation of the item at global position ``position`` of the training stream.
+* ``("caption", i)`` -- which of image ``i``'s captions conditions in-training FID sample ``i`` (text models).
+* ``("repa projectors",)`` -- the initial weights of REPA's projectors; ``("repa legacy", step)`` -- REPA's legacy
+  second label drop of training step ``step``.
 """
 
 from __future__ import annotations
