@@ -120,9 +120,9 @@ class ImageFolderImages(Dataset):
         return {"index": index, "image": center_crop_arr(self.base.loader(path), self.resolution), "label": label}
 
 
-class CocoImages(Dataset):
-    """MS-COCO images (centre square, Lanczos) with their captions, read by
-    :class:`diffusion.data.datasets.CocoCaptions`."""
+class CocoImageCaptions(Dataset):
+    """MS-COCO images (centre square, Lanczos) with their captions, image ids and file names: what extraction caches,
+    read by :class:`diffusion.data.datasets.CocoCaptions` (FID's images alone: ``diffusion.evaluation.sources``)."""
 
     def __init__(self, root: str | os.PathLike, split: str, resolution: int) -> None:
         self.coco = CocoCaptions(Path(root).resolve(), split, resolution)
@@ -247,7 +247,7 @@ class CocoFeatures:
     """MS-COCO: moments of every image (no flip: captions may say left or right) and the CLIP encoding of every
     caption; at the end the empty caption's encoding and all captions as text."""
 
-    def __init__(self, source: CocoImages, autoencoder: Autoencoder, text_encoder: TextEncoder,
+    def __init__(self, source: CocoImageCaptions, autoencoder: Autoencoder, text_encoder: TextEncoder,
                  settings: dict[str, Any], repa: RepaFeatures | None = None) -> None:
         self.source, self.autoencoder, self.text_encoder, self.settings = source, autoencoder, text_encoder, settings
         self.repa = repa
@@ -470,7 +470,7 @@ def extract_coco(root: str | os.PathLike, split: str, out: str | os.PathLike, *,
     """Moments of every MS-COCO image of ``split`` and the CLIP encodings of all its captions (and, with
     ``repa_encoders``, those encoders' features of every image)."""
     state = process_state()
-    source = CocoImages(root, split, resolution)
+    source = CocoImageCaptions(root, split, resolution)
     ae = Autoencoder.load(autoencoder, scale_factor=scale_factor, single_file_config=single_file_config,
                           dtype=autoencoder_dtype, device=state.device)
     te = TextEncoder.load(clip, device=state.device, max_length=max_length)
