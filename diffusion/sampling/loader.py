@@ -21,12 +21,12 @@ import torch
 
 from diffusion.checkpoint import latest_checkpoint, load_checkpoint_dir
 from diffusion.config.loading import apply_override, load_config
-from diffusion.errors import ConfigError, InputNotFoundError
+from diffusion.errors import ConfigError
 from diffusion.pretrained.autoencoder import Autoencoder
 from diffusion.pretrained.text_encoder import TextEncoder
 from diffusion.registry import BackboneInfo, build_model, build_objective, describe, resolve_model_kwargs
 from diffusion.registry import input_shape as backbone_input_shape
-from diffusion.released import RELEASED, released_config, sampling_state_dict
+from diffusion.released import RELEASED, missing_checkpoint, released_config, sampling_state_dict
 from diffusion.sampling.pixels import quantize_setting
 from diffusion.sampling.precision import check_device
 from diffusion.sampling.settings import SamplerSettings, overlay, sampler_settings
@@ -99,7 +99,7 @@ def read_checkpoint(ckpt: str | Path, config_path: str | Path | None = None, wei
         state, config, meta = load_checkpoint_dir(resolved, weights=weights)
         return state, config, meta, resolved.resolve()
     if not path.is_file():
-        raise InputNotFoundError(f"checkpoint not found: {path}")
+        raise missing_checkpoint(path)  # a released name: where it was looked for and how to download it
     config_path = config_path or released_config(path.name)
     if config_path is None:
         raise ConfigError(f"{path} is a weights file: add --config=configs/<name>.py describing its model "
