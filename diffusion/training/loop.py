@@ -91,6 +91,7 @@ class Window:
 
     loss_sum: torch.Tensor
     terms_sum: torch.Tensor | None = None  # REPA: the sums of its denoise and proj terms
+    grad_norm: torch.Tensor = field(default_factory=lambda: torch.zeros(2))  # sum of the finite norms, their count
     steps: int = 0
     skipped: int = 0
     lr: float = 0.0
@@ -139,8 +140,12 @@ def train_step(run: Run, batches, progress: Progress, window: Window) -> None:
             loss = terms["loss"].mean()
             run.accelerator.backward(loss / tc.grad_accum_steps)
         window.loss_sum += loss.detach() / tc.grad_accum_steps
-    if tc.grad_clip > 0:
-        run.accelerator.clip_grad_norm_(run.model.parameters(), tc.grad_clip)
+    # the norm for the log, also unclipped (an infinite bound computes it and leaves the gradients as they are)
+    norm = run.accelerator.clip_grad_norm_(run.model.parameters(), tc.grad_clip if tc.grad_clip > 0 else math.inf)
+    if norm is not None:  # (DeepSpeed's may be)
+        norm = norm.detach().float().to(window.grad_norm.device)
+        finite = torch.isfinite(norm)  # an fp16 step the grad scaler skips
+        window.grad_norm += torch.stack([torch.where(finite, norm, 0.0), finite.float()])
     run.optimizer.step()
     run.optimizer.zero_grad(set_to_none=True)
     decay = ema_decay_at(progress.step, tc.ema_decay, tc.ema_warmup)
@@ -165,7 +170,9 @@ def train_loop(run: Run, progress: Progress, stop: StopRequest) -> Path:
     batches = stream_batches(run.data.dataset, run.config.seed, run.micro_batch, run.config.data.num_workers,
                              run.device, run.rank, run.world, progress.samples_seen)
     window = Window(loss_sum=torch.zeros((), device=run.device),
-                    terms_sum=torch.zeros(2, device=run.device) if run.repa is not None else None)
+                    terms_sum=torch.zeros(2, device=run.device) if run.repa is not None else None,
+                    grad_norm=torch.zeros(2, device=run.device))
+    run.wandb.start(progress.step)  # scalars.jsonl: what the stopped run logged after this step goes
     with tqdm(total=tc.steps, initial=progress.step, disable=not run.is_main, desc="train", dynamic_ncols=True) as bar:
         while progress.step < tc.steps and not stop.agreed(run.accelerator):
             train_step(run, batches, progress, window)
@@ -203,8 +210,10 @@ def log_window(run: Run, step: int, window: Window, last_ckpt: Path | None, bar)
     """The global mean loss (every process's micro-batches weigh the same) and throughput since the last line."""
     extra = [] if window.terms_sum is None else list(window.terms_sum)
     totals = run.accelerator.reduce(torch.stack([window.loss_sum, torch.tensor(float(window.skipped),
-                                                                               device=run.device), *extra]),
+                                                                               device=run.device), *extra,
+                                                 *window.grad_norm]),
                                     reduction="sum")
+    grad_norm = (totals[-2] / totals[-1]).item() if totals[-1] > 0 else math.nan  # every process's is the same
     mean_loss = totals[0].item() / run.world / window.steps
     run.skipped_images += int(totals[1].item())
     if not math.isfinite(mean_loss):
@@ -217,9 +226,12 @@ def log_window(run: Run, step: int, window: Window, last_ckpt: Path | None, bar)
     terms = {name: totals[2 + i].item() / run.world / window.steps for i, name in enumerate(("denoise", "proj"))
              if window.terms_sum is not None}
     shown = "".join(f" {name} {value:.5f}" for name, value in terms.items())
-    log.info("step %d loss %.5f%s lr %.3e img/s %.1f%s", step, mean_loss, shown, window.lr, throughput, skipped)
-    run.wandb.log({"loss": mean_loss, **terms, "lr": window.lr, "img_per_sec": throughput}, step)
+    log.info("step %d loss %.5f%s lr %.3e grad norm %.4g img/s %.1f%s", step, mean_loss, shown, window.lr,
+             grad_norm, throughput, skipped)
+    run.wandb.log({"loss": mean_loss, **terms, "lr": window.lr, "grad_norm": grad_norm, "img_per_sec": throughput},
+                  step)
     window.loss_sum.zero_()
+    window.grad_norm.zero_()
     if window.terms_sum is not None:
         window.terms_sum.zero_()
     window.steps, window.skipped, window.start = 0, 0, time.perf_counter()
@@ -279,6 +291,7 @@ def score_fid(run: Run, progress: Progress) -> None:
         log.info("%s", text)
         print(f"[train] {text}", file=sys.stderr)
         run.wandb.log({fid_name(ev.n_samples): fid}, step)
+        run.wandb.draw()  # curves.png at every evaluation
     run.accelerator.wait_for_everyone()
 
 
