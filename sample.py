@@ -14,6 +14,10 @@ formats (U-ViT .pth state_dict, DiT / SiT .pt EMA state_dict or {"model", "ema",
 
 Sampler settings default to the config's `sample` section (the paper's sampler for the paper configs); the
 sampler flags override them. Guidance w is eps_u + w (eps_c - eps_u); U-ViT's papers write s = w - 1.
+--guide=CKPT (a checkpoint or run dir, a released name, or a weights file with --guide_config) is autoguidance
+instead: out_guide + w (out_model - out_guide), the guide a smaller or shorter-trained model of the same space:
+
+    python sample.py --ckpt runs/digits_uvit --guide runs/digits_uvit_guide --guidance 2
 
 --out=*.npz starts (or resumes) an evaluation job: --n_samples samples in chunks of --chunk_size, written to
 OUT.parts/ as they finish, recorded with their settings in OUT.job.json; every process takes its share; rerun the
@@ -136,8 +140,10 @@ def check_conditioning(ready: ReadyModel, args: Arguments, prompts) -> str:
                           f"{'text-to-image: use --prompts or --prompts_file' if kind == 'text' else 'unconditional'}")
     if kind == "text" and not prompts:
         raise ConfigError("this is a text-to-image model: give --prompts \"a photo of ...\" or --prompts_file")
-    if kind == "class" and ready.settings["guidance_scale"] != 1.0 and ready.info.null_label is None:
-        raise ConfigError("guidance needs a model trained with a null label; this one has none: use --guidance 1")
+    if (kind == "class" and ready.settings["guidance_scale"] != 1.0 and ready.info.null_label is None
+            and ready.guide is None):  # autoguidance needs no null label
+        raise ConfigError("guidance needs a model trained with a null label; this one has none: use --guidance 1 "
+                          "(or autoguidance: --guide=CKPT)")
     return kind
 
 
@@ -159,15 +165,16 @@ def describe(ready: ReadyModel) -> str:
     settings, seed = ready.settings, ready.config.sample.seed
     weights = "EMA" if ready.weights == "ema" else "raw"
     channels = "" if settings["guidance_channels"] == "all" else f" on {settings['guidance_channels']} channels"
+    guide = f" by the guide {ready.guide_source.name}" if ready.guide is not None else ""
     return (f"from {ready.source.name} ({weights} weights), {settings['sampler']} {settings['steps']} steps, guidance "
-            f"{settings['guidance_scale']:g}{channels}, seed {seed}")
+            f"{settings['guidance_scale']:g}{channels}{guide}, seed {seed}")
 
 
 def draw_grid(ready: ReadyModel, args: Arguments, given, prompts, device) -> str:
     path = sample_grid(ready.model, ready.objective, ready.config.sample, ready.image_shape, Path(args.out),
                        class_names=ready.meta.get("class_names"), classes=given, prompts=prompts,
                        text_encoder=ready.text_encoder, decode=ready.decode, num=args.n_samples,
-                       batch_size=args.batch_size, device=device, progress=True)
+                       batch_size=args.batch_size, device=device, progress=True, guide=ready.guide)
     return f"wrote {path}: grid {describe(ready)}"
 
 
@@ -185,7 +192,7 @@ def run_npz_job(ready: ReadyModel, args: Arguments, given, prompts, dist_state, 
         return f"{out} is already complete ({job.num_samples} samples, {job.record}); nothing to do"
     drawer = SampleSource(ready.model, ready.objective, config.sample, ready.image_shape, seed=config.sample.seed,
                           labels=labels, prompts=prompts, text_encoder=ready.text_encoder, decode=ready.decode,
-                          device=device)
+                          device=device, guide=ready.guide)
     stats = run_job(job, drawer.uint8, batch_size=min(args.batch_size, job.chunk_size), state=dist_state,
                     png_dir=args.png_dir)
     if not dist_state.is_main_process:

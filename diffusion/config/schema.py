@@ -70,6 +70,11 @@ def base_config() -> ml_collections.ConfigDict:
                 eta=0.0,  # DDIM stochasticity
                 guidance_scale=1.0,  # eps_u + w (eps_c - eps_u); 1 = no guidance (U-ViT's s = w - 1)
                 guidance_channels="all",  # or "k": guide only the first k channels (DiT's released CFG: "3")
+                # Autoguidance (Karras et al. 2024): a guide network (checkpoint dir, run dir, released name, or a
+                # weights file with guide_config) in place of CFG's unconditional branch: out_g + w (out_m - out_g)
+                # with w = guidance_scale, same conditioning and input; "" = CFG (docs/sampling.md)
+                guide="",
+                guide_config="",
                 # clamp x0 predictions to [-1, 1] (pixel models; latents are never clipped); None: the objective's
                 # own setting (iddpm: diffusion.clip_denoised; the VP objectives: off)
                 clip_denoised=None,
@@ -259,6 +264,9 @@ def _sampling_problems(config) -> list[str]:
                         f"--config.sample.guidance_channels=all")
     if sc.labels not in LABEL_MODES:
         problems.append(f"sample.labels={sc.labels!r}; choose one of {', '.join(LABEL_MODES)}")
+    if sc.get("guide_config") and not sc.get("guide"):
+        problems.append(f"sample.guide_config={sc.guide_config!r} describes a guide weights file, but sample.guide "
+                        f"is unset: --config.sample.guide=PATH, or drop guide_config")
     return problems
 
 

@@ -5,7 +5,8 @@ U-ViT's recipe is FID on 10K samples every few checkpoints and FID-50K on the be
 select the checkpoint are drawn with the config's ``sample`` section with ``eval.sampler`` / ``eval.steps`` /
 ``eval.guidance_scale`` on top where set (``selection_sample_config``: U-ViT selected with DPM-Solver at 50
 evaluations, unguided but for MS-COCO); the best checkpoint's final score uses the ``sample`` section as it stands,
-the settings behind the paper number. Labels follow ``sample.labels`` (uniform, balanced or the training class
+the settings behind the paper number. A ``sample.guide`` (autoguidance) is loaded once and guides both (the
+``eval.*`` keys do not change it). Labels follow ``sample.labels`` (uniform, balanced or the training class
 frequencies); a text-to-image model cycles the caption contexts of ``eval.captions`` (U-ViT: val2014) or of its
 training set. Every process draws its share (sample i depends only on (seed, i), so the score does not depend on the
 number of processes), features are reduced to running statistics on every process, and the Frechet distance is taken
@@ -33,6 +34,7 @@ from diffusion.files import write_atomic
 from diffusion.registry import describe
 from diffusion.sampling.generate import SampleSource, generate
 from diffusion.sampling.grids import class_rows
+from diffusion.sampling.loader import load_guide
 from diffusion.sampling.per_sample import LabelPlan
 from diffusion.sampling.settings import overlay
 
@@ -92,17 +94,23 @@ class TrainingFID:
     What it needs of the training data comes as plain values: ``shape`` (C, H, W) of the model's samples, ``decode``
     (latents -> images) for latent models, ``class_counts`` for ``sample.labels=train_freq``, and for text-to-image
     models ``captions`` (``captions[indices]`` -> contexts, cycled over the samples by index: the training set's or
-    ``eval.captions``', see ``diffusion.training.data.fid_captions``) and ``null_context``."""
+    ``eval.captions``', see ``diffusion.training.data.fid_captions``) and ``null_context``. ``info``: the scored
+    model's contract (``registry.describe``), which ``sample.guide``'s network, loaded here once, must match."""
 
     def __init__(self, config, workdir: Path, *, state, device, objective, shape: tuple[int, ...],
                  decode: Callable | None = None, class_counts: list[int] | None = None,
                  captions=None,
-                 null_context: torch.Tensor | None = None):
+                 null_context: torch.Tensor | None = None, info=None):
         ev = config.eval
         self.config, self.state, self.device, self.objective = config, state, device, objective
         self.shape, self.decode, self.class_counts = shape, decode, class_counts
         self.captions, self.null_context = captions, null_context
         self.selection = selection_sample_config(config)
+        self.guide, self.guide_source = None, None
+        if config.sample.get("guide"):
+            if info is None:
+                raise ValueError("sample.guide: TrainingFID needs the model's contract (info) to check the guide")
+            self.guide, self.guide_source = load_guide(config, shape, info, device=device)
         # eval.feature_extractor=dinov2: the score is EDM2's FD-DINOv2 (weights: eval.dinov2_weights, else the caches)
         weights = ev.get("dinov2_weights", "") if ev.feature_extractor == "dinov2" else ev.inception_weights
         self.extractor = build_feature_extractor(ev.feature_extractor, weights=weights, device=device,
@@ -120,7 +128,12 @@ class TrainingFID:
         # text-to-image: sample i on caption i (cycled)
         return SampleSource(model, self.objective, sample_cfg, self.shape, seed=seed, labels=labels,
                             contexts=self.captions, null_context=self.null_context, decode=self.decode,
-                            device=self.device)
+                            device=self.device, guide=self.guide)
+
+    @property
+    def guide_note(self) -> str:
+        """`` by the guide NAME`` for log lines when autoguided, else ""."""
+        return f" by the guide {self.guide_source.name}" if self.guide is not None else ""
 
     def __call__(self, model, n_samples: int, progress: bool = False, final: bool = False) -> float:
         """FID of ``n_samples`` samples of ``model``: with the selection sampler (``self.selection``), or with

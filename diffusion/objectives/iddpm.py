@@ -410,20 +410,22 @@ class GaussianDiffusion:
     def sample(self, model, noise: torch.Tensor, cond: dict, *, null_cond: dict | None = None,
                guidance_scale: float = 1.0, guidance_channels: str | int = "all", sampler: str = "ddpm",
                steps: int = 250, randn: Randn | None = None, generator: torch.Generator | None = None,
-               progress: bool = False, **options) -> torch.Tensor:
+               progress: bool = False, guide=None, **options) -> torch.Tensor:
         """x0 from ``noise`` (B, C, H, W). ``"ddpm"``: ancestral sampling with the learned variance over the
         ``str(steps)`` respacing (DiT's paper setting: 250 steps), one draw per step (the last one unused, as in the
         original). ``"ddim"``: DDIM over ``f"ddim{steps}"``, one draw per step when ``eta > 0``.
 
         Guidance: one batched call on [cond; null_cond] per step, ``eps_u + w (eps_c - eps_u)`` on the first
         ``guidance_channels`` eps channels (``3`` reproduces DiT's released FID numbers), the variance channels
-        from the conditional half. Draws come from ``randn(x)`` in call order, else from ``generator`` (on its
+        from the conditional half. ``guide`` (a network called like ``model``): autoguidance ``eps_g + w (eps_m -
+        eps_g)`` on the same channels instead, the guide its own call on ``cond``, the variance from the main
+        model. Draws come from ``randn(x)`` in call order, else from ``generator`` (on its
         device). Own options (``SAMPLER_OPTIONS``): ``clip_denoised`` (None keeps this diffusion's own setting),
         ``eta`` (DDIM).
         """
         own = self.check_sampling(sampler, steps, options)
         net = guided_model(model, cond, null_cond, guidance_scale, eps_channels=noise.shape[1],
-                           channels=guidance_channels)
+                           channels=guidance_channels, guide=guide)
         draw, like = standard_normal(randn, generator), self._work(noise)
         draws = (draw(like) for _ in itertools.count())  # endless, drawn lazily: one per request, in order
         if sampler == "ddpm":

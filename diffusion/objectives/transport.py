@@ -264,7 +264,7 @@ class Transport:
     def sample(self, model, noise: Tensor, cond: dict, *, null_cond: dict | None = None,
                guidance_scale: float = 1.0, guidance_channels: str | int = "all", sampler: str = "dopri5",
                steps: int = 50, randn: Randn | None = None, generator: torch.Generator | None = None,
-               progress: bool = False, **options) -> Tensor:
+               progress: bool = False, guide=None, **options) -> Tensor:
         """Data (t = 1) from ``noise`` (t = 0) with SiT's samplers (``diffusion.samplers.transport``) and the
         sampler's own ``options`` (``SAMPLER_OPTIONS``; others are refused): the ODE methods integrate the
         probability-flow ODE on ``linspace(t0, t1, steps)`` (SiT's ``num_steps``: grid points, so a fixed-step method
@@ -274,7 +274,9 @@ class Transport:
         shifts the grid (``shift_time``; ``timestep_shift``: the same in LightningDiT's convention, see
         ``from_lightningdit_shift``). Guidance: ``guided_model`` ([cond; null_cond] in one call, ``uncond + w (cond -
         uncond)``), only while ``guidance_t_lo <= t <= guidance_t_hi`` (SiT's time; the default (0, 1):
-        everywhere). SDE draws come from ``randn(x)`` (one per step), else ``generator``. ``reverse`` (ODE samplers
+        everywhere). ``guide`` (a network called like ``model``, in the same time convention): autoguidance
+        ``out_g + w (out_m - out_g)`` instead of CFG, the guide its own call on ``cond``, under the same interval.
+        SDE draws come from ``randn(x)`` (one per step), else ``generator``. ``reverse`` (ODE samplers
         only, SiT's ``reverse=True``): ``noise`` holds data and the ODE runs from data to noise on SiT's reversed
         interval (the same shifted times, in the other order): the deterministic encoding whose forward solve
         returns the data up to the solver's error. ``repa_euler`` / ``repa_heun`` / ``repa_sde``: REPA's
@@ -286,14 +288,16 @@ class Transport:
         channels = noise.shape[1]
         if self.time_direction == "repa":  # the network seen in SiT's time, once for every sampler
             model, scale = ReversedTime(model, self.time_scale, channels), 1.0
+            guide = None if guide is None else ReversedTime(guide, self.time_scale, channels)
         else:
             scale = self.time_scale
         lo, hi = own.pop("guidance_t_lo"), own.pop("guidance_t_hi")
         if sampler in self.REPA_SAMPLERS:
             return self._sample_repa(model, scale, noise, cond, null_cond, guidance_scale, guidance_channels,
-                                     sampler, steps, (lo, hi), standard_normal(randn, generator), **own)
+                                     sampler, steps, (lo, hi), standard_normal(randn, generator), guide=guide, **own)
         window = None if (lo, hi) == (0.0, 1.0) else (lo * scale, hi * scale)  # in the network's time
-        guided = guided_model(model, cond, null_cond, guidance_scale, channels, guidance_channels, interval=window)
+        guided = guided_model(model, cond, null_cond, guidance_scale, channels, guidance_channels, interval=window,
+                              guide=guide)
 
         def net(x: Tensor, t: Tensor) -> Tensor:
             t_net = t if scale == 1.0 else scale * t
@@ -325,11 +329,13 @@ class Transport:
     def _sample_repa(self, model, scale: float, noise: Tensor, cond: dict, null_cond: dict | None,
                      guidance_scale: float, guidance_channels: str | int, sampler: str, steps: int,
                      window: tuple[float, float], randn: Randn, diffusion_form: str = "sigma",
-                     diffusion_norm: float = 1.0, last_step: str = "mean", last_step_size: float = 0.04) -> Tensor:
+                     diffusion_norm: float = 1.0, last_step: str = "mean", last_step_size: float = 0.04,
+                     guide=None) -> Tensor:
         """REPA's samplers (``diffusion.samplers.repa``) on ``model``, a network in SiT's time (``scale`` x t):
         ``steps`` is REPA's ``--num-steps``; guidance (all ``guidance_channels`` of the velocity, one batched
         [cond; null] call) on the steps whose REPA time tau = 1 - t lies in REPA's inclusive [guidance_low,
-        guidance_high] = [1 - guidance_t_hi, 1 - guidance_t_lo] (``window`` in SiT's time, ``repa_guidance_bounds``);
+        guidance_high] = [1 - guidance_t_hi, 1 - guidance_t_lo] (``window`` in SiT's time, ``repa_guidance_bounds``),
+        with ``guide``: autoguidance on those steps instead (the guide its own call, in SiT's time as ``model``);
         one network evaluation per step (Heun: two but on the last step); float64 state, the network called in the
         noise's dtype. REPA's grids are uniform and run one way: no ``time_shift``, no ``reverse``."""
         if self.prediction != "velocity":
@@ -337,8 +343,8 @@ class Transport:
                              f"objective predicts the {self.prediction}: use an ODE method or sde_*")
         guidance_t_lo, guidance_t_hi = window
         channels, dtype = noise.shape[1], noise.dtype
-        guided = guided_model(model, cond, null_cond, guidance_scale, channels, guidance_channels)
-        guiding = null_cond is not None and guidance_scale != 1.0
+        guided = guided_model(model, cond, null_cond, guidance_scale, channels, guidance_channels, guide=guide)
+        guiding = (guide is not None or null_cond is not None) and guidance_scale != 1.0
         low, high = repa_guidance_bounds(guidance_t_lo, guidance_t_hi)
 
         def velocity(x: Tensor, t: Tensor, guide: bool) -> Tensor:
@@ -346,11 +352,11 @@ class Transport:
             out = guided(x.to(dtype), t_net) if guide else model(x.to(dtype), t_net, **cond)
             return out[:, :channels].to(x.dtype)
 
-        def guide(tau: float) -> bool:
+        def guide_step(tau: float) -> bool:  # the step's guidance decision (CFG or autoguidance alike)
             return guiding and low <= tau <= high
 
         if sampler != "repa_sde":
-            return sample_repa_ode(velocity, noise, steps, heun=sampler == "repa_heun", guide=guide)
+            return sample_repa_ode(velocity, noise, steps, heun=sampler == "repa_heun", guide=guide_step)
 
         def pair(x: Tensor, t: Tensor, guide: bool) -> tuple[Tensor, Tensor]:
             v = velocity(x, t, guide)
@@ -359,7 +365,7 @@ class Transport:
         self._check_diffusion_at(0.0, noise, diffusion_form, diffusion_norm)
         return sample_repa_sde(pair, self.diffusion_field(diffusion_form, diffusion_norm), noise, steps,
                                last_step=str(last_step).lower(), last_step_size=last_step_size, randn=randn,
-                               guide=guide, alpha_sigma=lambda t: self.path.coefficients(t)[:2])
+                               guide=guide_step, alpha_sigma=lambda t: self.path.coefficients(t)[:2])
 
 
 def build_transport(path: str = "linear", prediction: str = "velocity", loss_weight: str = "none",

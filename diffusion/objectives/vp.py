@@ -164,14 +164,15 @@ class NoisePredictionObjective:
     def sample(self, model, noise: torch.Tensor, cond: dict, *, null_cond: dict | None = None,
                guidance_scale: float = 1.0, guidance_channels: str | int = "all", sampler: str = "dpm_solver++2m",
                steps: int = 50, randn: Randn | None = None, generator: torch.Generator | None = None,
-               progress: bool = False, **options) -> torch.Tensor:
+               progress: bool = False, guide=None, **options) -> torch.Tensor:
         """x0 from ``noise`` = x_1 with one of ``SAMPLERS`` and its own ``options`` (``SAMPLER_OPTIONS``; see
         ``diffusion.samplers`` for each one's grid and defaults); ``steps`` network evaluations, each one batched
-        call on [cond; null_cond] when guided (``eps_u + w (eps_c - eps_u)``). Stochastic draws (``euler_maruyama``,
-        ``ddim`` with eta > 0) come from ``randn(x)`` in call order, else from ``generator``. ``clip_denoised``
-        clamps x0 predictions to [-1, 1]."""
+        call on [cond; null_cond] when guided (``eps_u + w (eps_c - eps_u)``). ``guide`` (a network called like
+        ``model``): autoguidance ``eps_g + w (eps_m - eps_g)`` instead, the guide its own call on ``cond``.
+        Stochastic draws (``euler_maruyama``, ``ddim`` with eta > 0) come from ``randn(x)`` in call order, else from
+        ``generator``. ``clip_denoised`` clamps x0 predictions to [-1, 1]."""
         channels = noise.shape[1]
-        net = guided_model(model, cond, null_cond, guidance_scale, channels, guidance_channels)
+        net = guided_model(model, cond, null_cond, guidance_scale, channels, guidance_channels, guide=guide)
 
         def eps_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             return net(x, (self.time_input_scale * t).expand(x.shape[0]))[:, :channels].to(x.dtype)

@@ -31,15 +31,16 @@ from diffusion.sampling.settings import SamplerSettings, sampler_settings
 def generate(model, objective, settings, image_shape, *, labels: torch.Tensor | None = None, num: int = 0,
              contexts: torch.Tensor | None = None, null_context: torch.Tensor | None = None,
              indices: Sequence[int] | None = None, seed: int = 0, decode: Callable | None = None, device="cpu",
-             progress: bool = False) -> torch.Tensor:
+             progress: bool = False, guide: torch.nn.Module | None = None) -> torch.Tensor:
     """Samples (float32, N x C x H x W) for ``labels`` (class-conditional), ``contexts`` (text, (N, tokens, dim)) or
     ``num`` unconditional ones; ``decode`` (latents -> images in [-1, 1]) is applied to latent samples.
 
     ``settings``: a ``sample`` section or the :class:`SamplerSettings` built from one. ``indices`` are the samples'
     global numbers (default 0..N-1): with ``seed`` they decide every random draw, so a sample does not depend on
     which batch it is drawn in. Guidance uses the model's null label or ``null_context`` (shape (tokens, dim)) as the
-    unconditional input. The network and ``decode`` run in ``settings.precision`` (autocast; the sampler itself in
-    float32), with ``settings.tf32`` on CUDA.
+    unconditional input; with ``guide`` (a network in the model's space) autoguidance replaces it, the guide called
+    with the same conditioning (``objective.sample``'s ``guide``). The networks and ``decode`` run in
+    ``settings.precision`` (autocast; the sampler itself in float32), with ``settings.tf32`` on CUDA.
     """
     settings = sampler_settings(objective, settings)
     n = len(labels) if labels is not None else len(contexts) if contexts is not None else num
@@ -60,10 +61,14 @@ def generate(model, objective, settings, image_shape, *, labels: torch.Tensor | 
     decode = autocast_decode(decode, settings.precision, device)
     was_training = model.training
     model.eval()
+    if guide is not None:  # its own module: eval mode for good (a frozen network only ever sampled)
+        guide.eval()
+        guide = AutocastNetwork(guide, settings.precision, device)
     try:
         with tf32_matmuls(settings.tf32, device):
             out = objective.sample(AutocastNetwork(model, settings.precision, device), noise, cond,
-                                   null_cond=null_cond, randn=randn, progress=progress, **settings.kwargs).float()
+                                   null_cond=null_cond, randn=randn, progress=progress, guide=guide,
+                                   **settings.kwargs).float()
             return decode(out) if decode is not None else out
     finally:
         model.train(was_training)
@@ -73,7 +78,8 @@ def generate(model, objective, settings, image_shape, *, labels: torch.Tensor | 
 class SampleSource:
     """Everything that decides sample ``i``: model, objective, sampler settings, seed and what sample ``i`` is
     conditioned on: a :class:`LabelPlan`, a prompt list with the text encoder, or text ``contexts`` (R, tokens,
-    dim) with ``null_context`` (prompts and contexts are cycled by index), or nothing."""
+    dim) with ``null_context`` (prompts and contexts are cycled by index), or nothing; ``guide``: the autoguidance
+    guide network (None: CFG)."""
 
     model: torch.nn.Module
     objective: object
@@ -87,6 +93,7 @@ class SampleSource:
     null_context: torch.Tensor | None = None
     decode: Callable | None = None
     device: str | torch.device = "cpu"
+    guide: torch.nn.Module | None = None
     settings: SamplerSettings = field(init=False)  # built once from ``sample_cfg``
 
     def __post_init__(self) -> None:
@@ -110,7 +117,7 @@ class SampleSource:
             contexts = self.contexts[torch.as_tensor(list(indices)) % len(self.contexts)]
         images = generate(self.model, self.objective, self.settings, self.image_shape, labels=labels,
                           num=len(indices), contexts=contexts, null_context=null_context, indices=indices,
-                          seed=self.seed, decode=self.decode, device=self.device)
+                          seed=self.seed, decode=self.decode, device=self.device, guide=self.guide)
         return images, labels
 
     def uint8(self, indices: Sequence[int]) -> tuple[np.ndarray, np.ndarray | None]:

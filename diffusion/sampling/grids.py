@@ -68,11 +68,12 @@ def sample_grid(model, objective, sample_cfg, image_shape, path, *, class_names:
                 classes: list[int] | None = None, prompts: list[str] | None = None, text_encoder=None,
                 contexts: torch.Tensor | None = None, null_context: torch.Tensor | None = None,
                 decode: Callable | None = None, seed: int | None = None, num: int | None = None,
-                batch_size: int = 256, device="cpu", progress=False) -> Path:
+                batch_size: int = 256, device="cpu", progress=False, guide=None) -> Path:
     """One row per class (``sample_cfg.per_class`` columns), per prompt (with ``text_encoder``) or per text
     context (``contexts`` (R, tokens, dim), e.g. cached caption encodings, with ``null_context``), or a
     square-ish grid of ``num`` (default ``sample_cfg.num_unconditional``) unconditional samples. Drawn
-    ``batch_size`` at a time; cell ``i`` (row-major) is sample ``i`` of ``seed``."""
+    ``batch_size`` at a time; cell ``i`` (row-major) is sample ``i`` of ``seed``. ``guide``: an autoguidance guide
+    network (None: CFG)."""
     seed = sample_cfg.seed if seed is None else seed
     n_cls, labels, row_labels = describe(model).num_labels, None, None
     if prompts is not None:
@@ -93,7 +94,7 @@ def sample_grid(model, objective, sample_cfg, image_shape, path, *, class_names:
         ncol = max(1, int(total**0.5))
     source = SampleSource(model, objective, sample_cfg, tuple(image_shape), seed=seed, labels=labels, prompts=prompts,
                           text_encoder=text_encoder, contexts=contexts, null_context=null_context, decode=decode,
-                          device=device)
+                          device=device, guide=guide)
     batches = [range(s, min(s + batch_size, total)) for s in range(0, total, batch_size)]
     images = torch.cat([source.images(b)[0].cpu() for b in tqdm(batches, desc="grid", disable=not progress)])
     return save_grid(images, path, ncol, row_labels)

@@ -22,7 +22,8 @@ from diffusion.sampling.settings import OPTION_KEYS, option_default
 # older job was drawn with). A record without one reads as that value, so an older half-finished job resumes; new
 # settings without one (a caller that predates the key) mean that value too, and are recorded with it.
 ADDED_SETTINGS = ((("sampler", "precision"), "fp32"), (("sampler", "tf32"), False),
-                  (("sampler", "quantize"), "round"))  # sample.quantize: samples were rounded before it existed
+                  (("sampler", "quantize"), "round"),  # sample.quantize: samples were rounded before it existed
+                  (("guide",), ""))  # sample.guide: every job was guided by CFG (or unguided) before it existed
 
 
 def _with_added_settings(settings: dict) -> dict:

@@ -5,7 +5,9 @@ A checkpoint is a trainer checkpoint directory (or a run directory: its newest c
 by name (:mod:`diffusion.released` names its config), or any other weights file in the original formats together
 with a config file. :func:`load_for_sampling` reads it, builds the backbone and loads the weights strictly, builds
 the objective, applies and checks the sampler settings, and (unless told not to) loads the autoencoder and text
-encoder the model needs around it.
+encoder the model needs around it. ``sample.guide`` names an autoguidance guide: loaded the same way
+(:func:`load_guide`), checked to live in the model's space (:func:`check_guide_space`), and handed to the sampler
+as a network.
 """
 
 from __future__ import annotations
@@ -47,6 +49,8 @@ class ReadyModel:
     image_shape: tuple[int, ...]
     autoencoder: Autoencoder | None = None
     text_encoder: TextEncoder | None = None
+    guide: torch.nn.Module | None = None  # sample.guide's network (autoguidance), eval mode; None: CFG
+    guide_source: Path | None = None  # its checkpoint directory or weights file, resolved
 
     @property
     def info(self) -> BackboneInfo:
@@ -78,6 +82,8 @@ class ReadyModel:
         ``sample.precision`` that ``device`` cannot autocast to)."""
         check_device(self.arithmetic["precision"], device)
         self.model.to(device)
+        if self.guide is not None:
+            self.guide.to(device)
         self.autoencoder, self.text_encoder = load_codecs(self.config, self.model, device)
         return self
 
@@ -141,12 +147,15 @@ def load_codecs(config, model, device) -> tuple[Autoencoder | None, TextEncoder 
 
 def load_for_sampling(ckpt: str | Path, *, config_path: str | Path | None = None,
                       overrides: Sequence[tuple[str, str]] = (), sample: dict | None = None, ema: bool = True,
-                      device="cpu", codecs: bool = True, check_sampler: bool = True) -> ReadyModel:
+                      device="cpu", codecs: bool = True, check_sampler: bool = True,
+                      with_guide: bool = True) -> ReadyModel:
     """A checkpoint, ready to sample: ``overrides`` (dotted key, value text) apply to its config, then ``sample``
     (sample-section key -> value, e.g. from command-line flags) to ``config.sample``; the sampler settings are
     checked against the objective. ``codecs=False`` leaves the network on the CPU without autoencoder and text
     encoder (call :meth:`ReadyModel.with_codecs` later). EMA weights unless ``ema=False``. ``check_sampler=False``
-    leaves the ``sample`` section unchecked, for uses that do not sample (the likelihood)."""
+    leaves the ``sample`` section unchecked, for uses that do not sample (the likelihood). ``sample.guide``, when
+    set, is loaded too (same weights kind, checked against the model's space; ``with_guide=False`` skips it, for
+    callers that hold the guide already or do not guide)."""
     weights = "ema" if ema else "model"
     state, config, meta, source = read_checkpoint(ckpt, config_path, weights)
     for key, value in overrides:  # a checkpoint's own config (read_checkpoint), then the overrides
@@ -160,6 +169,10 @@ def load_for_sampling(ckpt: str | Path, *, config_path: str | Path | None = None
     if check_sampler:
         sampler_settings(objective, config.sample)  # refused here, before any codec loads
     ready = ReadyModel(model, objective, config, meta, source, weights, input_shape(config, meta))
+    if with_guide and check_sampler:
+        loaded = load_guide(config, ready.image_shape, ready.info, ema=ema)
+        if loaded is not None:
+            ready.guide, ready.guide_source = loaded
     return ready.with_codecs(device) if codecs else ready
 
 
@@ -178,4 +191,93 @@ def job_settings(ready: ReadyModel, labels, prompts: list[str] | None) -> dict:
         "autoencoder": {k: config.autoencoder[k] for k in ("pretrained", "single_file_config", "scale_factor",
                                                            "dtype")} if ready.autoencoder else None,
         "text_encoder": config.text_encoder.to_dict() if ready.text_encoder else None,
+        # autoguidance: the guide's resolved checkpoint and weights ("": CFG; jobs.ADDED_SETTINGS reads older
+        # records so)
+        "guide": {"checkpoint": str(ready.guide_source), "weights": "EMA" if ready.weights == "ema" else "raw"}
+        if ready.guide is not None else "",
     }
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Autoguidance: the guide network of sample.guide
+# ----------------------------------------------------------------------------------------------------------
+
+
+def load_guide(config, image_shape, info: BackboneInfo, *, ema: bool = True,
+               device="cpu") -> tuple[torch.nn.Module, Path] | None:
+    """-> (guide network in eval mode on ``device``, its resolved source) for ``config.sample.guide`` (a checkpoint
+    or run directory, a released name, or a weights file with ``sample.guide_config``), or None when it is ""; read
+    and loaded strictly as the model is (EMA weights unless ``ema=False``) and refused unless it lives in the space
+    of the model (``image_shape``, ``info``, ``config``): :func:`check_guide_space`."""
+    sc = config.sample
+    name, guide_config = sc.get("guide", ""), sc.get("guide_config", "")
+    if not name:
+        if guide_config:
+            raise ConfigError(f"sample.guide_config={guide_config!r} describes a guide weights file: set "
+                              f"sample.guide (--guide=PATH) too, or drop it")
+        return None
+    path = Path(name)
+    if path.is_dir() and guide_config:
+        raise ConfigError(f"sample.guide_config is only for a guide weights file: the guide {path} is a checkpoint "
+                          f"directory and carries its own config")
+    if path.is_file() and not guide_config and released_config(path.name) is None:
+        raise ConfigError(f"the guide {path} is a weights file: add --guide_config=configs/<name>.py describing its "
+                          f"model (released files known by name need none: {', '.join(RELEASED)})")
+    state, gconfig, meta, source = read_checkpoint(path, guide_config or None, "ema" if ema else "model")
+    guide = build_model(gconfig.model)
+    what = f"guide {type(guide).__name__} ({gconfig.model.get('preset') or 'no preset'})"
+    load_state_strict(guide, state, source, what, hint=" (check sample.guide_config)")
+    check_guide_space(config, image_shape, info, gconfig, input_shape(gconfig, meta), describe(guide), source)
+    return guide.eval().requires_grad_(False).to(device), source
+
+
+def check_guide_space(config, image_shape, info: BackboneInfo, guide_config, guide_shape, guide_info: BackboneInfo,
+                      source) -> None:
+    """A ConfigError (one line, naming the mismatch) unless the guide samples what the model samples: the same input
+    shape, the same autoencoder (by name and scale, else by the encoder weights' sha256 the latent caches record),
+    the same conditioning and label count, and an equal ``diffusion`` section (time convention and prediction). A
+    different backbone or size is the point of a guide, and allowed."""
+    where = f"the guide {source} does not live in the model's space:"
+    if tuple(guide_shape) != tuple(image_shape):
+        raise ConfigError(f"{where} it takes inputs of shape {tuple(guide_shape)}, the model {tuple(image_shape)}")
+    problem = _autoencoder_mismatch(config.autoencoder, guide_config.autoencoder)
+    if problem:
+        raise ConfigError(f"{where} {problem}")
+    mine = (info.conditioning, info.num_labels, info.context_shape)
+    theirs = (guide_info.conditioning, guide_info.num_labels, guide_info.context_shape)
+    if mine != theirs:
+        raise ConfigError(f"{where} it is conditioned on {_conditioning(guide_info)}, the model on "
+                          f"{_conditioning(info)}")
+    main_d, guide_d = config.diffusion.to_dict(), guide_config.diffusion.to_dict()
+    differing = sorted(k for k in set(main_d) | set(guide_d) if main_d.get(k) != guide_d.get(k))
+    if differing:
+        shown = ", ".join(f"diffusion.{k} {guide_d.get(k)!r} there, {main_d.get(k)!r} here" for k in differing)
+        raise ConfigError(f"{where} another objective ({shown})")
+
+
+def _conditioning(info: BackboneInfo) -> str:
+    if info.conditioning == "class":
+        return f"{info.num_labels} class labels"
+    return f"text contexts {tuple(info.context_shape)}" if info.conditioning == "text" else "nothing"
+
+
+def _autoencoder_mismatch(main, guide) -> str:
+    """Why two ``autoencoder`` sections do not share a latent space ("" when they do): pixels against latents, the
+    scale factor, and for other names the encoders' weights (``Autoencoder.encoder_digest``, as the latent caches
+    compare them: only the decoder may differ)."""
+    if bool(main.pretrained) != bool(guide.pretrained):
+        side = "latents" if guide.pretrained else "pixels"
+        return f"it samples {side}, the model {'pixels' if side == 'latents' else 'latents'}"
+    if not main.pretrained:
+        return ""
+    if float(main.scale_factor) != float(guide.scale_factor):
+        return f"autoencoder.scale_factor {guide.scale_factor!r} there, {main.scale_factor!r} here"
+    same_file = (main.pretrained, main.get("single_file_config", "")) == (guide.pretrained,
+                                                                         guide.get("single_file_config", ""))
+    if same_file:
+        return ""
+    digests = [Autoencoder.from_config(section).encoder_digest("fp32") for section in (main, guide)]
+    if digests[0] != digests[1]:
+        return (f"autoencoder {guide.pretrained!r} there, {main.pretrained!r} here, with other encoder weights "
+                f"(sha256 {digests[1][:12]} there, {digests[0][:12]} here)")
+    return ""

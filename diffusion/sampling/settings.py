@@ -1,7 +1,8 @@
 """The sampler settings of a config's ``sample`` section: which keys exist, laying one section over another (the one
 overlay), and the validated keyword arguments of ``objective.sample`` built once from them.
 
-The ``sample`` section holds the keys every sampler shares (``SHARED_KEYS``: sampler, steps, guidance) and, flat
+The ``sample`` section holds the keys every sampler shares (``SHARED_KEYS``: sampler, steps, guidance; and the
+autoguidance guide, ``GUIDE_KEYS``, which the loader turns into a network) and, flat
 beside them, every sampler's own options (``OPTION_KEYS``). Each objective declares which options each of its
 samplers takes (``objective.SAMPLER_OPTIONS``: sampler -> {option: default}); :func:`sampler_settings` hands a sampler
 only its own and refuses an option it does not take that is set away from its default.
@@ -25,7 +26,13 @@ SHARED_SETTINGS = {
     "steps": (int, "network evaluations"),
     "guidance_scale": (float, "guidance scale w in eps_u + w (eps_c - eps_u) (1 = none)"),
     "guidance_channels": (str, "all, or k: guide only the first k channels"),
+    "guide": (str, "autoguidance: the guide network (checkpoint dir, run dir, released name, or weights file with "
+                   "guide_config) in place of CFG's unconditional branch; '' = CFG"),
+    "guide_config": (str, "the config file of a guide weights file (sample.guide)"),
 }
+# Shared keys the loader resolves to a network (the guide) rather than keywords of objective.sample: flags and job
+# records (the guide's resolved path), never passed as strings to a sampler.
+GUIDE_KEYS = ("guide", "guide_config")
 OPTION_SETTINGS = {  # each taken only by the samplers that declare it (objective.SAMPLER_OPTIONS)
     "order": (int, "VP singlestep DPM-Solver: highest order (1-3)"),
     "t_end": (float, "VP: last time of the continuous-time samplers (default: the sampler's)"),
@@ -51,7 +58,8 @@ PRECISION_SETTINGS = {  # how the network and the decoder compute (diffusion/sam
     "tf32": (bool, "TF32 matmuls while sampling on NVIDIA GPUs (DiT); no effect on CPU"),
 }
 SAMPLER_SETTINGS = {**SHARED_SETTINGS, **OPTION_SETTINGS, **PRECISION_SETTINGS}
-SHARED_KEYS, OPTION_KEYS = tuple(SHARED_SETTINGS), tuple(OPTION_SETTINGS)
+SHARED_KEYS = tuple(k for k in SHARED_SETTINGS if k not in GUIDE_KEYS)  # every sampler's keywords
+OPTION_KEYS = tuple(OPTION_SETTINGS)
 EMPTY = ("", 0, None)  # an overlay value that means "not set here"
 
 

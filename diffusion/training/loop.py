@@ -286,8 +286,8 @@ def score_fid(run: Run, progress: Progress) -> None:
     if run.is_main:
         run.fid_history.write()
         text = (f"step {step} FID-{ev.n_samples} {fid:.4f} ({sc.sampler}, {sc.steps} steps, guidance "
-                f"{sc.guidance_scale:g}; best {run.fid_history.best_step}; {seconds:.1f} s, not in the training "
-                f"rate)")
+                f"{sc.guidance_scale:g}{run.fid.guide_note}; best {run.fid_history.best_step}; {seconds:.1f} s, not "
+                f"in the training rate)")
         log.info("%s", text)
         print(f"[train] {text}", file=sys.stderr)
         run.wandb.log({fid_name(ev.n_samples): fid}, step)
@@ -306,7 +306,8 @@ def score_best_checkpoint(run: Run) -> dict:
     if not path.is_dir():
         report(run.is_main, f"the best checkpoint {path} is gone (train.keep_checkpoints); FID-{n} not computed")
         return {}
-    model = set_attention(load_for_sampling(path, codecs=False).model, run.config.train.attention).to(run.device)
+    model = load_for_sampling(path, codecs=False, with_guide=False).model  # run.fid holds the guide already
+    model = set_attention(model, run.config.train.attention).to(run.device)
     fid = run.fid(model, n, progress=run.is_main, final=True)  # the paper's sampler (the sample section)
     history.final = {"step": best, "n_samples": n, "fid": fid, "checkpoint": str(path)}
     if run.is_main:

@@ -114,7 +114,7 @@ def start_run(config, workdir: Path, allow_config_change: bool = False) -> tuple
     wandb = WandbLogger(config, workdir, is_main)
     if is_main:
         announce(config, workdir, meta, net, layout, progress, found)
-    fid, fid_history = start_fid(config, workdir, accelerator, data, objective)
+    fid, fid_history = start_fid(config, workdir, accelerator, data, objective, net)
     return Run(config=config, workdir=workdir, accelerator=accelerator, data=data, net=net, ema=ema,
                sharded_ema=sharded_ema, model=model, optimizer=optimizer, objective=objective, p_uncond=p_uncond,
                meta=meta, micro_batch=micro_batch, wandb=wandb, fid=fid, fid_history=fid_history,
@@ -207,13 +207,14 @@ def announce(config, workdir: Path, meta: dict, net, layout: str, progress: Prog
     print(f"[train] {what}; workdir {workdir}", file=sys.stderr)
 
 
-def start_fid(config, workdir: Path, accelerator: Accelerator, data: TrainData, objective):
-    """(scorer, history) of FID during training when the config asks for it, else (None, None)."""
+def start_fid(config, workdir: Path, accelerator: Accelerator, data: TrainData, objective, net):
+    """(scorer, history) of FID during training when the config asks for it, else (None, None); ``net``'s contract
+    is what a ``sample.guide`` (autoguidance) is checked against."""
     ev = config.eval
     if ev.every <= 0 and ev.final_n_samples <= 0:
         return None, None
     fid = TrainingFID(config, workdir, state=accelerator, device=accelerator.device, objective=objective,
                       shape=data.shape, decode=data.decode, class_counts=data.class_counts,
                       captions=fid_captions(config, data),
-                      null_context=data.null_context)
+                      null_context=data.null_context, info=describe(net))
     return fid, FidHistory.load(workdir)
