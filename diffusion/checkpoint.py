@@ -9,6 +9,8 @@ A checkpoint written by the trainer is one directory per step::
         config.json         the resolved config of the run
         train_state.pt      what resume needs: optimizer, grad scaler, step, samples consumed (weights_only load)
         projectors.safetensors  REPA runs only: the alignment projectors (training only; sampling never reads it)
+        phema.safetensors   ema.kind=power only: the power-function EMAs' current state, "SIGMA_REL/name" -> fp32
+                            (what resume needs; the snapshots that post-hoc EMA reconstructs from are in WORKDIR/phema)
         meta.json           step, model class and constructor kwargs, class names, versions, and the sha256 and
                             size of each file above, so that damage is detected rather than trained or sampled on
 
@@ -40,7 +42,7 @@ from diffusion.errors import (
 
 CHECKPOINTS = "checkpoints"
 CHECKPOINT_FILES = ("model.safetensors", "ema.safetensors", "config.json", "train_state.pt")
-OPTIONAL_FILES = ("projectors.safetensors",)  # verified and read when meta.json records them
+OPTIONAL_FILES = ("projectors.safetensors", "phema.safetensors")  # verified and read when meta.json records them
 _STEP_DIR = re.compile(r"step_(\d+)")
 
 
@@ -90,7 +92,7 @@ def _state_for_safetensors(state: dict) -> dict:
 
 
 def _write_files(tmp: Path, model_state: dict, ema_state: dict, config, meta: dict, train_state: dict,
-                 projectors_state: dict | None = None) -> dict:
+                 projectors_state: dict | None = None, phema_state: dict | None = None) -> dict:
     save_file(_state_for_safetensors(model_state), tmp / "model.safetensors")
     save_file(_state_for_safetensors(ema_state), tmp / "ema.safetensors")
     (tmp / "config.json").write_text(config_to_json(config))
@@ -99,6 +101,9 @@ def _write_files(tmp: Path, model_state: dict, ema_state: dict, config, meta: di
     if projectors_state is not None:
         save_file(_state_for_safetensors(projectors_state), tmp / "projectors.safetensors")
         names = (*names, "projectors.safetensors")
+    if phema_state is not None:
+        save_file(_state_for_safetensors(phema_state), tmp / "phema.safetensors")
+        names = (*names, "phema.safetensors")
     files = {}
     for name in names:
         _fsync(tmp / name)
@@ -107,9 +112,11 @@ def _write_files(tmp: Path, model_state: dict, ema_state: dict, config, meta: di
 
 
 def save_checkpoint(workdir: str | Path, step: int, *, model_state: dict, ema_state: dict, config, meta: dict,
-                    train_state: dict, keep: int = 0, projectors_state: dict | None = None) -> Path:
+                    train_state: dict, keep: int = 0, projectors_state: dict | None = None,
+                    phema_state: dict | None = None) -> Path:
     """Write ``checkpoints/step_XXXXXXXX`` atomically; ``keep > 0`` then deletes all but the newest ``keep``.
-    ``projectors_state``: a REPA run's projectors, written to ``projectors.safetensors`` beside the weights.
+    ``projectors_state``: a REPA run's projectors, written to ``projectors.safetensors`` beside the weights;
+    ``phema_state``: the power-function EMAs of ema.kind=power, written to ``phema.safetensors``.
 
     Any failure while writing (a full disk raises OSError in Python, RuntimeError in torch.save, SafetensorError in
     safetensors) removes the ``.tmp`` and raises CheckpointSaveError; finished checkpoints are never touched."""
@@ -119,7 +126,7 @@ def save_checkpoint(workdir: str | Path, step: int, *, model_state: dict, ema_st
     try:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        files = _write_files(tmp, model_state, ema_state, config, meta, train_state, projectors_state)
+        files = _write_files(tmp, model_state, ema_state, config, meta, train_state, projectors_state, phema_state)
         (tmp / "meta.json").write_text(json.dumps({**meta, "step": step, "files": files}, indent=2))
         _fsync(tmp / "meta.json")
     except Exception as err:  # noqa: BLE001 -- whatever failed, the half-written directory must go; a full disk
@@ -139,6 +146,32 @@ def save_checkpoint(workdir: str | Path, step: int, *, model_state: dict, ema_st
         for old in checkpoint_dirs(workdir)[:-keep]:
             shutil.rmtree(old)
     return final
+
+
+def save_sampling_checkpoint(path: str | Path, *, ema_state: dict, config, meta: dict) -> Path:
+    """A checkpoint directory that sampling loads like a trainer's (``ema.safetensors``, ``config.json``,
+    ``meta.json`` with their checksums) but that does not resume (no optimizer state): a post-hoc EMA
+    reconstruction. Written to ``PATH.tmp`` and renamed over an earlier one; CheckpointSaveError on failure."""
+    path = Path(path)
+    tmp = path.with_name(f"{path.name}.tmp")
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        save_file(_state_for_safetensors(ema_state), tmp / "ema.safetensors")
+        (tmp / "config.json").write_text(config_to_json(config))
+        files = {}
+        for name in ("ema.safetensors", "config.json"):
+            _fsync(tmp / name)
+            files[name] = {"sha256": sha256_file(tmp / name), "bytes": (tmp / name).stat().st_size}
+        (tmp / "meta.json").write_text(json.dumps({**meta, "files": files}, indent=2))
+        _fsync(tmp / "meta.json")
+    except Exception as err:  # noqa: BLE001 -- whatever failed, the half-written directory must go
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointSaveError(f"could not write {path} ({type(err).__name__}: {err}); check the disk") from err
+    if path.exists():
+        shutil.rmtree(path)
+    os.replace(tmp, path)
+    return path
 
 
 def verify_checkpoint(path: str | Path, names: tuple[str, ...] = CHECKPOINT_FILES) -> dict:
@@ -181,6 +214,7 @@ class Checkpoint:
     config: object
     meta: dict
     projectors: dict | None = None  # a REPA run's projectors (projectors.safetensors), None when absent
+    phema: dict | None = None  # an ema.kind=power run's power EMAs (phema.safetensors), None when absent
 
 
 def _read(file: Path, reader):
@@ -195,13 +229,14 @@ def load_checkpoint(path: str | Path, verify: bool = True) -> Checkpoint:
     the file that is not usable."""
     path = Path(path)
     meta = verify_checkpoint(path) if verify else json.loads((path / "meta.json").read_text())
-    projectors = path / "projectors.safetensors"
+    projectors, phema = path / "projectors.safetensors", path / "phema.safetensors"
     return Checkpoint(path=path, model=_read(path / "model.safetensors", load_file),
                       ema=_read(path / "ema.safetensors", load_file),
                       train_state=_read(path / "train_state.pt", _torch_load),
                       config=_read(path / "config.json", lambda f: config_from_json(f.read_text())), meta=meta,
                       projectors=_read(projectors, load_file) if "projectors.safetensors" in meta.get("files", {})
-                      else None)
+                      else None,
+                      phema=_read(phema, load_file) if "phema.safetensors" in meta.get("files", {}) else None)
 
 
 def load_checkpoint_dir(path: str | Path, weights: str = "ema"):

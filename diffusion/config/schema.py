@@ -134,6 +134,11 @@ def base_config() -> ml_collections.ConfigDict:
                 # in-training FID samples, sample i on image i's caption (U-ViT: val2014); "" = the training set's.
                 captions="",
             ),
+            # The EMA of the weights. fixed: train.ema_decay's EMA (ema.safetensors, what sampling loads). power: that
+            # EMA and also one power-function EMA per sigma_rel (post-hoc EMA, EDM2 section 3; training/posthoc_ema.py),
+            # each written every snapshot_every steps (0 = never) to WORKDIR/phema/ as snapshot_dtype (fp32 | fp16 |
+            # bf16), from which scripts/reconstruct_ema.py makes the EMA of any sigma_rel after training.
+            ema=dict(kind="fixed", sigma_rels=(0.05, 0.10), snapshot_every=0, snapshot_dtype="fp32"),
             wandb=dict(mode="offline", project="transformer-diffusion", name=""),  # online | offline | disabled
             # REPA (representation alignment, diffusion/objectives/repa.py): align the backbone's hidden states after
             # block ``layer`` (1-based; U-ViT counts in_blocks, mid_block, out_blocks) through an MLP projector of
@@ -169,6 +174,15 @@ SAMPLE_PRECISIONS = ("fp32", "fp16", "bf16")  # sample.precision
 
 
 SAMPLE_QUANTIZE = ("round", "truncate")  # sample.quantize
+
+
+EMA_KINDS = ("fixed", "power")  # ema.kind
+
+
+SNAPSHOT_DTYPES = ("fp32", "fp16", "bf16")  # ema.snapshot_dtype
+
+
+SIGMA_REL_MAX = 12 ** -0.5  # the uniform average over the whole run (gamma = 0): every power EMA is narrower
 
 
 def _choice(key: str, value, choices: tuple[str, ...]) -> str | None:
@@ -228,6 +242,7 @@ def check_values(config: ml_collections.ConfigDict) -> None:
         if problem:
             problems.append(problem)
     problems += _repa_problems(config.repa) if "repa" in config else []
+    problems += _ema_problems(config.ema) if "ema" in config else []
     if ev.every > 0 and ev.n_samples < 2:
         problems.append(f"eval.n_samples must be >= 2 for an FID, got {ev.n_samples}: e.g. "
                         f"--config.eval.n_samples=10000")
@@ -267,6 +282,25 @@ def _sampling_problems(config) -> list[str]:
     if sc.get("guide_config") and not sc.get("guide"):
         problems.append(f"sample.guide_config={sc.guide_config!r} describes a guide weights file, but sample.guide "
                         f"is unset: --config.sample.guide=PATH, or drop guide_config")
+    return problems
+
+
+def _ema_problems(ec) -> list[str]:
+    """The ``ema`` section's values (post-hoc EMA)."""
+    problems = []
+    for key, value, choices in (("ema.kind", ec.kind, EMA_KINDS), ("ema.snapshot_dtype", ec.snapshot_dtype,
+                                                                   SNAPSHOT_DTYPES)):
+        problem = _choice(key, value, choices)
+        if problem:
+            problems.append(problem)
+    sigmas = ec.sigma_rels if isinstance(ec.sigma_rels, (tuple, list)) else ()
+    if (not sigmas or not all(isinstance(s, (int, float)) and not isinstance(s, bool) and 0 < s < SIGMA_REL_MAX
+                              for s in sigmas) or len(set(sigmas)) != len(sigmas)):
+        problems.append(f"ema.sigma_rels must be distinct relative EMA widths in (0, {SIGMA_REL_MAX:.4f}), got "
+                        f"{ec.sigma_rels!r}: e.g. --config.ema.sigma_rels=(0.05,0.1)")
+    if not isinstance(ec.snapshot_every, int) or isinstance(ec.snapshot_every, bool) or ec.snapshot_every < 0:
+        problems.append(f"ema.snapshot_every must be a number of steps >= 0 (0 = no snapshots), got "
+                        f"{ec.snapshot_every!r}: e.g. --config.ema.snapshot_every=1000")
     return problems
 
 

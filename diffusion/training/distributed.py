@@ -88,6 +88,12 @@ def _like(value, param: torch.Tensor):
     return value
 
 
+def shard_tensor_like(value: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """A full tensor (every process holds it) cut into the shards of ``param`` when that is a DTensor of its shape
+    (the power EMAs of post-hoc EMA, restored); ``value`` as it is otherwise."""
+    return _like(value, param)
+
+
 def shard_like(state: dict, module: torch.nn.Module) -> dict:
     """A full state dict (every process holds it) with each tensor cut into the shards of ``module``'s entry of the
     same name and shape, ready for ``module.load_state_dict``; as it is for an unsharded module."""

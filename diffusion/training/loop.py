@@ -153,6 +153,8 @@ def train_step(run: Run, batches, progress: Progress, window: Window) -> None:
         run.sharded_ema.update(decay)
     else:
         update_ema(run.ema, run.net, decay)
+    if run.power_ema is not None:  # t = the steps done after this one: EDM2's beta, 0 at the first step
+        run.power_ema.update(progress.step + 1)
     progress.step += 1
     progress.samples_seen += tc.batch_size
     window.steps += 1
@@ -182,6 +184,8 @@ def train_loop(run: Run, progress: Progress, stop: StopRequest) -> Path:
             if step % tc.log_every == 0 or checkpoint_now:
                 log_window(run, step, window, progress.saved, bar)
             with off_the_clock(bar, window):  # the bar's rate and ETA are the training steps' alone
+                if run.power_ema is not None:
+                    run.power_ema.maybe_snapshot(step, run.workdir, run.is_main)
                 if checkpoint_now:
                     save(run, progress)
                 if run.fid is not None and ev.every > 0 and step % ev.every == 0:
@@ -247,6 +251,7 @@ def save(run: Run, progress: Progress) -> Path:
     path = None
     ema = run.full_ema()
     model_state, optimizer_state = full_state(run.net.state_dict()), full_state(run.optimizer.state_dict())
+    phema_state = run.power_ema.checkpoint_state() if run.power_ema is not None else None
     if run.is_main:
         scaler = run.accelerator.scaler
         train_state = {"optimizer": optimizer_state, "step": progress.step,
@@ -254,7 +259,8 @@ def save(run: Run, progress: Progress) -> Path:
         path = ckpt.save_checkpoint(run.workdir, progress.step, model_state=model_state,
                                     ema_state=ema.state_dict(), config=run.config, meta=run.meta,
                                     train_state=train_state, keep=run.config.train.keep_checkpoints,
-                                    projectors_state=run.repa.projectors.state_dict() if run.repa else None)
+                                    projectors_state=run.repa.projectors.state_dict() if run.repa else None,
+                                    phema_state=phema_state)
         log.info("step %d: saved %s", progress.step, path)
     run.accelerator.wait_for_everyone()
     progress.saved = path or run.workdir / ckpt.CHECKPOINTS / f"step_{progress.step:08d}"

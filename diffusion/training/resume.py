@@ -15,6 +15,7 @@ from diffusion.config.loading import flatten_config, override_flag
 from diffusion.errors import ConfigError
 from diffusion.training.distributed import ShardedEMA, shard_like, shard_optimizer_state
 from diffusion.training.logs import report
+from diffusion.training.posthoc_ema import PowerEMA
 from diffusion.weights import load_state_strict
 
 
@@ -36,7 +37,8 @@ class Progress:
 # Config keys whose change a resumed run accepts (and logs): they leave the meaning of the checkpoint's optimizer
 # state, EMA and data position intact. lr, warm-up and clipping are often changed on purpose mid-run; grad_accum_steps
 # splits the same global batch (the same run with train.global_noise); train.fsdp computes the same step and saves the
-# same full state dicts (tests/test_fsdp.py). Every other key -- model, diffusion, data,
+# same full state dicts (tests/test_fsdp.py); the post-hoc EMA's snapshot interval and dtype change only which snapshots
+# are written from then on. Every other key -- model, diffusion, data,
 # autoencoder, text encoder, seed, label dropout, batch size, optimizer betas/eps/weight decay, EMA, global_noise,
 # and keys added later -- is refused unless train.py --allow_config_change.
 RESUMABLE_CHANGES = (
@@ -45,6 +47,7 @@ RESUMABLE_CHANGES = (
     "train.mixed_precision", "train.grad_accum_steps", "train.grad_clip", "train.fsdp",
     "optim.lr", "optim.warmup_steps", "data.num_workers", "data.verify_checksums", "data.download",
     "data.on_corrupt", "autoencoder.chunk_size", "sample.*", "preview.*", "eval.*", "wandb.*",
+    "ema.snapshot_every", "ema.snapshot_dtype",
 )
 
 
@@ -120,18 +123,20 @@ def find_checkpoint(workdir: Path, accelerator: Accelerator) -> ckpt.Checkpoint 
 
 def restore(found: ckpt.Checkpoint | None, net: torch.nn.Module, ema: torch.nn.Module, sharded_ema: ShardedEMA | None,
             optimizer: torch.optim.Optimizer, scaler, projectors: torch.nn.Module | None = None,
-            is_main: bool = True) -> Progress:
+            is_main: bool = True, power_ema: PowerEMA | None = None) -> Progress:
     """Load everything ``found`` holds into the run, after accelerate.prepare: weights and EMA (cut into shards with
     FSDP, which replaced the parameters), optimizer state (likewise), grad-scaler state (the scaler exists only
     after prepare) and the data position. A mismatch -- reachable only through --allow_config_change -- is one
     ConfigError naming the file. REPA's ``projectors`` come from projectors.safetensors; a checkpoint without them
-    (REPA turned on by --allow_config_change) leaves them fresh, their optimizer state empty."""
+    (REPA turned on by --allow_config_change) leaves them fresh, their optimizer state empty; so do the power EMAs
+    of post-hoc EMA (``power_ema``) that phema.safetensors lacks, which start at the loaded weights."""
     if found is None:
         return Progress()
     load_state_strict(net, shard_like(found.model, net), found.path / "model.safetensors")
     load_state_strict(ema, found.ema, found.path / "ema.safetensors")
     if sharded_ema is not None:
         sharded_ema.reshard()
+    restore_power_ema(found, power_ema, is_main)
     state = found.train_state
     saved_optimizer = state["optimizer"]
     if projectors is not None and found.projectors is not None:
@@ -144,6 +149,20 @@ def restore(found: ckpt.Checkpoint | None, net: torch.nn.Module, ema: torch.nn.M
     if state["scaler"] and scaler is not None:
         scaler.load_state_dict(state["scaler"])
     return Progress(step=state["step"], samples_seen=state["samples_seen"], saved=found.path)
+
+
+def restore_power_ema(found: ckpt.Checkpoint, power_ema: PowerEMA | None, is_main: bool) -> None:
+    """The power EMAs from phema.safetensors; those it lacks (reachable through --allow_config_change) start at the
+    loaded weights, and a checkpoint's power EMAs that this run does not track are named and left."""
+    if power_ema is None:
+        if found.phema is not None:
+            report(is_main, f"{found.path.name} has power EMAs (post-hoc EMA); not tracked by this run (ema.kind)")
+        return
+    missing = power_ema.load_checkpoint_state(found.phema)
+    if missing:
+        report(is_main, f"{found.path.name} has no power EMA of sigma_rel {', '.join(map(repr, missing))}: it starts "
+                        f"at the weights of step {found.train_state['step']}, so its profile is not a power function "
+                        f"before that step")
 
 
 def fit_param_groups(saved: dict, optimizer: torch.optim.Optimizer) -> dict:

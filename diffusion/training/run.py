@@ -32,6 +32,7 @@ from diffusion.training.data import TrainData, check_conditioning, fid_captions,
 from diffusion.training.distributed import ShardedEMA, autocast_forward, enable_on_cpu, fsdp_plugin, is_sharded
 from diffusion.training.logs import WandbLogger, report, setup_logging
 from diffusion.training.pieces import param_groups
+from diffusion.training.posthoc_ema import PowerEMA, build_power_ema
 from diffusion.training.repa import RepaTraining, WithProjectors, build_repa, check_repa
 from diffusion.training.resume import Progress, check_config_changes, find_checkpoint, restore
 from diffusion.training.speed import adamw, cpu_has_native_bf16, reuse_freed_memory
@@ -61,6 +62,7 @@ class Run:
     fid_history: FidHistory | None
     skipped_images: int = 0  # unreadable images replaced so far (data.on_corrupt=skip)
     repa: RepaTraining | None = None  # REPA's encoders, projectors and tap (repa.encoders), else None
+    power_ema: PowerEMA | None = None  # ema.kind=power: the power-function EMAs of post-hoc EMA, else None
 
     def full_ema(self) -> torch.nn.Module:
         """The EMA module, up to date. With FSDP a collective: every process calls it before any of them reads."""
@@ -105,8 +107,9 @@ def start_run(config, workdir: Path, allow_config_change: bool = False) -> tuple
         groups += param_groups(projectors, oc.weight_decay, oc.decay_all_params)
     optimizer = adamw(groups, oc.lr, oc.betas, oc.eps, oc.impl)
     model, optimizer, sharded_ema = prepare(accelerator, net, ema, optimizer, tc.fsdp, projectors)
+    power_ema = build_power_ema(config.ema, net, ema)  # after prepare: with FSDP, shards placed like the parameters
     progress = restore(found, net, ema, sharded_ema, optimizer, accelerator.scaler, projectors,
-                       is_main=is_main)
+                       is_main=is_main, power_ema=power_ema)
     micro_batch = tc.batch_size // (accelerator.num_processes * tc.grad_accum_steps)  # check_values: divisible
     sharded = f" sharded ({tc.fsdp})" if sharded_ema is not None else ""
     layout = (f"{accelerator.num_processes} process(es){sharded}, micro-batch {micro_batch} x "
@@ -118,7 +121,7 @@ def start_run(config, workdir: Path, allow_config_change: bool = False) -> tuple
     return Run(config=config, workdir=workdir, accelerator=accelerator, data=data, net=net, ema=ema,
                sharded_ema=sharded_ema, model=model, optimizer=optimizer, objective=objective, p_uncond=p_uncond,
                meta=meta, micro_batch=micro_batch, wandb=wandb, fid=fid, fid_history=fid_history,
-               repa=repa), progress
+               repa=repa, power_ema=power_ema), progress
 
 
 # ----------------------------------------------------------------------------------------------------------
