@@ -206,6 +206,11 @@ def test_guided_job_is_world_size_free_recorded_and_not_resumed_with_another_gui
     assert code == 0, err
     assert json.loads((tmp_path / "c.job.json").read_text())["settings"]["guide"] == ""
     assert not np.array_equal(npz(tmp_path / "c.npz")["arr_0"], a["arr_0"])  # the guide decides the samples
+    record = json.loads((tmp_path / "c.job.json").read_text())
+    del record["settings"]["guide"]  # a record written before autoguidance: read as CFG, so it still matches
+    (tmp_path / "c.job.json").write_text(json.dumps(record))
+    code, out, err = run_sample("--ckpt", main, *DIT, *JOB, f"--out={tmp_path / 'c.npz'}")
+    assert code == 0 and "already complete" in out, err
 
     other = shutil.copy(guide, folder / "other_guide.pt")
     (tmp_path / "a.npz").unlink()  # an unfinished job: its record stays
@@ -222,7 +227,7 @@ def test_guided_job_is_world_size_free_recorded_and_not_resumed_with_another_gui
     ("    config.diffusion.num_steps = 500", "another objective (diffusion.num_steps 500 there, 1000 here)"),
     ("    config.diffusion.learn_sigma = False\n    config.model.learn_sigma = False", "diffusion.learn_sigma False"),
     ("    config.model.update(num_classes=5)", "conditioned on 5 class labels, the model on 10 class labels"),
-])
+], ids=["input_shape", "autoencoder", "schedule", "prediction", "labels"])
 def test_a_guide_from_another_space_is_refused_in_one_line(tmp_path, files, changes, message):
     folder, main = files[:2]
     guide, guide_config = guide_files(tmp_path, "bad", changes)
@@ -257,3 +262,37 @@ def test_autoencoders_compare_by_their_encoder_weights(tmp_path):
     scaled = sections["same"].copy_and_resolve_references()
     scaled.scale_factor = 0.5
     assert "scale_factor" in _autoencoder_mismatch(sections["first"], scaled)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# In-training FID
+# ----------------------------------------------------------------------------------------------------------
+
+
+def test_fid_during_training_is_autoguided_by_sample_guide(tmp_path):
+    """sample.guide set in a training config: the guide is loaded once and its scores are those of autoguided
+    samples (the same score as a TrainingFID with the guide gives afterwards; not the CFG score)."""
+    from diffusion.evaluation.training import TrainingFID
+    from diffusion.registry import describe
+    from diffusion.sampling.loader import load_for_sampling
+    from diffusion.training.loop import train
+    from tests.helpers import tiny_config
+
+    run = ["--config.train.steps=2", "--config.train.ckpt_every=2", "--config.sample.steps=4"]
+    train(tiny_config(*run, "--config.model.depth=1"), tmp_path / "guide")
+    scored = [*run, "--config.eval.every=2", "--config.eval.n_samples=20", "--config.eval.batch_size=20",
+              "--config.eval.feature_extractor=digits"]
+    final = train(tiny_config(*scored, f"--config.sample.guide={tmp_path / 'guide'}"), tmp_path / "main")
+    logged = json.loads((tmp_path / "main" / "fid.json").read_text())["scores"]["2"]
+    assert "by the guide step_00000002" in (tmp_path / "main" / "log.txt").read_text()
+    ready = load_for_sampling(final, codecs=False)
+    assert ready.guide is not None and ready.guide_source.parent.parent == (tmp_path / "guide").resolve()
+
+    def score(config) -> float:
+        fid = TrainingFID(config, tmp_path / "check", state=None, device="cpu", objective=ready.objective,
+                          shape=ready.image_shape, info=describe(ready.model))
+        return fid(ready.model, 20)
+
+    assert score(ready.config) == pytest.approx(logged, rel=1e-6)
+    ready.config.sample.guide = ""
+    assert abs(score(ready.config) - logged) > 1e-3  # CFG gives another score
