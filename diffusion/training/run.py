@@ -210,7 +210,7 @@ def announce(config, workdir: Path, meta: dict, net, layout: str, progress: Prog
     print(f"[train] {what}; workdir {workdir}", file=sys.stderr)
 
 
-def start_fid(config, workdir: Path, accelerator: Accelerator, data: TrainData, objective, net):
+def start_fid(config, workdir: Path, accelerator: Accelerator, data: TrainData, objective, net=None):
     """(scorer, history) of FID during training when the config asks for it, else (None, None); ``net``'s contract
     is what a ``sample.guide`` (autoguidance) is checked against."""
     ev = config.eval
@@ -219,5 +219,5 @@ def start_fid(config, workdir: Path, accelerator: Accelerator, data: TrainData, 
     fid = TrainingFID(config, workdir, state=accelerator, device=accelerator.device, objective=objective,
                       shape=data.shape, decode=data.decode, class_counts=data.class_counts,
                       captions=fid_captions(config, data),
-                      null_context=data.null_context, info=describe(net))
+                      null_context=data.null_context, info=describe(net) if net is not None else None)
     return fid, FidHistory.load(workdir)
