@@ -281,7 +281,8 @@ def preview(run: Run, step: int) -> Path | None:
 
 def score_fid(run: Run, progress: Progress) -> None:
     """FID-``eval.n_samples`` of the EMA weights with the selection sampler and guidance; the step gets a checkpoint
-    (so the best one can be scored in full later) and the score goes to the console, log.txt, wandb and fid.json."""
+    (so the best one can be scored in full later) and the score goes to the console, log.txt, wandb, fid.json and
+    scalars.jsonl (curves.png redrawn)."""
     step, ev, sc = progress.step, run.config.eval, run.fid.selection
     if not progress.saved_now:
         save(run, progress)
