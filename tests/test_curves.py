@@ -136,3 +136,15 @@ def test_curves_without_matplotlib_leave_the_scalars_and_say_so(tmp_path, monkey
     monkeypatch.setattr(logs, "draw_curves", missing)
     assert curves.draw() is None and not (tmp_path / "curves.png").exists()
     assert "scalars are in" in capsys.readouterr().err
+
+
+def test_curves_are_redrawn_only_when_something_new_was_logged(tmp_path):
+    curves = Curves(tmp_path)
+    curves.resume(0)
+    curves.append({"loss": 1.0}, 1)
+    png = curves.draw()
+    drawn = png.stat().st_mtime_ns, png.stat().st_ino
+    assert curves.draw() == png and (png.stat().st_mtime_ns, png.stat().st_ino) == drawn  # an FID, then the end
+    curves.append({"loss": 0.5}, 2)
+    curves.draw()
+    assert png_summary(png)["loss"][tmp_path.name] == [2, 2, 0.5]

@@ -128,6 +128,7 @@ class Curves:
         self.path, self.png = Path(workdir) / SCALARS, Path(workdir) / CURVES
         self.resumed_at: int | None = None
         self.resumed_keys: set[str] = set()  # what the resumed step already holds (a finished run run again)
+        self.changed = True  # since the last drawing (an FID at the last step, then the end: drawn once)
 
     def resume(self, step: int) -> None:
         """Keep the records up to ``step`` (the checkpoint resumed from; 0: none) and nothing cut short."""
@@ -144,6 +145,7 @@ class Curves:
             self.resumed_keys -= set(values)
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
+        self.changed = True
 
     def _without(self, record: dict, keys: set[str]) -> dict:
         if record["step"] != self.resumed_at:
@@ -155,8 +157,12 @@ class Curves:
         write_atomic(self.path, lambda f: f.write(text))
 
     def draw(self) -> Path | None:
-        """curves.png of every scalar logged so far; None (with a notice) when matplotlib is missing."""
+        """curves.png of every scalar logged so far (unless it shows them already); None (with a notice) when
+        matplotlib is missing."""
+        if not self.changed and self.png.is_file():
+            return self.png
         try:
+            self.changed = False
             return draw_curves([(self.path.parent.name, read_scalars(self.path))], self.png)
         except ImportError as err:
             report(True, f"{self.png} not drawn ({err}); the scalars are in {self.path}")
