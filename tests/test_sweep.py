@@ -18,6 +18,7 @@ from PIL import Image
 
 import eval_fid
 import sample
+from diffusion.sampling.jobs import SampleJob
 from diffusion.training.loop import train
 from tests.helpers import REPO, tiny_config
 
@@ -88,25 +89,39 @@ def test_a_sweep_writes_its_table_csv_and_plot(runs, tmp_path, capsys):
 
 
 def test_a_killed_sweep_resumes_without_redoing_finished_points(runs, tmp_path, capsys, monkeypatch):
+    """One point done; then killed in the second point's sample job (one of its two chunks written), then killed
+    again while scoring it; then run to the end: the finished point is not run again, the half-done job resumes
+    from its chunk, the finished job is kept."""
     out = tmp_path / "sweep"
+    full = [runs / "main", "--guidance=1.0,2.0,3.0", *FAST, "--out", out]
     assert sweep(capsys, runs / "main", "--guidance=1.0", *FAST, "--out", out)[0] == 0
     first = (out / "cfg_ema_w1" / "samples.npz").stat().st_mtime_ns
+    write_chunk = SampleJob.write_chunk
 
-    def killed(argv):  # the sweep is killed while it scores its second point, after that point's samples
+    def killed(*args):
         raise KeyboardInterrupt
 
+    def killed_after_one_chunk(job, c, *args):
+        write_chunk(job, c, *args)
+        killed()
+
+    monkeypatch.setattr(SampleJob, "write_chunk", killed_after_one_chunk)
+    with pytest.raises(KeyboardInterrupt):
+        sweep(capsys, *full)
+    monkeypatch.undo()
     monkeypatch.setattr(eval_fid, "main", killed)
     with pytest.raises(KeyboardInterrupt):
-        sweep(capsys, runs / "main", "--guidance=1.0,2.0,3.0", *FAST, "--out", out)
+        sweep(capsys, *full)
+    assert "(1 of 2 chunks reused, 1 drawn" in capsys.readouterr().out
     assert [r["name"] for r in table(out)["rows"]] == ["cfg_ema_w1"]
     monkeypatch.undo()
     samples, scores = counting(monkeypatch, sample), counting(monkeypatch, eval_fid)
-    code, stdout, err = sweep(capsys, runs / "main", "--guidance=1.0,2.0,3.0", *FAST, "--out", out)
+    code, stdout, err = sweep(capsys, *full)
     assert code == 0, err
     ran = [next(a for a in argv if a.startswith("--out=")) for argv in samples]
     assert ran == [f"--out={out / 'cfg_ema_w2' / 'samples.npz'}", f"--out={out / 'cfg_ema_w3' / 'samples.npz'}"]
     assert len(scores) == 2 and "3 points, 1 done already" in err
-    assert f"{out / 'cfg_ema_w2' / 'samples.npz'} is already complete" in stdout  # its job was done: kept
+    assert f"{out / 'cfg_ema_w2' / 'samples.npz'} is already complete" in stdout
     assert (out / "cfg_ema_w1" / "samples.npz").stat().st_mtime_ns == first
     assert [r["name"] for r in table(out)["rows"]] == ["cfg_ema_w1", "cfg_ema_w2", "cfg_ema_w3"]
     samples.clear()
@@ -189,6 +204,8 @@ def test_refusals_and_the_dry_run(runs, tmp_path, capsys):
         assert code == 2 and message in err, err
     code, _, err = sweep(capsys, runs / "main", "--sigma_rel=0.1", *FAST, "--out", tmp_path / "other")
     assert code == 2 and ("snapshots" in err or "not available" in err), err  # trained with the fixed EMA only
+    code, stdout, _ = sweep(capsys, "--help")
+    assert code == 0 and stdout.startswith(SWEEP.__globals__["__doc__"].strip()) and "--sigma_rel" in stdout
 
 
 def test_two_processes_write_what_one_does(runs, tmp_path, capsys):
