@@ -243,6 +243,13 @@ def run_point(point: Point, settings: dict, ckpt: str, args: Arguments, config, 
 # ----------------------------------------------------------------------------------------------------------
 
 
+def planned(point: Point, settings: dict, ckpt: str, args: Arguments, config, out: Path) -> list[str]:
+    """The sample.py and eval_fid.py lines a point would run (--dry_run)."""
+    npz = out / point.name / "samples.npz"
+    return [command_line("sample.py", sample_argv(settings, ckpt, point, npz, args, config)),
+            command_line("eval_fid.py", eval_argv(settings, npz, npz.with_name("scores.json"), args))]
+
+
 def summary(table: Table) -> str:
     key = best_key(table.settings["metrics"])
     lines = [f"[sweep] {len(table.rows)} points in {table.dir / TABLE} ({CSV}, {PLOT}):"]
@@ -283,13 +290,8 @@ def run(args: Arguments) -> int:
                                                      args.dry_run)
         say(f"[sweep] point {i + 1}/{len(pending)}: {point.name}", file=sys.stderr, flush=True)
         if args.dry_run:
-            folder = out / point.name
-            lines = [rebuild] if rebuild else []
-            lines += [command_line("sample.py", sample_argv(table.settings, str(ckpt), point,
-                                                            folder / "samples.npz", args, config)),
-                      command_line("eval_fid.py", eval_argv(table.settings, folder / "samples.npz",
-                                                            folder / "scores.json", args))]
-            say("\n".join(lines))
+            say("\n".join([*([rebuild] if rebuild else []), *planned(point, table.settings, str(ckpt), args, config,
+                                                                  out)]))
             continue
         row = run_point(point, table.settings, str(ckpt), args, config, out, state)
         if state.is_main_process:
