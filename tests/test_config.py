@@ -154,6 +154,9 @@ def test_reproduction_table_names_each_configs_protocol_and_reference():
     names = {"pytorch_fid": "pytorch-fid", "adm": "ADM"}
     checked = set()
     for row in rows:
+        if row[5] == "-":  # an anchor row: a number this framework's tools aim at, with no config of its own yet
+            assert row[6].startswith("anchor"), row
+            continue
         (name,) = re.findall(r"`(\w+)`", row[5])
         if name not in PAPER_EVALUATION:
             continue
@@ -420,7 +423,8 @@ def test_every_user_error_is_a_user_error_and_keeps_its_builtin_base():
 
 
 ENTRY_POINTS = ["train.py", "sample.py", "eval_fid.py", "scripts/benchmark.py", "scripts/ablation.py",
-                "scripts/extract_latents.py", "scripts/extract_coco.py", "scripts/coco_prompts.py"]
+                "scripts/extract_latents.py", "scripts/extract_coco.py", "scripts/coco_prompts.py",
+                "scripts/reconstruct_ema.py", "scripts/sweep.py", "scripts/plot_runs.py"]
 
 
 @pytest.mark.parametrize("path", ENTRY_POINTS)
