@@ -211,3 +211,10 @@ def test_sharded_power_emas_equal_the_unsharded_ones(tmp_path):
             for sigma in ("0.05", "0.1"):
                 name = f"phema/phema-{sigma}-{step:08d}.safetensors"
                 assert max_rel(load_file(tmp_path / d / name), load_file(single / name)) < 1e-5, (d, name)
+
+
+def test_power_ema_without_snapshots_says_so(tmp_path, capsys):
+    """Tracking without snapshots leaves nothing to reconstruct from: the run says so once, and writes none."""
+    train(tiny_config("--config.train.steps=2", "--config.train.ckpt_every=2", "--config.ema.kind=power"), tmp_path)
+    assert "ema.snapshot_every=0: the power EMAs are tracked but no snapshot is written" in capsys.readouterr().err
+    assert not list(tmp_path.glob("phema/phema-*.safetensors"))

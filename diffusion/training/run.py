@@ -108,6 +108,10 @@ def start_run(config, workdir: Path, allow_config_change: bool = False) -> tuple
     optimizer = adamw(groups, oc.lr, oc.betas, oc.eps, oc.impl)
     model, optimizer, sharded_ema = prepare(accelerator, net, ema, optimizer, tc.fsdp, projectors)
     power_ema = build_power_ema(config.ema, net, ema)  # after prepare: with FSDP, shards placed like the parameters
+    if power_ema is not None and not config.ema.snapshot_every:
+        report(is_main, "ema.kind=power with ema.snapshot_every=0: the power EMAs are tracked but no snapshot is "
+                        "written, so scripts/reconstruct_ema.py will have nothing to combine: e.g. "
+                        "--config.ema.snapshot_every=1000")
     progress = restore(found, net, ema, sharded_ema, optimizer, accelerator.scaler, projectors,
                        is_main=is_main, power_ema=power_ema)
     micro_batch = tc.batch_size // (accelerator.num_processes * tc.grad_accum_steps)  # check_values: divisible
