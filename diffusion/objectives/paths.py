@@ -10,8 +10,9 @@ and the target velocity is ``u_t = d_alpha_t x1 + d_sigma_t x0``. Three paths (t
 
 Each path also gives the drift of the forward SDE (``drift``: mean part f(x, t) with the sign SiT uses, and the
 "drift variance" that turns a score into a velocity), the diffusion coefficient w(t) of the sampling SDE, and the
-conversions between velocity, score and noise predictions. ``t`` is a tensor of shape (B,) (or a scalar tensor),
-broadcast against x of shape (B, ...) inside.
+conversions between velocity, score and noise predictions; ``velocity_from_x`` / ``x_from_velocity`` convert a
+clean-data (x) prediction of the linear path, JiT's (Li & He 2025), with its clamp of 1 - t at ``t_eps``. ``t`` is a
+tensor of shape (B,) (or a scalar tensor), broadcast against x of shape (B, ...) inside.
 
 ``resolve_eps`` and ``interval`` are SiT's rules for the time interval a transport trains and samples on.
 """
@@ -23,7 +24,8 @@ import math
 import torch
 from torch import Tensor
 
-PREDICTIONS = ("velocity", "score", "noise")
+PREDICTIONS = ("velocity", "score", "noise", "x")
+VELOCITY_LIKE = ("velocity", "x")  # predictions SiT's eps rules treat as velocity: no eps, the ODE on [0, 1]
 DIFFUSION_FORMS = ("constant", "SBDM", "sigma", "linear", "decreasing", "increasing-decreasing")
 
 
@@ -110,6 +112,16 @@ class Path:
         return eps / -self.coefficients(_expand(t, x))[1]
 
 
+def velocity_from_x(x_pred: Tensor, z: Tensor, t: Tensor, t_eps: float) -> Tensor:
+    """JiT's velocity of the linear path from a clean-data prediction: (x_pred - z) / clamp_min(1 - t, t_eps)."""
+    return (x_pred - z) / (1 - _expand(t, z)).clamp_min(t_eps)
+
+
+def x_from_velocity(v: Tensor, z: Tensor, t: Tensor, t_eps: float) -> Tensor:
+    """The inverse of ``velocity_from_x``: z + clamp_min(1 - t, t_eps) v."""
+    return z + (1 - _expand(t, z)).clamp_min(t_eps) * v
+
+
 class LinearPath(Path):
     """alpha = t, sigma = 1 - t (SiT's ``Linear``, the rectified-flow / flow-matching path)."""
 
@@ -189,14 +201,14 @@ def _check_prediction(prediction: str) -> str:
 def resolve_eps(path, prediction: str, train_eps, sample_eps) -> tuple[float, float | None]:
     """SiT's ``create_transport`` rules for (train_eps, sample_eps):
 
-    * linear / gvp with velocity prediction: (0, 0) whatever was passed;
+    * linear / gvp with velocity (or x) prediction: (0, 0) whatever was passed;
     * linear / gvp with score or noise prediction: (1e-3, 1e-3) when train_eps is None, else both as passed;
     * vp (any prediction): (1e-5, 1e-3) when train_eps is None, else both as passed.
 
     When train_eps is None a passed sample_eps is ignored; passing train_eps without sample_eps leaves
     sample_eps None (as SiT, whose sampling then fails)."""
     name, prediction = _path_name(path), _check_prediction(prediction)
-    if name in ("linear", "gvp") and prediction == "velocity":
+    if name in ("linear", "gvp") and prediction in VELOCITY_LIKE:
         return 0.0, 0.0
     if train_eps is None:
         return (1e-5, 1e-3) if name == "vp" else (1e-3, 1e-3)
@@ -209,7 +221,7 @@ def interval(path, prediction: str, eps: float, *, sde: bool = False, diffusion_
     sample_eps; ``last_step_size`` only for an SDE, whose last step then covers [1 - last_step_size, 1]).
 
     * vp: t0 = 0; t1 = 1 - eps, or 1 - last_step_size for an SDE with last_step_size > 0;
-    * linear / gvp, velocity, ODE or training: (0, 1);
+    * linear / gvp, velocity (or x), ODE or training: (0, 1);
     * linear / gvp otherwise: t0 = eps for score / noise prediction or an SBDM SDE, else 0; t1 as for vp.
     * ``reverse``: (1 - t0, 1 - t1)."""
     name, prediction = _path_name(path), _check_prediction(prediction)
@@ -217,8 +229,8 @@ def interval(path, prediction: str, eps: float, *, sde: bool = False, diffusion_
     end = 1 - last_step_size if (sde and last_step_size > 0) else 1 - eps
     if name == "vp":
         t1 = end
-    elif prediction != "velocity" or sde:
-        t0 = eps if (sde and diffusion_form == "SBDM") or prediction != "velocity" else 0.0
+    elif prediction not in VELOCITY_LIKE or sde:
+        t0 = eps if (sde and diffusion_form == "SBDM") or prediction not in VELOCITY_LIKE else 0.0
         t1 = end
     if reverse:
         t0, t1 = 1 - t0, 1 - t1

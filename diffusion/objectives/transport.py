@@ -8,13 +8,18 @@ predicts one of
 * ``velocity``: u_t = d_alpha_t x1 + d_sigma_t x0, loss mean((v - u_t)^2) (``loss_weight`` ignored, as SiT);
 * ``noise``: x0, loss mean(w (eps - x0)^2);
 * ``score``: -x0 / sigma_t, loss mean(w (s sigma_t + x0)^2);
+* ``x`` (JiT, Li & He 2025; linear path only): the clean data x1, loss mean((v - v_pred)^2) in velocity space with
+  v = (x1 - x_t) / c, v_pred = (x_pred - x_t) / c, c = clamp_min(1 - t, t_eps) (``paths.velocity_from_x``; JiT's
+  ``t_eps`` 0.05); its samplers use that velocity and the score ``score_from_velocity`` of it;
 
 per sample, the mean over every non-batch dimension. ``loss_weight``: ``none`` (w = 1), ``velocity``
 (w = (drift_var / sigma_t)^2) or ``likelihood`` (w = drift_var / sigma_t^2), drift_var from the path's ``drift``.
 ``cos_loss`` adds ``cos_loss * mean(1 - cos(v, u_t))`` per sample, LightningDiT's velocity-direction loss (velocity
 prediction only): the cosine over the channels at every position (``F.cosine_similarity(dim=1)``, eps 1e-8), then
 the mean over the positions; LightningDiT's train.py adds it with weight 1 (``cos_loss = 1``). A network with
-twice the data's channels (DiT with ``learn_sigma``) contributes its first half only, as SiT.
+twice the data's channels (DiT with ``learn_sigma``) contributes its first half only, as SiT. ``noise_scale`` (JiT's:
+1, 2, 4 at 256, 512, 1024 pixels; velocity or x prediction) scales the noise: x0 = noise_scale * randn in training
+and as the samplers' start (``sample`` scales the unit noise it is given), so the prior is N(0, noise_scale^2 I).
 
 Training times (``sample_time``): a base draw u in [0, 1) (``uniform``; ``logit_normal``: sigmoid(N(logit_mean,
 logit_std^2)), in SiT's time, so logit_mean > 0 favours the data side; ``mode``: SD3's mode sampling with scale
@@ -45,9 +50,20 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from diffusion.objectives.guidance import guided_model
-from diffusion.objectives.paths import DIFFUSION_FORMS, PATHS, PREDICTIONS, Path, _expand, interval, resolve_eps
+from diffusion.objectives.paths import (
+    DIFFUSION_FORMS,
+    PATHS,
+    PREDICTIONS,
+    VELOCITY_LIKE,
+    Path,
+    _expand,
+    interval,
+    resolve_eps,
+    velocity_from_x,
+)
 from diffusion.objectives.repa_time import TIME_DIRECTIONS, ReversedTime, repa_guidance_bounds
 from diffusion.samplers.common import Randn, check_steps, own_options, standard_normal
+from diffusion.samplers.jit import sample_jit_heun
 from diffusion.samplers.repa import sample_repa_ode, sample_repa_sde
 from diffusion.samplers.transport import (
     LAST_STEPS,
@@ -74,6 +90,8 @@ SAMPLER_OPTIONS: dict[str, dict] = {
     "sde_euler": {**_SDE_END, "time_shift": 1.0, "timestep_shift": 0.0, **_WINDOW},
     "sde_heun": {**_SDE_END, "time_shift": 1.0, "timestep_shift": 0.0, **_WINDOW},
     "repa_euler": dict(_WINDOW), "repa_heun": dict(_WINDOW), "repa_sde": {**_SDE_END, **_WINDOW},
+    # JiT's sampler: the window read with JiT's inequalities (diffusion.samplers.jit), no shift, no reverse
+    "jit_heun": dict(_WINDOW),
 }
 
 
@@ -96,7 +114,7 @@ class Transport:
                  train_eps: float = 0.0, sample_eps: float | None = 0.0, time_sampling: str = "uniform",
                  logit_mean: float = 0.0, logit_std: float = 1.0, mode_scale: float = 1.29,
                  time_shift: float = 1.0, cos_loss: float = 0.0, time_scale: float = 1.0,
-                 time_direction: str = "sit"):
+                 time_direction: str = "sit", noise_scale: float = 1.0, t_eps: float = 0.05):
         if time_direction not in TIME_DIRECTIONS:
             raise ValueError(f"unknown time_direction {time_direction!r}; known: {', '.join(TIME_DIRECTIONS)}")
         self.path, self.prediction, self.loss_weight = path, prediction, loss_weight
@@ -105,6 +123,7 @@ class Transport:
         self.time_sampling, self.logit_mean, self.logit_std = time_sampling, logit_mean, logit_std
         self.mode_scale, self.time_shift = mode_scale, time_shift
         self.cos_loss, self.time_scale = cos_loss, time_scale
+        self.noise_scale, self.t_eps = noise_scale, t_eps
         self.t0, self.t1 = interval(path, prediction, train_eps)
 
     # -- training times --------------------------------------------------------------------------------------
@@ -158,8 +177,9 @@ class Transport:
     def training_losses(self, model, x1: Tensor, cond: dict, t: Tensor | None = None,
                         noise: Tensor | None = None) -> dict[str, Tensor]:
         """{"loss": per-sample loss (B,), "pred": the network's prediction}. Without ``noise`` / ``t`` they are
-        drawn here, noise first (SiT's order)."""
+        drawn here, noise first (SiT's order); ``noise`` is the unit draw, scaled here by ``noise_scale``."""
         x0 = torch.randn_like(x1) if noise is None else noise
+        x0 = x0 if self.noise_scale == 1.0 else self.noise_scale * x0
         t = self.sample_time(x1.shape[0], x1.device) if t is None else t
         x_t, u_t = self.path.plan(t, x0, x1)
         pred = self.network_output(model, x_t, t, cond)
@@ -170,6 +190,9 @@ class Transport:
                 # per position over the channels, as LightningDiT (not one cosine of the flattened sample)
                 cos = F.cosine_similarity(out, u_t.float(), dim=1)
                 loss = loss + self.cos_loss * (1 - cos).reshape(cos.shape[0], -1).mean(1)
+        elif self.prediction == "x":  # JiT: both velocities through the same clamp, the MSE between them
+            v = velocity_from_x(x1.float(), x_t.float(), t, self.t_eps)
+            loss = (v - velocity_from_x(out, x_t.float(), t, self.t_eps)).pow(2).mean(dims)
         else:
             w = self.weight(x_t, t)
             if self.prediction == "noise":
@@ -188,18 +211,21 @@ class Transport:
     def fields(self, net: Callable[[Tensor, Tensor], Tensor]) -> tuple[Field, Field]:
         """(ODE drift, score) of a network ``net(x, t) -> prediction`` (SiT's ``Sampler.drift`` and
         ``Sampler.score``): velocity -> (v, score_from_velocity); score -> (-drift_mean + drift_var s, s);
-        noise -> the same with s = eps / (-sigma_t). Each call is one network evaluation."""
+        noise -> the same with s = eps / (-sigma_t); x -> (``velocity_from_x``, score_from_velocity of it). Each call
+        is one network evaluation."""
         path, prediction = self.path, self.prediction
 
         def score(x: Tensor, t: Tensor) -> Tensor:
+            if prediction in VELOCITY_LIKE:
+                return path.score_from_velocity(drift(x, t), x, t)
             out = net(x, t)
-            if prediction == "velocity":
-                return path.score_from_velocity(out, x, t)
             return out if prediction == "score" else path.score_from_noise(out, x, t)
 
         def drift(x: Tensor, t: Tensor) -> Tensor:
             if prediction == "velocity":
                 return net(x, t)
+            if prediction == "x":
+                return velocity_from_x(net(x, t), x, t, self.t_eps)
             drift_mean, drift_var = path.drift(x, t)
             return -drift_mean + drift_var * score(x, t)
 
@@ -225,6 +251,8 @@ class Transport:
         grid (``bits_per_dim``). Unguided, as SiT's (which asserts cfg_scale == 1)."""
         if self.sample_eps is None:
             raise ValueError("sample_eps is unset (train_eps was given without it, as SiT would): set sample_eps")
+        if self.noise_scale != 1.0:
+            raise ValueError(f"the likelihood's prior is N(0, I); noise_scale={self.noise_scale:g} is not supported")
         t_data, t_noise = interval(self.path, self.prediction, self.sample_eps, reverse=True)
         drift, _ = self.fields(lambda x, t: self.network_output(model, x, t, cond).to(x.dtype))
         log_likelihood, _, _ = likelihood_ode(drift, x1, ode_grid(t_data, t_noise, steps), method=sampler, atol=atol,
@@ -281,10 +309,19 @@ class Transport:
         interval (the same shifted times, in the other order): the deterministic encoding whose forward solve
         returns the data up to the solver's error. ``repa_euler`` / ``repa_heun`` / ``repa_sde``: REPA's
         ``euler_sampler`` (plain, ``--heun``) and ``euler_maruyama_sampler`` on REPA's grids with ``steps`` = REPA's
-        ``--num-steps`` (``_sample_repa``)."""
+        ``--num-steps`` (``_sample_repa``). ``jit_heun``: JiT's sampler (``diffusion.samplers.jit``, ``steps`` its
+        ``num_sampling_steps``), the guidance window read with JiT's strict inequalities. ``noise`` is the unit draw:
+        the samplers start from ``noise_scale * noise`` (a reverse ODE returns its endpoint divided by it). An x
+        prediction is guided on x before the velocity is formed: v = (x - z) / c is affine in x with the same z and c
+        for both branches, so this is JiT's v_u + w (v_c - v_u) exactly."""
         own = self.check_sampling(sampler, steps, options)
         if self.sample_eps is None:
             raise ValueError("sample_eps is unset (train_eps was given without it, as SiT would): set sample_eps")
+        if self.noise_scale != 1.0 and (sampler.startswith("sde_") or sampler == "repa_sde"):
+            raise ValueError(f"{sampler}: the SDE samplers assume unit noise; noise_scale={self.noise_scale:g} "
+                             f"samples with the ODE methods or jit_heun")
+        reverse = own.get("reverse", False)
+        noise = noise if reverse or self.noise_scale == 1.0 else self.noise_scale * noise
         channels = noise.shape[1]
         if self.time_direction == "repa":  # the network seen in SiT's time, once for every sampler
             model, scale = ReversedTime(model, self.time_scale, channels), 1.0
@@ -295,6 +332,9 @@ class Transport:
         if sampler in self.REPA_SAMPLERS:
             return self._sample_repa(model, scale, noise, cond, null_cond, guidance_scale, guidance_channels,
                                      sampler, steps, (lo, hi), standard_normal(randn, generator), guide=guide, **own)
+        if sampler == "jit_heun":
+            return self._sample_jit(model, scale, noise, cond, null_cond, guidance_scale, guidance_channels, steps,
+                                    (lo, hi), guide)
         window = None if (lo, hi) == (0.0, 1.0) else (lo * scale, hi * scale)  # in the network's time
         guided = guided_model(model, cond, null_cond, guidance_scale, channels, guidance_channels, interval=window,
                               guide=guide)
@@ -306,8 +346,9 @@ class Transport:
         drift, score = self.fields(net)
         if not sampler.startswith("sde_"):
             t0, t1 = interval(self.path, self.prediction, self.sample_eps, reverse=own["reverse"])
-            return sample_ode(drift, noise, ode_grid(t0, t1, steps, own["time_shift"]), method=sampler,
-                              atol=own.get("atol", 1e-6), rtol=own.get("rtol", 1e-3))
+            out = sample_ode(drift, noise, ode_grid(t0, t1, steps, own["time_shift"]), method=sampler,
+                             atol=own.get("atol", 1e-6), rtol=own.get("rtol", 1e-3))
+            return out / self.noise_scale if reverse and self.noise_scale != 1.0 else out
         last_step = str(own["last_step"]).lower()
         last_step_size = 0.0 if last_step == "none" else own["last_step_size"]
         form, norm = own["diffusion_form"], own["diffusion_norm"]
@@ -325,6 +366,25 @@ class Transport:
             raise ValueError(f"diffusion_form={form!r} is infinite at t = {t0:g}, where this SDE starts "
                              f"({type(self.path).__name__}, {self.prediction} prediction, sample_eps="
                              f"{self.sample_eps:g}, as SiT): choose another diffusion_form")
+
+    def _sample_jit(self, model, scale: float, noise: Tensor, cond: dict, null_cond: dict | None,
+                    guidance_scale: float, guidance_channels: str | int, steps: int, window: tuple[float, float],
+                    guide=None) -> Tensor:
+        """JiT's sampler (``sample_jit_heun``) on ``model`` in SiT's time (``scale`` x t), velocity or x prediction:
+        the guided network (CFG or autoguidance) on the evaluations inside JiT's window, else the conditional one."""
+        if self.prediction not in VELOCITY_LIKE:
+            raise ValueError(f"jit_heun samples a velocity or x prediction; this objective predicts the "
+                             f"{self.prediction}: use an ODE method or sde_*")
+        channels = noise.shape[1]
+        guided = guided_model(model, cond, null_cond, guidance_scale, channels, guidance_channels, guide=guide)
+
+        def velocity(x: Tensor, t: Tensor, guide_now: bool) -> Tensor:
+            t_net = t if scale == 1.0 else scale * t
+            out = guided(x, t_net) if guide_now else model(x, t_net, **cond)
+            out = out[:, :channels].to(x.dtype)
+            return out if self.prediction == "velocity" else velocity_from_x(out, x, t, self.t_eps)
+
+        return sample_jit_heun(velocity, noise, steps, *window)
 
     def _sample_repa(self, model, scale: float, noise: Tensor, cond: dict, null_cond: dict | None,
                      guidance_scale: float, guidance_channels: str | int, sampler: str, steps: int,
@@ -372,10 +432,11 @@ def build_transport(path: str = "linear", prediction: str = "velocity", loss_wei
                     train_eps: float | None = None, sample_eps: float | None = None, time_sampling: str = "uniform",
                     logit_mean: float = 0.0, logit_std: float = 1.0, mode_scale: float = 1.29,
                     time_shift: float = 1.0, cos_loss: float = 0.0, time_scale: float = 1.0,
-                    time_direction: str = "sit") -> Transport:
+                    time_direction: str = "sit", noise_scale: float = 1.0, t_eps: float = 0.05) -> Transport:
     """``diffusion.kind = "transport"``: SiT's ``create_transport`` (eps resolved by ``paths.resolve_eps``) plus
     the training-time distribution, the velocity cosine loss, the network's time scale and the time direction it
-    was trained in (``sit``; ``repa``: t = 0 data, ``diffusion.objectives.repa_time``)."""
+    was trained in (``sit``; ``repa``: t = 0 data, ``diffusion.objectives.repa_time``), JiT's noise scale and, for
+    x prediction, its clamp ``t_eps`` of 1 - t."""
     path_name = str(path).lower()
     if path_name not in PATHS:
         raise ValueError(f"unknown path {path!r}; known: {', '.join(PATHS)}")
@@ -400,6 +461,28 @@ def build_transport(path: str = "linear", prediction: str = "velocity", loss_wei
         raise ValueError(f"time_scale must be > 0, got {time_scale!r}")
     if time_direction not in TIME_DIRECTIONS:
         raise ValueError(f"unknown time_direction {time_direction!r}; known: {', '.join(TIME_DIRECTIONS)}")
+    _check_jit_settings(path_name, prediction, loss_weight, time_direction, noise_scale, t_eps)
     train_eps, sample_eps = resolve_eps(path_name, prediction, train_eps, sample_eps)
     return Transport(PATHS[path_name](), prediction, loss_weight, train_eps, sample_eps, time_sampling, logit_mean,
-                     logit_std, mode_scale, time_shift, cos_loss, time_scale, time_direction)
+                     logit_std, mode_scale, time_shift, cos_loss, time_scale, time_direction, float(noise_scale),
+                     float(t_eps))
+
+
+def _check_jit_settings(path: str, prediction: str, loss_weight: str, time_direction: str, noise_scale: float,
+                        t_eps: float) -> None:
+    """One ValueError for a noise scale or an x prediction this objective cannot train or sample."""
+    if not noise_scale > 0:
+        raise ValueError(f"noise_scale must be > 0, got {noise_scale!r}")
+    if noise_scale != 1.0 and prediction not in VELOCITY_LIKE:
+        raise ValueError(f"noise_scale={noise_scale!r} applies to velocity or x prediction (a {prediction} "
+                         f"prediction's target is the unit noise)")
+    if not 0 < t_eps < 1:
+        raise ValueError(f"t_eps must lie in (0, 1), got {t_eps!r}")
+    if prediction != "x":
+        return
+    if path != "linear":
+        raise ValueError(f"x prediction is JiT's, on the linear path; got path {path!r}")
+    if loss_weight != "none":
+        raise ValueError(f"x prediction has JiT's velocity-space loss; loss_weight must be none, got {loss_weight!r}")
+    if time_direction != "sit":
+        raise ValueError("x prediction runs in SiT's time (t = 1 data); time_direction must be sit")
