@@ -78,7 +78,7 @@ FAMILIES = {  # objective config, network time scale, the network's own time dir
         "ddpm": {"steps": 5}, "ddim": {"steps": 5, "guidance_channels": "1"}}),
     "transport": ("configs/digits_sit.py", 1.0, True, {
         "euler": {"steps": 6}, "sde_euler": {"steps": 6}, "repa_euler": {"steps": 5}, "repa_heun": {"steps": 5},
-        "repa_sde": {"steps": 6}}),
+        "repa_sde": {"steps": 6}, "jit_heun": {"steps": 4}}),
     # a network trained in REPA's time (t = 0 data): main and guide both seen through ReversedTime
     "transport_repa_time": ("configs/digits_sit.py", 1.0, False, {
         "euler": {"steps": 6}, "repa_heun": {"steps": 5}, "repa_sde": {"steps": 6}}),
