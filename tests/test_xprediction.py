@@ -47,18 +47,20 @@ def jit():
     return data, model
 
 
-def jit_objective(data):
-    s = data["settings"]
+def jit_objective(data, case=None):
+    s = {**data["settings"], **({} if case is None else {k: case[k] for k in ("P_mean", "P_std")})}
     return build_transport(prediction="x", time_sampling="logit_normal", logit_mean=s["P_mean"],
                            logit_std=s["P_std"], noise_scale=s["noise_scale"], t_eps=s["t_eps"])
 
 
 def test_loss_and_time_draws_match_jit(jit):
     """JiT's forward: the batch mean of this project's per-sample loss on JiT's draws, and the logit-normal times
-    drawn from JiT's seed after its label-drop uniforms (``time_sampling = logit_normal`` is JiT's sample_t)."""
+    drawn from JiT's seed after its label-drop uniforms (``time_sampling = logit_normal`` is JiT's sample_t); the
+    last case has most t inside the clamp 1 - t < t_eps."""
     data, model = jit
-    objective = jit_objective(data)
+    assert (data["losses"][-1]["t"] > 1 - data["settings"]["t_eps"]).sum() >= 3
     for case in data["losses"]:
+        objective = jit_objective(data, case)
         with torch.no_grad():
             loss = objective.training_losses(model, case["x"], {"y": case["y"]}, t=case["t"], noise=case["noise"])
         assert loss["loss"].shape == (case["x"].shape[0],)
@@ -168,6 +170,20 @@ def test_every_ode_sampler_lands_on_the_data_gaussian(sampler, steps, noise_scal
     n = e.shape[0]
     assert abs(out.mean().item() - MU) < 4 * S / math.sqrt(n) + 0.01
     assert abs(out.var().item() - S**2) < 4 * S**2 * math.sqrt(2 / (n - 1)) + 0.01
+
+
+@pytest.mark.parametrize("sampler", ["sde_euler", "sde_heun"])
+def test_sde_samplers_on_the_x_prediction_reproduce_the_data_gaussian(sampler):
+    """SiT's SDEs on the x prediction's velocity and its score (score_from_velocity) turn N(0, 1) into N(MU, S^2)
+    (mean and variance within 4 standard errors plus the discretisation), with fresh noise (not the ODE's map)."""
+    objective = build_transport(prediction="x", t_eps=1e-3)
+    e = torch.randn(2048, 1, 1, 1, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    out = objective.sample(exact_x(1.0), e, {}, sampler=sampler, steps=250,
+                           generator=torch.Generator().manual_seed(6)).reshape(-1)
+    n = e.shape[0]
+    assert abs(out.mean().item() - MU) < 4 * S / math.sqrt(n) + 0.01
+    assert abs(out.var().item() - S**2) < 4 * S**2 * math.sqrt(2 / (n - 1)) + 0.01
+    assert (out - (MU + S * e.reshape(-1))).abs().mean().item() > 0.05
 
 
 def test_settings_are_checked():
