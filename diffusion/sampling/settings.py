@@ -22,7 +22,7 @@ from diffusion.sampling.precision import precision_settings
 # the overlay derive from it.
 SHARED_SETTINGS = {
     "sampler": (str, "one of the objective's samplers (diffusion.samplers; iddpm: ddpm, ddim; transport: SiT's ODE "
-                     "methods, sde_euler, sde_heun, repa_*)"),
+                     "methods, sde_euler, sde_heun, repa_*, jit_heun)"),
     "steps": (int, "network evaluations"),
     "guidance_scale": (float, "guidance scale w in eps_u + w (eps_c - eps_u) (1 = none)"),
     "guidance_channels": (str, "all, or k: guide only the first k channels"),
