@@ -172,6 +172,18 @@ def test_every_ode_sampler_lands_on_the_data_gaussian(sampler, steps, noise_scal
     assert abs(out.var().item() - S**2) < 4 * S**2 * math.sqrt(2 / (n - 1)) + 0.01
 
 
+def test_reverse_ode_encodes_to_unit_noise():
+    """With noise_scale 2 the reverse ODE returns its endpoint over 2: the data MU + S e encodes to e, unit noise
+    as ``sample`` takes it, and decodes back (t_eps 1e-5: the encoding starts at t = 1, inside the clamp, whose
+    error grows with t_eps: 3e-3 at 1e-3, 6e-5 here, measured)."""
+    objective = build_transport(prediction="x", noise_scale=2.0, t_eps=1e-5)
+    e = torch.randn(256, 1, 1, 1, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    code = objective.sample(exact_x(2.0), MU + S * e, {}, sampler="dopri5", steps=2, reverse=True, rtol=1e-6)
+    assert (code - e).abs().max().item() < 1e-3
+    back = objective.sample(exact_x(2.0), code, {}, sampler="dopri5", steps=2, rtol=1e-6)
+    assert (back - (MU + S * e)).abs().max().item() < 1e-3
+
+
 @pytest.mark.parametrize("sampler", ["sde_euler", "sde_heun"])
 def test_sde_samplers_on_the_x_prediction_reproduce_the_data_gaussian(sampler):
     """SiT's SDEs on the x prediction's velocity and its score (score_from_velocity) turn N(0, 1) into N(MU, S^2)
@@ -214,8 +226,10 @@ def test_digits_x_prediction_trains_and_samples_through_sample_py(tmp_path):
 
     cfg, _ = parse_command_line([f"--config={REPO / 'configs/digits_sit.py'}", *TINY_DIT, "--config.train.steps=60",
                                  "--config.train.log_every=10", "--config.train.ckpt_every=60",
-                                 "--config.diffusion.prediction=x"])
-    cfg.diffusion.update(time_sampling="logit_normal", logit_mean=-0.8, logit_std=0.8, t_eps=0.05)
+                                 "--config.diffusion.prediction=x", "--config.diffusion.time_sampling=logit_normal",
+                                 "--config.diffusion.logit_mean=-0.8", "--config.diffusion.logit_std=0.8",
+                                 "--config.diffusion.t_eps=0.05", "--config.diffusion.noise_scale=1.0"])
+    assert (cfg.diffusion.t_eps, cfg.diffusion.noise_scale) == (0.05, 1.0)  # settable though the config omits them
     train(cfg, tmp_path / "run")
     losses = logged_losses(tmp_path / "run")
     assert len(losses) == 6 and losses[-1] < 0.7 * losses[0], losses
