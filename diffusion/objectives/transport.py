@@ -32,8 +32,8 @@ s), t' = 1 - s'; shift > 1 spends more time near noise), then scaled into the tr
 Sampling (``sample``, ``SAMPLERS``) runs SiT's probability-flow ODE and SDE integrators of
 ``diffusion.samplers.transport`` on the fields ``fields`` builds from the (guided) network, or REPA's
 (``repa_euler``, ``repa_heun``, ``repa_sde``: ``diffusion.samplers.repa``, REPA's grids, guidance interval and
-one-evaluation SDE step); ``likelihood`` runs the ODE from data to noise for the log-likelihood and bits per
-dimension of data (SiT's ``sample_ode_likelihood``).
+one-evaluation SDE step) or JiT's (``jit_heun``: ``diffusion.samplers.jit``); ``likelihood`` runs the ODE from
+data to noise for the log-likelihood and bits per dimension of data (SiT's ``sample_ode_likelihood``).
 
 ``time_direction``: ``sit`` (the network is called with SiT's t) or ``repa`` (a network trained in REPA's time, t = 0
 data: called with 1 - t, its velocity negated, ``diffusion.objectives.repa_time.ReversedTime``), so the same loss,
