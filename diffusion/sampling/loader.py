@@ -21,7 +21,7 @@ from pathlib import Path
 import ml_collections
 import torch
 
-from diffusion.checkpoint import latest_checkpoint, load_checkpoint_dir
+from diffusion.checkpoint import load_checkpoint_dir, resolve_checkpoint_dir
 from diffusion.config.loading import apply_override, load_config
 from diffusion.errors import ConfigError
 from diffusion.pretrained.autoencoder import Autoencoder
@@ -75,7 +75,8 @@ class ReadyModel:
     @property
     def arithmetic(self) -> dict:
         """``{"precision", "tf32"}``: how the network and the decoder compute while sampling."""
-        return {"precision": self.settings.precision, "tf32": self.settings.tf32}
+        settings = self.settings
+        return {"precision": settings.precision, "tf32": settings.tf32}
 
     def with_codecs(self, device) -> ReadyModel:
         """Move the network to ``device`` and load the autoencoder and text encoder it needs there (refusing a
@@ -101,7 +102,7 @@ def read_checkpoint(ckpt: str | Path, config_path: str | Path | None = None, wei
         if config_path:
             raise ConfigError("--config is only for weights files: a checkpoint directory carries its own config "
                               "(use --config.key=value to override parts of it)")
-        resolved = path if (path / "meta.json").is_file() else latest_checkpoint(path) or path
+        resolved = resolve_checkpoint_dir(path)
         state, config, meta = load_checkpoint_dir(resolved, weights=weights)
         return state, config, meta, resolved.resolve()
     if not path.is_file():

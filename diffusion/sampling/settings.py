@@ -11,6 +11,7 @@ only its own and refuses an option it does not take that is set away from its de
 from __future__ import annotations
 
 import copy
+import functools
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -63,9 +64,15 @@ OPTION_KEYS = tuple(OPTION_SETTINGS)
 EMPTY = ("", 0, None)  # an overlay value that means "not set here"
 
 
+@functools.cache
+def _option_defaults() -> dict:
+    sample = base_config().sample  # built once: the overlay and the checks ask for every option's default
+    return {key: sample[key] for key in OPTION_KEYS}
+
+
 def option_default(key: str):
     """The ``sample`` section's default of option ``key`` (base_config's)."""
-    return base_config().sample[key]
+    return _option_defaults()[key]
 
 
 def overlay(sample_cfg, changes: Mapping, *, skip_empty: bool = True):
