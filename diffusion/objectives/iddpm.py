@@ -34,7 +34,7 @@ import torch
 from tqdm.auto import tqdm
 
 from diffusion.objectives.guidance import guided_model
-from diffusion.samplers.common import Randn, check_options, check_steps, own_options, standard_normal
+from diffusion.samplers.common import Randn, check_options, own_options, standard_normal
 
 ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -401,8 +401,7 @@ class GaussianDiffusion:
     @classmethod
     def check_sampling(cls, sampler: str, steps: int, options: dict) -> dict:
         """``sampler``'s own options, defaults filled in; a ValueError for anything it cannot run with."""
-        own = own_options(cls.SAMPLER_OPTIONS, sampler, options)
-        check_steps(steps)
+        own = own_options(cls.SAMPLER_OPTIONS, sampler, steps, options)
         check_options(**own)
         return own
 

@@ -62,7 +62,7 @@ from diffusion.objectives.paths import (
     velocity_from_x,
 )
 from diffusion.objectives.repa_time import TIME_DIRECTIONS, ReversedTime, repa_guidance_bounds
-from diffusion.samplers.common import Randn, check_steps, own_options, standard_normal
+from diffusion.samplers.common import Randn, own_options, standard_normal
 from diffusion.samplers.jit import sample_jit_heun
 from diffusion.samplers.repa import sample_repa_ode, sample_repa_sde
 from diffusion.samplers.transport import (
@@ -83,12 +83,13 @@ TIME_SAMPLINGS = ("uniform", "logit_normal", "mode")
 # Each sampler's own keywords of Transport.sample and their defaults (SiT's sample.py defaults): the ODE methods
 # (fixed-step ones on the grid, adaptive ones with tolerances), SiT's SDEs, REPA's samplers (no shift, no reverse).
 _WINDOW = {"guidance_t_lo": 0.0, "guidance_t_hi": 1.0}
-_ODE = {"time_shift": 1.0, "timestep_shift": 0.0, "reverse": False, **_WINDOW}
+_SHIFT = {"time_shift": 1.0, "timestep_shift": 0.0}
+_ODE = {**_SHIFT, "reverse": False, **_WINDOW}
 _SDE_END = {"diffusion_form": "sigma", "diffusion_norm": 1.0, "last_step": "mean", "last_step_size": 0.04}
 SAMPLER_OPTIONS: dict[str, dict] = {
     **{m: ({"atol": 1e-6, "rtol": 1e-3, **_ODE} if adaptive else dict(_ODE)) for m, adaptive in ODE_METHODS.items()},
-    "sde_euler": {**_SDE_END, "time_shift": 1.0, "timestep_shift": 0.0, **_WINDOW},
-    "sde_heun": {**_SDE_END, "time_shift": 1.0, "timestep_shift": 0.0, **_WINDOW},
+    "sde_euler": {**_SDE_END, **_SHIFT, **_WINDOW},
+    "sde_heun": {**_SDE_END, **_SHIFT, **_WINDOW},
     "repa_euler": dict(_WINDOW), "repa_heun": dict(_WINDOW), "repa_sde": {**_SDE_END, **_WINDOW},
     # JiT's sampler: the window read with JiT's inequalities (diffusion.samplers.jit), no shift, no reverse
     "jit_heun": dict(_WINDOW),
@@ -265,8 +266,7 @@ class Transport:
         """``sampler``'s own options (``SAMPLER_OPTIONS``), defaults filled in and LightningDiT's
         ``timestep_shift`` converted to ``time_shift``; one ValueError for anything it cannot run with, before any
         network evaluation."""
-        own = own_options(cls.SAMPLER_OPTIONS, sampler, options)
-        check_steps(steps)
+        own = own_options(cls.SAMPLER_OPTIONS, sampler, steps, options)
         if "timestep_shift" in own:
             own["time_shift"] = from_lightningdit_shift(own.pop("timestep_shift"), own["time_shift"])
         if not (own.get("atol", 1) > 0 and own.get("rtol", 1) > 0):

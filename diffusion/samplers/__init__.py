@@ -30,7 +30,7 @@ from functools import partial
 
 import torch
 
-from diffusion.samplers.common import SKIP_TYPES, Randn, check_options, check_steps, own_options, standard_normal
+from diffusion.samplers.common import SKIP_TYPES, Randn, check_options, own_options, standard_normal
 from diffusion.samplers.dpm_solver import ddim, dpm_solver_2m, dpm_solver_singlestep, fast_orders, singlestep_times
 from diffusion.samplers.sde import euler_maruyama
 from diffusion.samplers.vp import EpsFn, Marginals, clip_x0, time_grid
@@ -98,8 +98,7 @@ VP_OPTIONS: dict[str, dict] = {
 
 def check_vp_options(sampler: str, steps: int, options: dict) -> dict:
     """``sampler``'s options with its defaults filled in; one ValueError for anything it cannot run with."""
-    own = own_options(VP_OPTIONS, sampler, options)
-    check_steps(steps)
+    own = own_options(VP_OPTIONS, sampler, steps, options)
     check_options(**own)
     return own
 

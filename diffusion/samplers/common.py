@@ -27,9 +27,10 @@ def standard_normal(randn: Randn | None = None, generator: torch.Generator | Non
     return lambda x: torch.randn(x.shape, generator=generator, device=generator.device, dtype=x.dtype).to(x.device)
 
 
-def own_options(table: dict[str, dict], sampler: str, options: dict) -> dict:
+def own_options(table: dict[str, dict], sampler: str, steps: int, options: dict) -> dict:
     """``sampler``'s own options: its ``table`` entry's defaults with ``options`` on top. One ValueError for an
-    unknown sampler or a keyword the sampler does not take (naming the ones it does)."""
+    unknown sampler, a keyword the sampler does not take (naming the ones it does) or ``steps`` that is not a positive
+    number of evaluations."""
     if sampler not in table:
         raise ValueError(f"unknown sampler {sampler!r} for this objective; choose one of {', '.join(table)}")
     foreign = sorted(set(options) - set(table[sampler]))
@@ -37,12 +38,9 @@ def own_options(table: dict[str, dict], sampler: str, options: dict) -> dict:
         own = ", ".join(table[sampler]) or "none besides sampler, steps and guidance"
         raise ValueError(f"{', '.join(foreign)} {'does' if len(foreign) == 1 else 'do'} not apply to sampler "
                          f"{sampler!r} (its own options: {own})")
-    return {**table[sampler], **options}
-
-
-def check_steps(steps: int) -> None:
     if isinstance(steps, bool) or not isinstance(steps, int) or steps <= 0:
         raise ValueError(f"steps must be a positive integer (network evaluations), got {steps!r}")
+    return {**table[sampler], **options}
 
 
 def check_options(*, order: int = 3, skip_type: str | None = None, eta: float = 0.0, t_end: float | None = None,
