@@ -236,9 +236,11 @@ def list_snapshots(folder: Path) -> list[Snapshot]:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def reconstruct_state(snapshots: list[Snapshot], step: int, sigma_rel: float) -> tuple[dict, float, np.ndarray]:
-    """(state dict, relative residual, coefficients): the EMA profile (step, sigma_rel) as the least-squares
-    combination of the ``snapshots`` with 0 < step_i <= ``step``, accumulated in fp32."""
+def reconstruct_state(snapshots: list[Snapshot], step: int,
+                      sigma_rel: float) -> tuple[dict, float, list[tuple[Snapshot, float]]]:
+    """(state dict, relative residual, (snapshot, coefficient) of each snapshot used): the EMA profile (step,
+    sigma_rel) as the least-squares combination of the ``snapshots`` with 0 < step_i <= ``step``, accumulated in
+    fp32."""
     used = [s for s in snapshots if 0 < s.step <= step]
     if not used:
         raise InputError(f"no post-hoc EMA snapshot at or before step {step}")
@@ -253,7 +255,7 @@ def reconstruct_state(snapshots: list[Snapshot], step: int, sigma_rel: float) ->
         for k, v in state.items():
             term = v.float() * weight
             total[k] = total[k] + term if k in total else term
-    return total, residual, x
+    return total, residual, list(zip(used, x.tolist(), strict=True))
 
 
 def run_checkpoint(run_dir: Path, step: int) -> Path:
@@ -281,14 +283,13 @@ def reconstruct_checkpoint(run_dir, sigma_rel: float, step: int | None = None,
     step = steps[-1] if step is None else int(step)
     if not steps[0] <= step <= steps[-1]:
         raise InputError(f"--step {step} is outside the snapshots of {run_dir} (steps {steps[0]} to {steps[-1]})")
-    state, residual, x = reconstruct_state(snapshots, step, float(sigma_rel))
+    state, residual, weights = reconstruct_state(snapshots, step, float(sigma_rel))
     source = run_checkpoint(run_dir, step)
     meta = ckpt.verify_checkpoint(source, ("config.json",))
     config = config_from_json((source / "config.json").read_text())
-    used = [s for s in snapshots if 0 < s.step <= step]
     record = {"sigma_rel": float(sigma_rel), "gamma": sigma_rel_to_gamma(float(sigma_rel)), "step": step,
               "residual": residual, "description_from": str(source),
-              "snapshots": [{"file": s.path.name, "coefficient": c} for s, c in zip(used, x.tolist(), strict=True)]}
+              "snapshots": [{"file": s.path.name, "coefficient": c} for s, c in weights]}
     meta = {k: v for k, v in meta.items() if k != "files"} | {"step": step, "posthoc_ema": record}
     out = Path(out) if out else run_dir / SNAPSHOTS / f"ema-{float(sigma_rel):g}-step_{step:08d}"
     ckpt.save_sampling_checkpoint(out, ema_state=state, config=config, meta=json.loads(json.dumps(meta)))
