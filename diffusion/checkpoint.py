@@ -239,16 +239,23 @@ def load_checkpoint(path: str | Path, verify: bool = True) -> Checkpoint:
                       phema=_read(phema, load_file) if "phema.safetensors" in meta.get("files", {}) else None)
 
 
+def resolve_checkpoint_dir(path: str | Path) -> Path:
+    """The checkpoint directory ``path`` names: itself (it holds meta.json) or, for a run directory, its newest
+    finished checkpoint; an InputNotFoundError when it is neither."""
+    path = Path(path)
+    if (path / "meta.json").is_file():
+        return path
+    latest = latest_checkpoint(path)
+    if latest is None:
+        raise InputNotFoundError(f"{path} is neither a checkpoint directory (with meta.json) nor a run directory "
+                                 f"with finished checkpoints under {CHECKPOINTS}/")
+    return latest
+
+
 def load_checkpoint_dir(path: str | Path, weights: str = "ema"):
     """-> (state_dict, config, meta) of a trainer checkpoint directory (or a run directory: its newest), after
     verifying the weights and config files against the checksums in its meta.json."""
-    path = Path(path)
-    if not (path / "meta.json").is_file():
-        latest = latest_checkpoint(path)
-        if latest is None:
-            raise InputNotFoundError(f"{path} is neither a checkpoint directory (with meta.json) nor a run directory "
-                                     f"with finished checkpoints under {CHECKPOINTS}/")
-        path = latest
+    path = resolve_checkpoint_dir(path)
     try:
         meta = verify_checkpoint(path, (f"{weights}.safetensors", "config.json"))
     except CheckpointError as err:

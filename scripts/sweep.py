@@ -37,10 +37,10 @@ from accelerate.utils import broadcast_object_list  # noqa: E402
 
 import eval_fid  # noqa: E402
 import sample  # noqa: E402
-from diffusion.checkpoint import latest_checkpoint  # noqa: E402
+from diffusion.checkpoint import resolve_checkpoint_dir  # noqa: E402
 from diffusion.config.cli import Arguments, Command, Flag, run_main  # noqa: E402
 from diffusion.config.loading import apply_override, config_from_json  # noqa: E402
-from diffusion.errors import ConfigError, InputNotFoundError, UserError  # noqa: E402
+from diffusion.errors import ConfigError, UserError  # noqa: E402
 from diffusion.sampling.loader import read_checkpoint  # noqa: E402
 from diffusion.tools.sweep import (  # noqa: E402
     CSV,
@@ -55,6 +55,7 @@ from diffusion.tools.sweep import (  # noqa: E402
     grid,
     parse_floats,
 )
+from diffusion.training import posthoc_ema  # noqa: E402
 
 COMMAND = Command(__doc__, config="optional", positional="RUN",
                   positional_help="a run directory, a checkpoint directory, or what sample.py's --ckpt takes", flags=(
@@ -92,10 +93,7 @@ def resolve_run(spec: str, args: Arguments):
     if path.is_dir():
         if args.config_path:
             raise ConfigError("--config is only for weights files: a checkpoint directory carries its own config")
-        found = path if (path / "meta.json").is_file() else latest_checkpoint(path)
-        if found is None:
-            raise InputNotFoundError(f"{spec} is neither a checkpoint directory (with meta.json) nor a run directory "
-                                     f"with finished checkpoints")
+        found = resolve_checkpoint_dir(path)
         config = config_from_json((found / "config.json").read_text())
         run_dir = path if found != path else path.parent.parent if path.parent.name == "checkpoints" else None
         checkpoint = found.resolve()
@@ -204,11 +202,7 @@ def reconstruction(run_dir: Path | None, sigma_rel: float, settings: dict, out: 
         meta = path / "meta.json"
         if meta.is_file():  # made by an earlier run of this sweep (written whole: a directory renamed into place)
             return json.loads(meta.read_text()).get("posthoc_ema", {}).get("residual")
-        try:
-            from diffusion.training.posthoc_ema import reconstruct_checkpoint
-        except ImportError as err:
-            raise ConfigError(f"post-hoc EMA is not available in this checkout ({err}); drop --sigma_rel") from None
-        return reconstruct_checkpoint(run_dir, sigma_rel, step=settings["ema_step"], out=path)[1]
+        return posthoc_ema.reconstruct_checkpoint(run_dir, sigma_rel, step=settings["ema_step"], out=path)[1]
 
     return path, on_main(state, make), command
 

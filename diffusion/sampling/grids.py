@@ -10,8 +10,9 @@ from PIL import Image, ImageDraw, ImageFont
 from tqdm.auto import tqdm
 
 from diffusion.registry import describe
-from diffusion.sampling.generate import SampleSource, to_uint8
+from diffusion.sampling.generate import SampleSource
 from diffusion.sampling.per_sample import LabelPlan, check_labels
+from diffusion.sampling.pixels import to_uint8
 
 MAX_GRID_ROWS = 16  # grids of models with more classes show this many evenly spaced classes unless told which
 
